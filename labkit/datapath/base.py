@@ -1,0 +1,146 @@
+"""One interface for every Service datapath, with change tracking done here once.
+
+A datapath programs one node (a network namespace on the ``netns`` backend, a VM on ``vagrant``) so
+that connections to ``ClusterIP:port`` reach an endpoint. :meth:`Datapath.sync` computes the
+difference between the last table applied and the desired one and hands it to the subclass's
+:meth:`Datapath.apply`, which renders and applies it in one step (one ``iptables-restore``, one
+``nft -f`` transaction, one batch of map updates). If applying fails the subclass must leave the
+previous kernel state as it was (restore/transactions do); the base then forgets what it applied so
+the next sync is a full one (kube-proxy's ``needFullSync`` after a failed sync).
+:meth:`Datapath.cleanup` removes everything the datapath created and is safe to call twice.
+
+Datapaths are chosen by name from :data:`REGISTRY` (``datapath:`` in the spec).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from .. import nsexec
+from ..errors import DatapathError, LabkitError
+from ..services import ServiceTable, TableDiff, diff
+
+
+@dataclass(frozen=True)
+class PodIface:
+    """A pod as the node sees it: the node-side interface facing it (``lx-<pod>``, or ``""`` when the
+    pod hangs off an ENI with no node-side interface) and the pod's own namespace and address."""
+
+    pod: str
+    ifname: str  # node-side interface in the node's namespace ("" if none)
+    netns: str | None  # the pod's namespace
+    ip: str
+    mode: str
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """Everything a datapath needs to act on one node, and nothing about how the node was built."""
+
+    lab: str
+    prefix: str  # "lk-<lab>": every object a datapath creates outside the node's own namespace carries it
+    node: str
+    netns: str | None  # the node's namespace; None when the node is this machine (inside a VM)
+    pod_cidr: str  # cluster CIDR: traffic from outside it is masqueraded (kube-proxy --cluster-cidr)
+    service_cidr: str
+    state_dir: Path  # per-node folder for datapath state (e.g. a bpffs mount); removed by `labkit down`
+    cgroup: Path | None = None  # cgroup v2 folder holding this node's pod processes (socket-LB hooks)
+    pods: tuple[PodIface, ...] = ()
+    node_ip: str = ""  # the node's primary VPC address
+
+    def run(self, argv: Sequence[str], input: str | None = None, check: bool = True,
+            timeout: float | None = 600) -> subprocess.CompletedProcess:
+        """Run a command inside the node (its namespace)."""
+        return nsexec.run(argv, self.netns, input=input, check=check, timeout=timeout)
+
+
+@dataclass
+class SyncResult:
+    datapath: str
+    node: str
+    full: bool
+    added: int
+    removed: int
+    changed: int
+    services: int
+    seconds: float
+
+
+class Datapath(ABC):
+    """Base of all Service datapaths. Subclasses set ``name``/``features`` and implement
+    :meth:`apply` and :meth:`cleanup`; they register with :func:`register`."""
+
+    name: ClassVar[str]
+    features: ClassVar[tuple[str, ...]] = ()  # `labkit doctor` names this datapath needs
+
+    def __init__(self, ctx: NodeContext):
+        self.ctx = ctx
+        self._applied: ServiceTable | None = None
+
+    @classmethod
+    def preflight(cls) -> None:
+        """Raise :class:`MissingFeature` (with the doctor's fix) if this machine cannot run it."""
+        from .. import doctor
+
+        for feature in cls.features:
+            doctor.require(feature, f"datapath {cls.name}")
+
+    @property
+    def applied(self) -> ServiceTable | None:
+        """The table last applied successfully (None: unknown; the next sync is full)."""
+        return self._applied
+
+    def sync(self, desired: ServiceTable) -> SyncResult:
+        changes = diff(self._applied, desired)
+        t0 = time.perf_counter()
+        if not changes.empty:
+            try:
+                self.apply(desired, changes)
+            except LabkitError:
+                self._applied = None
+                raise
+            except (OSError, subprocess.SubprocessError) as exc:
+                self._applied = None
+                detail = getattr(exc, "stderr", "") or ""
+                raise DatapathError(f"{self.name} on node {self.ctx.node}: {exc} {detail}".strip()) from exc
+        self._applied = desired
+        return SyncResult(self.name, self.ctx.node, changes.full, len(changes.added), len(changes.removed),
+                          len(changes.changed), len(desired), time.perf_counter() - t0)
+
+    @abstractmethod
+    def apply(self, desired: ServiceTable, changes: TableDiff) -> None:
+        """Make the kernel match ``desired``. ``changes.full``: assume nothing about current state."""
+
+    @abstractmethod
+    def cleanup(self) -> None:
+        """Remove every rule, table, map, program and folder this datapath created. Idempotent."""
+
+    def describe(self) -> dict:
+        """Counts for `labkit` inspection (rules, map entries …); subclasses add what they know."""
+        return {"datapath": self.name, "node": self.ctx.node,
+                "services": None if self._applied is None else len(self._applied)}
+
+
+REGISTRY: dict[str, type[Datapath]] = {}
+
+
+def register(cls: type[Datapath]) -> type[Datapath]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> type[Datapath]:
+    """The datapath class registered as ``name``; a clear error listing the known ones otherwise."""
+    from . import load_all
+
+    load_all()
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise LabkitError(f"unknown datapath {name!r}; known: {', '.join(sorted(REGISTRY))}") from None

@@ -1,0 +1,299 @@
+"""Network-namespace and cgroup primitives: create, enter, run in, remove.
+
+Named network namespaces live where iproute2 keeps them (``/run/netns/<name>``), so ``ip netns``,
+``nsenter`` and ``labkit exec`` all see the same objects. A namespace is created by a short-lived
+thread that unshares its own network namespace and bind-mounts it; the calling thread never changes
+namespace, so the orchestrator keeps the host's view. The same trick opens pyroute2 sockets and
+writes sysctls inside a namespace (a netlink socket stays bound to the namespace it was created in;
+``/proc/sys/net`` resolves to the writing thread's namespace).
+
+Processes started in a namespace can also be put into a cgroup v2 folder and pinned to CPUs before
+they exec, so that nothing they do (a connect() hooked by eBPF, a timed sample) runs outside them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import subprocess
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+MS_BIND = 4096
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
+
+
+def _check(rc: int, what: str, target: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what} {target}: {os.strerror(err)}")
+
+
+def netns_path(name: str) -> Path:
+    return NETNS_DIR / name
+
+
+def list_netns(prefix: str = "") -> list[str]:
+    """Names of the named network namespaces, optionally only those starting with ``prefix``."""
+    try:
+        return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def _setns(name: str) -> None:
+    fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(_libc.setns(fd, CLONE_NEWNET), "setns", name)
+    finally:
+        os.close(fd)
+
+
+def in_netns(name: str | None, fn: Callable[[], T]) -> T:
+    """Run ``fn()`` in a helper thread that has entered namespace ``name`` (None: this namespace)."""
+    if name is None:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            _setns(name)
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=work, name=f"netns:{name}")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def create_netns(name: str, on_socket: Callable[[], T] | None = None) -> T | None:
+    """Create the named namespace ``name`` (EEXIST if it is there); optionally run ``on_socket()``
+    inside it right away (used to open a pyroute2 socket without a second namespace switch)."""
+    NETNS_DIR.mkdir(parents=True, exist_ok=True)
+    path = netns_path(name)
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            _check(_libc.unshare(CLONE_NEWNET), "unshare", name)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDONLY, 0)
+            os.close(fd)
+            src = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
+            if _libc.mount(src, str(path).encode(), b"none", MS_BIND, None) != 0:
+                err = ctypes.get_errno()
+                os.unlink(path)
+                raise OSError(err, f"bind-mount netns {name}: {os.strerror(err)}")
+            box["value"] = on_socket() if on_socket else None
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=work, name=f"mknetns:{name}")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def remove_netns(name: str) -> bool:
+    """Unmount and remove a named namespace. Returns False if it was not there (safe to repeat).
+
+    The kernel frees the namespace, and every link in it, once no process and no mount holds it:
+    callers kill the lab's processes first."""
+    path = netns_path(name)
+    if not path.exists():
+        return False
+    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not a mount point (half-made)
+            raise OSError(err, f"umount {path}: {os.strerror(err)}")
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    return True
+
+
+def netns_inode(name: str) -> int | None:
+    try:
+        return os.stat(netns_path(name)).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def pids_in_netns(inodes: Iterable[int]) -> list[int]:
+    """PIDs of every process whose network namespace is one of ``inodes``."""
+    wanted = set(inodes)
+    pids = []
+    if not wanted:
+        return pids
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry.name}/ns/net").st_ino in wanted:
+                pids.append(int(entry.name))
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+    return pids
+
+
+def write_sysctls(netns: str | None, settings: dict[str, str | int]) -> None:
+    """Write ``net.*`` sysctls (dotted names) inside ``netns``. Never used on the host namespace by
+    the lab builder; the namespace is required to keep that promise visible at call sites."""
+
+    def work() -> None:
+        for key, value in settings.items():
+            Path("/proc/sys", *key.split(".")).write_text(f"{value}\n")
+
+    in_netns(netns, work)
+
+
+def read_sysctl(netns: str | None, key: str) -> str:
+    return in_netns(netns, lambda: Path("/proc/sys", *key.split(".")).read_text().strip())
+
+
+# ---------------------------------------------------------------- processes
+
+def _preexec(netns: str | None, cgroup: Path | None, cpus: Sequence[int] | None) -> Callable[[], None]:
+    procs = str(cgroup / "cgroup.procs") if cgroup else None
+    path = str(netns_path(netns)) if netns else None
+
+    def pre() -> None:  # runs in the child between fork and exec: no Python objects shared
+        if procs:
+            with open(procs, "w") as f:
+                f.write("0")
+        if path:
+            fd = os.open(path, os.O_RDONLY)
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                os._exit(127)
+            os.close(fd)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return pre
+
+
+def run(
+    argv: Sequence[str],
+    netns: str | None = None,
+    *,
+    input: str | bytes | None = None,
+    check: bool = True,
+    timeout: float | None = 300,
+    cgroup: Path | None = None,
+    cpus: Sequence[int] | None = None,
+    text: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run ``argv`` to completion inside ``netns`` (None: here), capturing output.
+
+    On failure with ``check`` the error carries the command's stderr, which is what a user needs."""
+    try:
+        proc = subprocess.run(
+            list(argv),
+            input=input,
+            capture_output=True,
+            text=text,
+            timeout=timeout,
+            preexec_fn=_preexec(netns, cgroup, cpus),
+        )
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(exc.errno, f"{argv[0]}: not installed (run `labkit doctor`)") from exc
+    if check and proc.returncode != 0:
+        where = f" in netns {netns}" if netns else ""
+        err = proc.stderr if text else proc.stderr.decode(errors="replace")
+        raise subprocess.CalledProcessError(proc.returncode, argv, proc.stdout, err) from RuntimeError(
+            f"{' '.join(argv[:3])}…{where} exited {proc.returncode}: {err.strip()[-2000:]}"
+        )
+    return proc
+
+
+def spawn(
+    argv: Sequence[str],
+    netns: str | None = None,
+    *,
+    cgroup: Path | None = None,
+    cpus: Sequence[int] | None = None,
+    stdout: Any = subprocess.DEVNULL,
+    stderr: Any = subprocess.DEVNULL,
+    stdin: Any = subprocess.DEVNULL,
+    detach: bool = False,
+) -> subprocess.Popen:
+    """Start ``argv`` in the background inside ``netns``/``cgroup``, pinned to ``cpus``.
+
+    ``detach`` starts a new session so the process outlives the orchestrator (in-pod servers)."""
+    return subprocess.Popen(
+        list(argv),
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        preexec_fn=_preexec(netns, cgroup, cpus),
+        start_new_session=detach,
+        close_fds=True,
+    )
+
+
+# ---------------------------------------------------------------- cgroup v2
+
+def cgroup2_root() -> Path | None:
+    """Mount point of the cgroup v2 hierarchy (``/sys/fs/cgroup/unified`` in hybrid mode)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                dev, mnt, fstype, *_ = line.split()
+                if fstype == "cgroup2":
+                    return Path(mnt)
+    except OSError:
+        pass
+    return None
+
+
+def kill_cgroup(path: Path) -> None:
+    """Kill every process in a cgroup subtree and wait until it is empty."""
+    if not path.exists():
+        return
+    kill = path / "cgroup.kill"
+    if kill.exists():
+        kill.write_text("1")
+    else:  # kernels before 5.14
+        for procs in path.rglob("cgroup.procs"):
+            for pid in procs.read_text().split():
+                try:
+                    os.kill(int(pid), 9)
+                except ProcessLookupError:
+                    pass
+
+
+def remove_cgroup(path: Path, timeout: float = 5.0) -> bool:
+    """Remove a cgroup folder and its children (deepest first) once their processes are gone."""
+    import time
+
+    if not path.exists():
+        return False
+    kill_cgroup(path)
+    dirs = sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+    deadline = time.monotonic() + timeout
+    for d in [*dirs, path]:
+        while True:
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+    return True
