@@ -80,7 +80,11 @@ def in_netns(name: str | None, fn: Callable[[], T]) -> T:
 
 def create_netns(name: str, on_socket: Callable[[], T] | None = None) -> T | None:
     """Create the named namespace ``name`` (EEXIST if it is there); optionally run ``on_socket()``
-    inside it right away (used to open a pyroute2 socket without a second namespace switch)."""
+    inside it right away and return its result.
+
+    ``on_socket=IPRoute`` (pyroute2's class) returns :func:`iproute` of the new namespace: pyroute2
+    0.9 opens its netlink socket lazily in whichever thread first uses the object, so an ``IPRoute()``
+    merely constructed inside the namespace thread would act on the *host's* namespace."""
     NETNS_DIR.mkdir(parents=True, exist_ok=True)
     path = netns_path(name)
     box: dict[str, Any] = {}
@@ -95,7 +99,10 @@ def create_netns(name: str, on_socket: Callable[[], T] | None = None) -> T | Non
                 err = ctypes.get_errno()
                 os.unlink(path)
                 raise OSError(err, f"bind-mount netns {name}: {os.strerror(err)}")
-            box["value"] = on_socket() if on_socket else None
+            if on_socket is not None and _is_iproute_class(on_socket):
+                box["value"] = _netlink_socket()
+            else:
+                box["value"] = on_socket() if on_socket else None
         except BaseException as exc:
             box["error"] = exc
 
@@ -104,7 +111,31 @@ def create_netns(name: str, on_socket: Callable[[], T] | None = None) -> T | Non
     t.join()
     if "error" in box:
         raise box["error"]
+    if on_socket is not None and _is_iproute_class(on_socket):
+        return on_socket(use_socket=box["value"])
     return box["value"]
+
+
+def _is_iproute_class(obj: Any) -> bool:
+    return isinstance(obj, type) and obj.__module__.startswith("pyroute2") and obj.__name__ == "IPRoute"
+
+
+def _netlink_socket():
+    import socket
+
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 0)  # NETLINK_ROUTE
+
+
+def iproute(name: str | None):
+    """A pyroute2 ``IPRoute`` whose netlink socket is bound inside namespace ``name`` (None: here).
+
+    The socket is opened by a thread that entered the namespace, so it stays there; pyroute2 refuses
+    to use such an object from another thread than the one that made it, which is what we want."""
+    from pyroute2 import IPRoute
+
+    if name is None:
+        return IPRoute()
+    return IPRoute(use_socket=in_netns(name, _netlink_socket))
 
 
 def remove_netns(name: str) -> bool:
@@ -230,6 +261,7 @@ def spawn(
     stderr: Any = subprocess.DEVNULL,
     stdin: Any = subprocess.DEVNULL,
     detach: bool = False,
+    text: bool = False,
 ) -> subprocess.Popen:
     """Start ``argv`` in the background inside ``netns``/``cgroup``, pinned to ``cpus``.
 
@@ -242,6 +274,7 @@ def spawn(
         preexec_fn=_preexec(netns, cgroup, cpus),
         start_new_session=detach,
         close_fds=True,
+        text=text,
     )
 
 
