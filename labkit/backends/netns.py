@@ -1,0 +1,256 @@
+"""The ``netns`` backend: a whole lab as network namespaces on this host.
+
+Objects and names (``P`` = ``lk-<lab>``, the lab's prefix):
+- ``P.vpc``: the VPC's virtual router. Every node NIC (primary ``eth0``, ENIs ``eni<k>``) is a veth
+  whose other end ``<node>-e<k>`` sits here. It routes /32s to NICs and ENI secondary addresses, node
+  pod subnets to node primaries (the cloud route table), answers ARP for the VPC (proxy ARP) and owns
+  the VPC gateway address, as a cloud VPC's vSwitch/vRouter does.
+- ``P.<node>``: a node; ``P.<pod>``: a pod. Wiring inside nodes is :mod:`labkit.topology`.
+- cgroup v2 folder ``P/<node>/<pod>`` holding each pod's processes (the in-pod server and anything
+  ``labkit exec`` starts), so that socket-level eBPF hooks apply to exactly the lab's processes.
+- state in ``/run/labkit/<lab>`` (:mod:`labkit.state`).
+
+Nothing is created in the host's namespace and no host sysctl, rule or route changes: the only host
+objects are the namespace mount points in ``/run/netns`` and the cgroup folder. Every object is
+journaled before it is created; :meth:`NetnsBackend.down` removes journaled objects and everything
+found by the prefix, in reverse order, and is safe to run twice or after a SIGKILL of the builder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .. import addressing, doctor, nsexec, topology
+from ..datapath import NodeContext, PodIface
+from ..datapath import get as get_datapath
+from ..errors import BackendError
+from ..services import table_from_spec
+from ..spec import Spec
+from ..state import LabState
+
+MODE_FEATURES = {"eni-ipvlan": ("ipvlan",), "macvlan": ("macvlan",), "overlay": ("vxlan", "bridge"),
+                 "bridge": ("bridge",)}
+SERVER_PORT = 8080
+
+
+class NetnsBackend:
+    name = "netns"
+
+    # ------------------------------------------------------------ names
+    @staticmethod
+    def netns_name(lab: str, obj: str) -> str:
+        return f"lk-{lab}.{obj}"
+
+    @staticmethod
+    def cgroup_dir(lab: str) -> Path:
+        root = nsexec.cgroup2_root()
+        if root is None:
+            raise BackendError("no cgroup v2 hierarchy is mounted; see `labkit doctor` (cgroup2)")
+        return root / f"lk-{lab}"
+
+    def pod_netns(self, spec: Spec, pod: str) -> str:
+        spec.pod(pod)  # KeyError with the list of pods if unknown
+        return self.netns_name(spec.name, pod)
+
+    def pod_cgroup(self, spec: Spec, pod: str) -> Path:
+        node, _ = spec.pod(pod)
+        return self.cgroup_dir(spec.name) / node.name / pod
+
+    # ------------------------------------------------------------ preflight
+    def preflight(self, spec: Spec) -> None:
+        """Fail before creating anything if the kernel lacks what the spec needs."""
+        doctor.require("root", "the netns backend")
+        doctor.require("netns", "the netns backend")
+        doctor.require("veth", "the netns backend")
+        doctor.require("cgroup2", "the netns backend")
+        for mode in sorted(spec.modes()):
+            for feature in MODE_FEATURES.get(mode, ()):
+                doctor.require(feature, f"pod mode {mode}")
+        get_datapath(spec.datapath).preflight()
+
+    # ------------------------------------------------------------ up
+    def up(self, spec: Spec, progress: bool = True, start_servers: bool = True) -> LabState:
+        self.preflight(spec)
+        state = LabState(spec.name)
+        state.create(spec)
+        try:
+            self._build(spec, state, progress, start_servers)
+        except BaseException:
+            self.down(spec.name)
+            raise
+        state.write_meta(status="ready", ready=time.time())
+        state.close()
+        return state
+
+    def _build(self, spec: Spec, state: LabState, progress: bool, start_servers: bool) -> None:
+        plan = addressing.plan(spec)
+        record = state.record
+        cg = self.cgroup_dir(spec.name)
+        record("cgroup", path=str(cg))
+        for node in spec.nodes:
+            for pod in node.pods:
+                (cg / node.name / pod.name).mkdir(parents=True, exist_ok=True)
+        n_pods = len(spec.pods())
+        bar = tqdm(total=len(spec.nodes) + n_pods + (n_pods if start_servers else 0), desc=f"up {spec.name}",
+                   unit="obj", disable=not progress, leave=False)
+        router = topology.create_netns(self.netns_name(spec.name, "vpc"), record)
+        nodes: dict[str, topology.Netns] = {}
+        try:
+            router.sysctl({"net.ipv4.ip_forward": 1, "net.ipv4.conf.all.send_redirects": 0,
+                           "net.ipv4.conf.default.send_redirects": 0})
+            router.addr("lo", plan.vpc_gateway, 32)
+            for node in spec.nodes:
+                nodes[node.name] = ns = topology.create_netns(self.netns_name(spec.name, node.name), record)
+                for nic in plan.nodes[node.name].nics:
+                    router.ipr.link("add", ifname=nic.router_ifname, kind="veth",
+                                    peer={"ifname": nic.ifname, "net_ns_fd": ns.name})
+                    router.up(nic.router_ifname)
+                    router.sysctl({f"net.ipv4.conf.{nic.router_ifname}.proxy_arp": 1})
+            for dst, via in topology.vpc_routes(plan):
+                kw = {"oif": router.index(via["dev"])}
+                if "gateway" in via:
+                    kw["gateway"] = via["gateway"]
+                else:
+                    kw["scope"] = topology.RT_SCOPE_LINK
+                router.route(dst, **kw)
+            wirings = []
+            for node in spec.nodes:
+                w = topology.NodeWiring(spec, plan, node, nodes[node.name],
+                                        lambda pod: self.netns_name(spec.name, pod), record)
+                w.setup_node()
+                bar.update()
+                for pod in node.pods:
+                    w.add_pod(pod)
+                    bar.update()
+                wirings.append(w)
+        finally:
+            router.close()
+            for ns in nodes.values():
+                ns.close()
+        if start_servers:
+            self._start_servers(spec, state, bar)
+        self._sync_datapaths(spec, plan, wirings)
+        bar.close()
+
+    def _start_servers(self, spec: Spec, state: LabState, bar) -> None:
+        from ..native import binary
+
+        exe = str(binary("lkserver"))
+        logs = state.dir / "logs"
+        logs.mkdir(exist_ok=True)
+        ports = {SERVER_PORT} | {s.target_port for s in spec.services}
+        port_arg = ",".join(str(p) for p in sorted(ports))
+        cpus = server_cpus()
+        pending = {}
+        for node, pod in spec.pods():
+            log = open(logs / f"{pod.name}.log", "w")
+            proc = nsexec.spawn([exe, "--name", pod.name, "--ports", port_arg], self.netns_name(spec.name, pod.name),
+                                cgroup=self.pod_cgroup(spec, pod.name), cpus=cpus, stdout=log, stderr=log,
+                                detach=True)
+            log.close()
+            state.record("process", pid=proc.pid, pod=pod.name)
+            pending[pod.name] = proc
+        deadline = time.monotonic() + 10
+        for name, proc in pending.items():
+            log = logs / f"{name}.log"
+            while not log.read_text().startswith("ready"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise BackendError(f"in-pod server of {name} did not start: {log.read_text().strip()[-500:]}")
+                time.sleep(0.002)
+            bar.update()
+
+    # ------------------------------------------------------------ datapaths
+    def node_context(self, spec: Spec, node_name: str, plan: addressing.AddressPlan | None = None) -> NodeContext:
+        plan = plan or addressing.plan(spec)
+        node = next(n for n in spec.nodes if n.name == node_name)
+        pods = []
+        for pod in node.pods:
+            pp = plan.pods[pod.name]
+            host = "" if pod.mode in ("eni-ipvlan", "macvlan") else f"lx-{pod.name}"
+            pods.append(PodIface(pod.name, host, self.netns_name(spec.name, pod.name), str(pp.ip), pod.mode))
+        return NodeContext(lab=spec.name, prefix=spec.prefix, node=node.name,
+                           netns=self.netns_name(spec.name, node.name), pod_cidr=spec.pod_cidr,
+                           service_cidr=spec.service_cidr,
+                           state_dir=LabState(spec.name).dir / "nodes" / node.name,
+                           cgroup=self.cgroup_dir(spec.name) / node.name, pods=tuple(pods),
+                           node_ip=str(plan.nodes[node.name].primary.ip))
+
+    def _sync_datapaths(self, spec: Spec, plan: addressing.AddressPlan, wirings) -> None:
+        if spec.datapath == "none":
+            return
+        table = table_from_spec(spec, plan)
+        cls = get_datapath(spec.datapath)
+        for node in spec.nodes:
+            ctx = self.node_context(spec, node.name, plan)
+            ctx.state_dir.mkdir(parents=True, exist_ok=True)
+            cls(ctx).sync(table)
+
+    # ------------------------------------------------------------ down
+    def down(self, name: str) -> dict[str, int]:
+        """Remove lab ``name``: processes, mounts, namespaces, cgroups, state. Returns counts."""
+        state = LabState(name)
+        prefix = f"lk-{name}."
+        journal = list(state.objects())
+        names = {o["name"] for o in journal if o.get("kind") == "netns"}
+        names |= set(nsexec.list_netns(prefix))
+        names = {n for n in names if n.startswith(prefix)}  # never another lab's
+        counts = {"processes": 0, "mounts": 0, "netns": 0, "cgroups": 0}
+        # 1. processes: the lab's cgroup, journaled pids, and anything still inside its namespaces
+        cg = nsexec.cgroup2_root()
+        cgdir = cg / f"lk-{name}" if cg else None
+        if cgdir and cgdir.exists():
+            counts["processes"] += sum(len(p.read_text().split()) for p in cgdir.rglob("cgroup.procs"))
+            nsexec.kill_cgroup(cgdir)
+        inodes = [i for i in (nsexec.netns_inode(n) for n in names) if i]
+        for _ in range(50):
+            pids = [p for p in nsexec.pids_in_netns(inodes) if p != os.getpid()]
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    counts["processes"] += 1
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.02)
+        # 2. mounts under the lab's state folder (bpffs instances of eBPF datapaths)
+        for mnt in _mounts_under(state.dir):
+            nsexec._libc.umount2(str(mnt).encode(), nsexec.MNT_DETACH)
+            counts["mounts"] += 1
+        # 3. namespaces, pods before nodes before the router
+        for ns in sorted(names, key=lambda n: (n.endswith(".vpc"), n), reverse=False):
+            if nsexec.remove_netns(ns):
+                counts["netns"] += 1
+        # 4. cgroups (after their processes are gone)
+        if cgdir and nsexec.remove_cgroup(cgdir):
+            counts["cgroups"] += 1
+        state.remove()
+        return counts
+
+
+def server_cpus() -> list[int] | None:
+    """CPU for in-pod servers and load clients: the first allowed CPU when there are two or more
+    (orchestration keeps the others), else no pinning."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed[:1] if len(allowed) >= 2 else None
+
+
+def _mounts_under(path: Path) -> list[Path]:
+    base = str(path.resolve()) if path.exists() else str(path)
+    out = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            mnt = line.split()[1].replace("\\040", " ")
+            if mnt == base or mnt.startswith(base + "/"):
+                out.append(Path(mnt))
+    return sorted(out, key=lambda p: len(p.parts), reverse=True)
+
+
+def lab_netns_names(name: str) -> list[str]:
+    return nsexec.list_netns(f"lk-{name}.")
+

@@ -1,0 +1,189 @@
+"""A live lab: build it, open it by name, run commands in its pods, check it, tear it down.
+
+:func:`up` realises a spec with its backend and returns a :class:`Lab`; :func:`open_lab` re-opens a
+lab another process built (its spec and backend are in its state folder); :func:`down` removes one.
+:meth:`Lab.check` opens real TCP connections between every pair of pods and to every Service (through
+its ClusterIP, from every pod whose traffic the datapath can see) and to every Service backend.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from . import addressing, nsexec
+from .backends import get_backend
+from .errors import LabStateError
+from .services import ServiceTable, table_from_spec
+from .spec import Spec, load_spec
+from .state import LabState, list_labs
+
+# Pods whose traffic reaches the node's netfilter (kube-proxy): not ipvlan/macvlan slaves, which
+# leave through their ENI directly (Terway solved this with eBPF in the pod, as the ebpf datapaths do).
+NETFILTER_CLIENT_MODES = ("veth", "bridge", "overlay", "eni-policy-route", "eni-exclusive")
+SERVICE_CLIENT_MODES = {
+    "none": (),
+    "iptables-legacy": NETFILTER_CLIENT_MODES,
+    "iptables-nft": NETFILTER_CLIENT_MODES,
+    "nftables": NETFILTER_CLIENT_MODES,
+    "ipvs": NETFILTER_CLIENT_MODES,
+    "ebpf": ("veth", "bridge", "overlay", "eni-policy-route", "eni-exclusive", "eni-ipvlan", "macvlan"),
+    "ebpf-tc": ("veth", "bridge", "overlay", "eni-policy-route", "eni-exclusive", "eni-ipvlan", "macvlan"),
+}
+SERVER_PORT = 8080
+BULK_SAMPLE = 5
+
+
+@dataclass
+class CheckResult:
+    kind: str  # "pod" (pod to pod), "service" (through the ClusterIP), "backend" (to an endpoint directly)
+    src: str
+    dst: str  # pod name, or "ns/service"
+    host: str
+    port: int
+    proto: str
+    ok: bool
+    expected: str  # "reach <pod>", "one of <pods>", "refused"
+    observed: str
+
+
+class Lab:
+    """A lab that exists (built by this or another process)."""
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.backend = get_backend(spec.backend)
+        self.plan = addressing.plan(spec)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def services(self) -> ServiceTable:
+        return table_from_spec(self.spec, self.plan)
+
+    def pod_netns(self, pod: str) -> str:
+        return self.backend.pod_netns(self.spec, pod)
+
+    def exec(self, pod: str, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
+        """Run a command inside a pod (its namespace and cgroup) and wait for it, like ``docker exec``."""
+        return nsexec.run(argv, self.pod_netns(pod), cgroup=self.backend.pod_cgroup(self.spec, pod), **kw)
+
+    def down(self) -> dict:
+        return self.backend.down(self.name)
+
+    # ------------------------------------------------------------ check
+    def check(self, services: bool = True, seed: int = 0) -> list[CheckResult]:
+        """Real connections: every pod to every other pod, every service through its ClusterIP from
+        every pod that can use it, and every service backend directly. One probe process per pod."""
+        plan = self.plan.pods
+        jobs: dict[str, list[tuple[dict, CheckResult]]] = {p.name: [] for _, p in self.spec.pods()}
+        for src in jobs:
+            for dst, pp in plan.items():
+                if dst != src:
+                    jobs[src].append(self._job(src, "pod", dst, str(pp.ip), SERVER_PORT, "tcp", f"reach {dst}"))
+        if services:
+            self._service_jobs(jobs, random.Random(seed))
+        results: list[CheckResult] = []
+        procs = {}
+        for src, items in jobs.items():
+            if not items:
+                continue
+            targets = [dict(t, id=i) for i, (t, _) in enumerate(items)]
+            procs[src] = (self._probe(src), targets)
+        for src, (proc, targets) in procs.items():
+            out, err = proc.communicate(json.dumps(targets), timeout=120)
+            if proc.returncode != 0:
+                raise LabStateError(f"probe in pod {src} failed: {err.strip()[-500:]}")
+            for res in json.loads(out):
+                row = jobs[src][res["id"]][1]
+                results.append(_judge(row, res))
+        return results
+
+    def _job(self, src, kind, dst, host, port, proto, expected):
+        return ({"host": host, "port": port, "proto": proto},
+                CheckResult(kind, src, dst, host, port, proto, False, expected, ""))
+
+    def _service_jobs(self, jobs, rng: random.Random) -> None:
+        table = list(self.services())
+        explicit = {(s.namespace, s.name) for s in self.spec.services if not s.bulk}
+        chosen = [sp for sp in table if (sp.namespace, sp.name) in explicit]
+        bulk = [sp for sp in table if (sp.namespace, sp.name) not in explicit]
+        if bulk:
+            picks = {0, len(bulk) - 1} | set(rng.sample(range(len(bulk)), min(BULK_SAMPLE, len(bulk))))
+            chosen += [bulk[i] for i in sorted(picks)]
+        modes = SERVICE_CLIENT_MODES.get(self.spec.datapath, ())
+        clients = [p.name for _, p in self.spec.pods() if p.mode in modes]
+        for sp in chosen:
+            eps = sorted({e.pod for e in sp.endpoints})
+            expected = f"one of {','.join(eps)}" if eps else "refused"
+            tries = max(4, 2 * len(eps)) if eps else 2
+            for src in clients:
+                for _ in range(tries):
+                    jobs[src].append(self._job(src, "service", sp.key, sp.cluster_ip, sp.port, sp.proto, expected))
+            src = clients[0] if clients else next(iter(jobs))
+            for ep in sp.endpoints:
+                if ep.port != SERVER_PORT or sp.protocol != "TCP":
+                    jobs[src].append(self._job(src, "backend", sp.key, ep.ip, ep.port, sp.proto, f"reach {ep.pod}"))
+
+    def _probe(self, pod: str) -> subprocess.Popen:
+        return nsexec.spawn([sys.executable, "-m", "labkit.probe"], self.pod_netns(pod),
+                            cgroup=self.backend.pod_cgroup(self.spec, pod), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _judge(row: CheckResult, res: dict) -> CheckResult:
+    if row.expected == "refused":
+        row.ok = not res["ok"] and res["error"] != "timeout"
+        row.observed = res["error"] or f"answered by {res['backend']}"
+    elif row.expected.startswith("one of "):
+        allowed = row.expected[len("one of "):].split(",")
+        row.ok = res["ok"] and res["backend"] in allowed
+        row.observed = res["backend"] if res["ok"] else res["error"]
+    else:
+        want = row.expected[len("reach "):]
+        row.ok = res["ok"] and res["backend"] == want
+        row.observed = res["backend"] if res["ok"] else res["error"]
+    return row
+
+
+def results_json(results: list[CheckResult]) -> list[dict]:
+    return [asdict(r) for r in results]
+
+
+# ---------------------------------------------------------------- module functions
+
+def up(spec: Spec | str, progress: bool = True) -> Lab:
+    spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    get_backend(spec.backend).up(spec, progress=progress)
+    return Lab(spec)
+
+
+def open_lab(name: str) -> Lab:
+    return Lab(LabState(name).spec())
+
+
+def down(name: str) -> dict:
+    """Remove lab ``name``. A lab whose state folder is gone is still swept by prefix (netns backend)."""
+    state = LabState(name)
+    backend = state.meta().get("backend", "netns") if state.exists else "netns"
+    return get_backend(backend).down(name)
+
+
+def labs() -> list[dict]:
+    out = []
+    for name in list_labs():
+        st = LabState(name)
+        try:
+            meta = st.meta()
+            spec = st.spec()
+            out.append({"name": name, "backend": meta.get("backend"), "status": meta.get("status"),
+                        "nodes": len(spec.nodes), "pods": len(spec.pods()), "datapath": spec.datapath})
+        except Exception as exc:  # a half-written state folder must still be listed (and removable)
+            out.append({"name": name, "backend": "?", "status": f"unreadable: {exc}", "nodes": 0, "pods": 0,
+                        "datapath": "?"})
+    return out
