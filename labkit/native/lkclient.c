@@ -1,0 +1,553 @@
+/*
+ * lkclient: labkit's latency client. One process, one thread, blocking sockets, one JSON line out.
+ *
+ * Usage: lkclient --mode crr|rr|udp_rr|who --host IP --port P [-n SAMPLES] [-w WARMUP] [-s BYTES]
+ *                 [--duration SECONDS] [--raw FILE] [--connect-timeout-ms MS] [--timeout-ms MS]
+ *                 [--max-errors N]
+ *
+ * Modes (one sample = one timed transaction; -s bytes of payload each way, default 64):
+ *   crr     socket + connect + write request + read the whole echo + close with SO_LINGER {1,0}
+ *           (RST: no TIME_WAIT piles up, so 100k samples do not exhaust ports). The metric that
+ *           shows Service-table scale: rules are walked on a connection's first packet.
+ *   rr      one TCP connection, per sample write + read the whole echo. If it breaks, the failure
+ *           counts as an error and the next sample reconnects (outside the timed region).
+ *   udp_rr  one connected UDP socket, per sample send + recv. The first 8 payload bytes carry a
+ *           sequence number so a late reply to a timed-out sample is discarded, not mis-timed. A
+ *           reply not back within --timeout-ms counts as an error (ETIMEDOUT).
+ *   who     exactly -n connections (failed ones are not retried), each sends
+ *           "GET / HTTP/1.0\r\n\r\n" and reads the body, which lkserver sets to its pod name; the
+ *           JSON gets "names": {name: count}. Tests Service spread over endpoints and refusal
+ *           without endpoints. Warmup defaults to 0 in this mode.
+ *
+ * Output on stdout, one line: {"mode", "samples", "errors", "p50_us", "p90_us", "p99_us", "p999_us",
+ * "mean_us", "min_us", "max_us", "elapsed_s", "error_kinds": {errno name: count}, "aborted"
+ * [, "names"]}. Latencies are microseconds with 3 decimals (null when no sample was kept).
+ * Percentiles use linear interpolation between closest ranks, exactly numpy.percentile's default
+ * ("linear"): position q*(n-1) in the sorted samples. labkit.measure.stats uses the same method.
+ * "errors" counts failed attempts, warmup included; a failed attempt is not a sample, the run
+ * goes on until -n samples are kept. elapsed_s is the wall time of the kept phase (after warmup).
+ *
+ * --raw FILE: every kept sample, in the order taken, as little-endian int64 nanoseconds with no
+ * header (numpy.fromfile(FILE, dtype="<i8")). Written also when the run aborts.
+ * --duration: stop the kept phase once this many seconds have passed; "samples" says how many.
+ * --max-errors: abort after this many CONSECUTIVE errors (default max(10, min(n/10, 100)); in who
+ * mode unlimited, since "every connection refused" is a valid answer there). An abort prints the
+ * JSON line with "aborted": true, a message on stderr, and exits 2. Usage errors exit 1.
+ *
+ * Timing discipline: CLOCK_MONOTONIC read immediately before and after the transaction; nothing
+ * else in between (buffers, sample array and sequence stamps are prepared outside it, no
+ * allocation per sample, no printing until the end). In crr the per-socket options (TCP_NODELAY,
+ * send/receive timeouts, SO_LINGER) are inside the sample because they belong to that socket;
+ * together they cost well under a microsecond. Pin this process (taskset, or labkit's cpus=) so
+ * that it is not migrated mid-sample.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <getopt.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "--raw writes native int64; this file assumes a little-endian machine"
+#endif
+
+#define MAX_SAMPLES 100000000L
+#define MAX_KINDS 32
+#define MAX_NAMES 1024
+#define NAME_LEN 256
+#define WHO_BUF 4096
+
+enum mode { M_CRR, M_RR, M_UDP_RR, M_WHO };
+static const char *const mode_names[] = {"crr", "rr", "udp_rr", "who"};
+
+struct opts {
+	enum mode mode;
+	const char *host, *port, *raw;
+	long n, warmup, size, max_errors;
+	double duration;
+	int connect_timeout_ms, timeout_ms;
+};
+
+struct tally { /* a small string -> count table (error kinds, backend names) */
+	char (*key)[NAME_LEN];
+	long *count;
+	int len, cap;
+};
+
+struct run {
+	int64_t *lat; /* kept samples, ns */
+	long kept, errors, consecutive;
+	struct tally kinds, names;
+	int aborted;
+	int64_t kept_start, kept_end;
+};
+
+/* Everything a sample needs, prepared before the clock starts. */
+struct ctx {
+	const struct opts *o;
+	struct sockaddr_storage addr;
+	socklen_t addrlen;
+	struct timeval cto, ioto;
+	int fd;       /* rr / udp_rr: the long-lived socket, -1 when not connected */
+	char *req, *resp;
+	uint64_t seq; /* udp_rr */
+	char name[NAME_LEN];
+	const char *err; /* kind of the last failure */
+};
+
+static inline int64_t now_ns(void) {
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static void die_usage(const char *msg) {
+	fprintf(stderr, "lkclient: %s\nusage: lkclient --mode crr|rr|udp_rr|who --host IP --port P [-n N] [-w N] "
+			"[-s BYTES] [--duration S] [--raw FILE] [--connect-timeout-ms MS] [--timeout-ms MS] "
+			"[--max-errors N]\n", msg);
+	exit(1);
+}
+
+/* ------------------------------------------------------------------ tallies and errors */
+
+static void tally_add(struct tally *t, const char *key, size_t keylen) {
+	if (keylen >= NAME_LEN)
+		keylen = NAME_LEN - 1;
+	for (int i = 0; i < t->len; i++)
+		if (strlen(t->key[i]) == keylen && memcmp(t->key[i], key, keylen) == 0) {
+			t->count[i]++;
+			return;
+		}
+	if (t->len == t->cap) { /* full: the last slot, "(other)", lumps together what did not fit */
+		t->count[t->cap - 1]++;
+		return;
+	}
+	if (t->len == t->cap - 1)
+		key = "(other)", keylen = 7;
+	memcpy(t->key[t->len], key, keylen);
+	t->key[t->len][keylen] = '\0';
+	t->count[t->len++] = 1;
+}
+
+static void tally_init(struct tally *t, int cap) {
+	t->key = calloc((size_t)cap, sizeof *t->key);
+	t->count = calloc((size_t)cap, sizeof *t->count);
+	t->cap = cap;
+	if (!t->key || !t->count)
+		die_usage("out of memory");
+}
+
+/* The name of an errno value (ECONNREFUSED...); a timed-out blocking call reports EAGAIN or
+ * EINPROGRESS (connect with SO_SNDTIMEO), both shown as ETIMEDOUT. */
+static const char *err_kind(int e) {
+	if (e == EAGAIN || e == EINPROGRESS || e == ETIMEDOUT)
+		return "ETIMEDOUT";
+	const char *s = strerrorname_np(e);
+	return s ? s : "EUNKNOWN";
+}
+
+/* ------------------------------------------------------------------ socket helpers */
+
+static int fail(struct ctx *c, const char *kind) {
+	c->err = kind;
+	return -1;
+}
+
+static int new_socket(struct ctx *c, int type) {
+	static const int one = 1;
+	int fd = socket(c->addr.ss_family, type, 0);
+	if (fd < 0)
+		return fail(c, err_kind(errno));
+	if (type == SOCK_STREAM)
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &c->cto, sizeof c->cto); /* bounds connect() */
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &c->ioto, sizeof c->ioto);
+	return fd;
+}
+
+static int connect_to(struct ctx *c, int type) {
+	int fd = new_socket(c, type);
+	if (fd < 0)
+		return -1;
+	if (connect(fd, (struct sockaddr *)&c->addr, c->addrlen) != 0) {
+		c->err = err_kind(errno);
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static void close_rst(int fd) {
+	static const struct linger lg = {1, 0};
+	setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+	close(fd);
+}
+
+static int write_all(struct ctx *c, int fd, const char *p, size_t n) {
+	while (n > 0) {
+		ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k <= 0)
+			return fail(c, err_kind(errno));
+		p += k;
+		n -= (size_t)k;
+	}
+	return 0;
+}
+
+static int read_all(struct ctx *c, int fd, char *p, size_t n) {
+	while (n > 0) {
+		ssize_t k = read(fd, p, n);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k == 0)
+			return fail(c, "EOF");
+		if (k < 0)
+			return fail(c, err_kind(errno));
+		p += k;
+		n -= (size_t)k;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------ one transaction per mode */
+
+static int sample_crr(struct ctx *c) {
+	int fd = connect_to(c, SOCK_STREAM);
+	if (fd < 0)
+		return -1;
+	int rc = write_all(c, fd, c->req, (size_t)c->o->size);
+	if (rc == 0)
+		rc = read_all(c, fd, c->resp, (size_t)c->o->size);
+	close_rst(fd);
+	return rc;
+}
+
+static int sample_rr(struct ctx *c) {
+	if (write_all(c, c->fd, c->req, (size_t)c->o->size) == 0 &&
+	    read_all(c, c->fd, c->resp, (size_t)c->o->size) == 0)
+		return 0;
+	close_rst(c->fd);
+	c->fd = -1;
+	return -1;
+}
+
+static int sample_udp(struct ctx *c) {
+	size_t n = (size_t)c->o->size;
+	if (send(c->fd, c->req, n, 0) != (ssize_t)n)
+		return fail(c, err_kind(errno));
+	for (;;) {
+		ssize_t k = recv(c->fd, c->resp, n, 0);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0)
+			return fail(c, err_kind(errno)); /* ECONNREFUSED from ICMP, or the timeout */
+		if (n < 8 || memcmp(c->resp, c->req, 8) == 0)
+			return k == (ssize_t)n ? 0 : fail(c, "ESHORT");
+		/* a late reply to an earlier, timed-out sample: wait for ours */
+	}
+}
+
+/* Body of "HTTP/1.x 200 ...\r\n...\r\n\r\nNAME\n" into c->name. */
+static int parse_who(struct ctx *c, const char *r, size_t n) {
+	const char *body = memmem(r, n, "\r\n\r\n", 4);
+	if (n < 12 || memcmp(r, "HTTP/1.", 7) != 0 || memcmp(r + 8, " 200", 4) != 0 || !body)
+		return fail(c, "BADREPLY");
+	body += 4;
+	size_t len = (size_t)(r + n - body);
+	const char *nl = memchr(body, '\n', len);
+	if (nl)
+		len = (size_t)(nl - body);
+	if (len == 0 || len >= NAME_LEN)
+		return fail(c, "BADREPLY");
+	memcpy(c->name, body, len);
+	c->name[len] = '\0';
+	return 0;
+}
+
+static int sample_who(struct ctx *c) {
+	static const char get[] = "GET / HTTP/1.0\r\n\r\n";
+	int fd = connect_to(c, SOCK_STREAM);
+	if (fd < 0)
+		return -1;
+	size_t got = 0;
+	int rc = write_all(c, fd, get, sizeof get - 1);
+	while (rc == 0 && got < WHO_BUF) { /* the server closes after the response */
+		ssize_t k = read(fd, c->resp + got, WHO_BUF - got);
+		if (k == 0)
+			break;
+		if (k < 0 && errno != EINTR)
+			rc = fail(c, err_kind(errno));
+		if (k > 0)
+			got += (size_t)k;
+	}
+	close_rst(fd); /* the RST also frees the server's side without a TIME_WAIT */
+	return rc == 0 ? parse_who(c, c->resp, got) : rc;
+}
+
+/* Outside the timed region: (re)connect the long-lived socket, stamp the sequence number. */
+static int prepare(struct ctx *c) {
+	if (c->o->mode == M_RR && c->fd < 0)
+		c->fd = connect_to(c, SOCK_STREAM);
+	if (c->o->mode == M_UDP_RR && c->fd < 0)
+		c->fd = connect_to(c, SOCK_DGRAM);
+	if (c->o->mode == M_UDP_RR && c->o->size >= 8) {
+		c->seq++;
+		memcpy(c->req, &c->seq, 8);
+	}
+	return (c->o->mode == M_RR || c->o->mode == M_UDP_RR) && c->fd < 0 ? -1 : 0;
+}
+
+static int (*const samplers[])(struct ctx *) = {sample_crr, sample_rr, sample_udp, sample_who};
+
+/* ------------------------------------------------------------------ the run */
+
+/* Count an error; returns 1 when the consecutive-error bound is reached. */
+static int note_error(struct run *r, const struct opts *o, const char *kind) {
+	r->errors++;
+	r->consecutive++;
+	tally_add(&r->kinds, kind, strlen(kind));
+	return r->consecutive >= o->max_errors;
+}
+
+static void measure(struct ctx *c, struct run *r) {
+	const struct opts *o = c->o;
+	int (*sample)(struct ctx *) = samplers[o->mode];
+	long warm = o->warmup, attempts = 0;
+	int64_t deadline = 0;
+	r->kept_start = now_ns();
+	if (!warm && o->duration > 0)
+		deadline = r->kept_start + (int64_t)(o->duration * 1e9);
+	while (r->kept < o->n) {
+		int64_t t0 = 0, t1 = 0;
+		int rc = prepare(c);
+		if (rc == 0) {
+			t0 = now_ns();
+			rc = sample(c);
+			t1 = now_ns();
+		} else {
+			t1 = now_ns();
+		}
+		if (rc != 0) {
+			if (note_error(r, o, c->err)) {
+				r->aborted = 1;
+				break;
+			}
+		} else if (warm > 0) {
+			r->consecutive = 0;
+			if (--warm == 0) {
+				r->kept_start = t1;
+				if (o->duration > 0)
+					deadline = t1 + (int64_t)(o->duration * 1e9);
+			}
+		} else {
+			r->consecutive = 0;
+			r->lat[r->kept++] = t1 - t0;
+			if (o->mode == M_WHO)
+				tally_add(&r->names, c->name, strlen(c->name));
+		}
+		if (deadline && t1 >= deadline)
+			break;
+		if (o->mode == M_WHO && ++attempts == o->n + o->warmup)
+			break; /* who makes exactly -n connections (plus warmup), failed or not */
+	}
+	r->kept_end = now_ns();
+	if (c->fd >= 0)
+		close_rst(c->fd);
+}
+
+/* ------------------------------------------------------------------ output */
+
+static int cmp_i64(const void *a, const void *b) {
+	int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+	return (x > y) - (x < y);
+}
+
+/* numpy.percentile(..., method="linear") on sorted s, q in percent; same float operations. */
+static double percentile(const int64_t *s, long n, double q) {
+	double pos = (q / 100.0) * (double)(n - 1);
+	long lo = (long)pos;
+	if (lo >= n - 1)
+		return (double)s[n - 1];
+	double t = pos - (double)lo, a = (double)s[lo], b = (double)s[lo + 1];
+	return t >= 0.5 ? b - (b - a) * (1.0 - t) : a + (b - a) * t;
+}
+
+static void json_str(const char *s) {
+	putchar('"');
+	for (; *s; s++) {
+		unsigned char ch = (unsigned char)*s;
+		if (ch == '"' || ch == '\\')
+			printf("\\%c", ch);
+		else if (ch < 0x20)
+			printf("\\u%04x", ch);
+		else
+			putchar(ch);
+	}
+	putchar('"');
+}
+
+static void json_tally(const char *key, const struct tally *t) {
+	printf(", \"%s\": {", key);
+	for (int i = 0; i < t->len; i++) {
+		printf(i ? ", " : "");
+		json_str(t->key[i]);
+		printf(": %ld", t->count[i]);
+	}
+	printf("}");
+}
+
+static void print_stat(const char *key, double ns, long n) {
+	if (n > 0)
+		printf(", \"%s\": %.3f", key, ns / 1000.0);
+	else
+		printf(", \"%s\": null", key);
+}
+
+static void report(const struct opts *o, struct run *r) {
+	long n = r->kept;
+	int64_t sum = 0;
+	for (long i = 0; i < n; i++)
+		sum += r->lat[i];
+	qsort(r->lat, (size_t)n, sizeof *r->lat, cmp_i64);
+	printf("{\"mode\": \"%s\", \"samples\": %ld, \"errors\": %ld", mode_names[o->mode], n, r->errors);
+	static const struct { const char *key; double q; } ps[] = {
+		{"p50_us", 50}, {"p90_us", 90}, {"p99_us", 99}, {"p999_us", 99.9}};
+	for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++)
+		print_stat(ps[i].key, n ? percentile(r->lat, n, ps[i].q) : 0, n);
+	print_stat("mean_us", n ? (double)sum / (double)n : 0, n);
+	print_stat("min_us", n ? (double)r->lat[0] : 0, n);
+	print_stat("max_us", n ? (double)r->lat[n - 1] : 0, n);
+	printf(", \"elapsed_s\": %.6f", (double)(r->kept_end - r->kept_start) / 1e9);
+	json_tally("error_kinds", &r->kinds);
+	if (o->mode == M_WHO)
+		json_tally("names", &r->names);
+	printf(", \"aborted\": %s}\n", r->aborted ? "true" : "false");
+	fflush(stdout);
+}
+
+static int write_raw(const char *path, const struct run *r) {
+	FILE *f = fopen(path, "wb");
+	if (!f || fwrite(r->lat, sizeof *r->lat, (size_t)r->kept, f) != (size_t)r->kept || fclose(f) != 0) {
+		fprintf(stderr, "lkclient: writing raw samples to %s: %s\n", path, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------ options */
+
+static long parse_long(const char *s, const char *what, long lo, long hi) {
+	char *end;
+	errno = 0;
+	long v = strtol(s, &end, 10);
+	if (*s == '\0' || *end != '\0' || errno || v < lo || v > hi) {
+		char msg[160];
+		snprintf(msg, sizeof msg, "%s must be an integer in [%ld, %ld], got '%s'", what, lo, hi, s);
+		die_usage(msg);
+	}
+	return v;
+}
+
+static void parse_opts(int argc, char **argv, struct opts *o) {
+	static const struct option lo[] = {
+		{"mode", required_argument, 0, 'm'},         {"host", required_argument, 0, 'H'},
+		{"port", required_argument, 0, 'p'},         {"samples", required_argument, 0, 'n'},
+		{"warmup", required_argument, 0, 'w'},       {"size", required_argument, 0, 's'},
+		{"duration", required_argument, 0, 'd'},     {"raw", required_argument, 0, 'r'},
+		{"connect-timeout-ms", required_argument, 0, 'c'}, {"timeout-ms", required_argument, 0, 't'},
+		{"max-errors", required_argument, 0, 'e'},   {"help", no_argument, 0, 'h'},
+		{0, 0, 0, 0},
+	};
+	const char *mode = NULL;
+	int opt;
+	*o = (struct opts){.n = 1000, .warmup = -1, .size = 64, .max_errors = -1,
+			   .connect_timeout_ms = 1000, .timeout_ms = 1000};
+	while ((opt = getopt_long(argc, argv, "n:w:s:", lo, NULL)) != -1) {
+		switch (opt) {
+		case 'm': mode = optarg; break;
+		case 'H': o->host = optarg; break;
+		case 'p': o->port = optarg; parse_long(optarg, "--port", 1, 65535); break;
+		case 'n': o->n = parse_long(optarg, "-n", 1, MAX_SAMPLES); break;
+		case 'w': o->warmup = parse_long(optarg, "-w", 0, MAX_SAMPLES); break;
+		case 's': o->size = parse_long(optarg, "-s", 1, 65536); break;
+		case 'd': o->duration = atof(optarg); break;
+		case 'r': o->raw = optarg; break;
+		case 'c': o->connect_timeout_ms = (int)parse_long(optarg, "--connect-timeout-ms", 1, 3600000); break;
+		case 't': o->timeout_ms = (int)parse_long(optarg, "--timeout-ms", 1, 3600000); break;
+		case 'e': o->max_errors = parse_long(optarg, "--max-errors", 1, MAX_SAMPLES); break;
+		default: die_usage("bad option");
+		}
+	}
+	if (!mode || !o->host || !o->port || optind != argc)
+		die_usage("--mode, --host and --port are required");
+	int m;
+	for (m = 0; m < 4 && strcmp(mode, mode_names[m]) != 0; m++)
+		;
+	if (m == 4)
+		die_usage("--mode must be crr, rr, udp_rr or who");
+	o->mode = (enum mode)m;
+	if (o->mode == M_UDP_RR && o->size > 65507)
+		die_usage("-s is at most 65507 for udp_rr");
+	if (o->warmup < 0)
+		o->warmup = o->mode == M_WHO ? 0 : 100;
+	if (o->max_errors < 0) {
+		long b = o->n / 10 < 100 ? o->n / 10 : 100;
+		o->max_errors = o->mode == M_WHO ? LONG_MAX : (b > 10 ? b : 10);
+	}
+}
+
+static void init_ctx(struct ctx *c, const struct opts *o) {
+	struct addrinfo hints = {.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV, .ai_family = AF_UNSPEC};
+	struct addrinfo *ai;
+	int rc = getaddrinfo(o->host, o->port, &hints, &ai);
+	if (rc != 0) { /* numeric only: labkit never resolves names, so nothing leaves the lab */
+		fprintf(stderr, "lkclient: --host must be a numeric IP address: %s\n", gai_strerror(rc));
+		exit(1);
+	}
+	*c = (struct ctx){.o = o, .fd = -1, .addrlen = ai->ai_addrlen};
+	memcpy(&c->addr, ai->ai_addr, ai->ai_addrlen);
+	freeaddrinfo(ai);
+	c->cto = (struct timeval){o->connect_timeout_ms / 1000, (o->connect_timeout_ms % 1000) * 1000};
+	c->ioto = (struct timeval){o->timeout_ms / 1000, (o->timeout_ms % 1000) * 1000};
+	size_t bufsize = (size_t)o->size > WHO_BUF ? (size_t)o->size : WHO_BUF;
+	c->req = malloc(bufsize);
+	c->resp = malloc(bufsize);
+	if (!c->req || !c->resp)
+		die_usage("out of memory");
+	memset(c->req, 'x', bufsize);
+}
+
+int main(int argc, char **argv) {
+	struct opts o;
+	struct ctx c;
+	struct run r = {0};
+	parse_opts(argc, argv, &o);
+	init_ctx(&c, &o);
+	r.lat = malloc((size_t)o.n * sizeof *r.lat);
+	if (!r.lat)
+		die_usage("cannot allocate the sample array");
+	memset(r.lat, 0, (size_t)o.n * sizeof *r.lat); /* fault every page in before the first sample */
+	tally_init(&r.kinds, MAX_KINDS);
+	tally_init(&r.names, MAX_NAMES);
+	measure(&c, &r);
+	int raw_failed = o.raw ? write_raw(o.raw, &r) : 0; /* raw samples first: keep the data */
+	report(&o, &r);
+	if (r.aborted) {
+		fprintf(stderr, "lkclient: aborted after %ld consecutive errors (last: %s) against %s port %s; "
+				"%ld samples kept\n", r.consecutive, c.err, o.host, o.port, r.kept);
+		return 2;
+	}
+	return raw_failed ? 3 : 0;
+}
