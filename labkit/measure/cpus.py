@@ -1,0 +1,109 @@
+"""Which CPUs carry the measured traffic and which carry labkit itself.
+
+Latency figures are only stable when the load generator and the in-pod servers share one CPU and
+nothing else runs there: loopback and veth traffic is then processed in the sender's context on
+that CPU, and the orchestrator (Python, rule loading, logging) cannot preempt a sample. On the
+2-core machines labkit was developed on, unpinned runs measured about 4x slower and erratic. So the
+plan is: the lowest available CPU for load (client and servers), every other one for orchestration.
+
+With a single CPU there is nothing to separate: the plan says ``pinned=False`` and carries a
+warning that callers show to the user.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+UNPINNED_WARNING = (
+    "only {n} CPU available ({cpus}): the load generator, the in-pod servers and labkit itself share "
+    "it, so latency figures will be noisier — on a 2-core machine unpinned runs measured about 4x "
+    "slower and erratic. Compare only runs made under the same conditions, repeat them (median of "
+    ">= 3), or use a machine with at least 2 CPUs."
+)
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """CPU sets for the measured processes (``load_cpus``) and for labkit (``orchestration_cpus``).
+
+    ``pinned`` is False when the two cannot be separated; ``warning`` then says why it matters."""
+
+    load_cpus: tuple[int, ...]
+    orchestration_cpus: tuple[int, ...]
+    pinned: bool
+    warning: str | None = None
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """``"0"``, ``"0,2"``, ``"0-3,6"`` (the kernel's cpulist format) to a sorted tuple."""
+    cpus: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"bad CPU list {text!r}: expected e.g. '0' or '0-1,3'") from None
+        if first > last or first < 0:
+            raise ValueError(f"bad CPU range {part!r} in {text!r}")
+        cpus.update(range(first, last + 1))
+    if not cpus:
+        raise ValueError(f"empty CPU list {text!r}")
+    return tuple(sorted(cpus))
+
+
+def plan_cpus(
+    available: Iterable[int] | None = None,
+    load: Iterable[int] | str | None = None,
+    orchestration: Iterable[int] | str | None = None,
+) -> CpuPlan:
+    """Split the CPUs this process may use (``os.sched_getaffinity(0)`` unless ``available`` is
+    given) into load and orchestration sets. ``load`` / ``orchestration`` override the choice
+    (CPU numbers or a cpulist string); orchestration then defaults to the remaining CPUs."""
+    avail = tuple(sorted(set(available if available is not None else os.sched_getaffinity(0))))
+    if not avail:
+        raise ValueError("no CPU available to this process")
+    load_set = _override(load, avail, "load")
+    orch_set = _override(orchestration, avail, "orchestration")
+    if load_set is None:
+        load_set = _first_not_in(avail, orch_set)
+    if orch_set is None:
+        orch_set = tuple(c for c in avail if c not in load_set) or load_set
+    if set(load_set) & set(orch_set):
+        return CpuPlan(load_set, orch_set, pinned=False, warning=_overlap_warning(avail, load_set, orch_set))
+    return CpuPlan(load_set, orch_set, pinned=True)
+
+
+def _overlap_warning(avail: tuple[int, ...], load: tuple[int, ...], orch: tuple[int, ...]) -> str:
+    if len(avail) < 2:
+        return UNPINNED_WARNING.format(n=len(avail), cpus=_fmt(avail))
+    return (f"load CPUs {_fmt(load)} overlap orchestration CPUs {_fmt(orch)}: labkit itself will "
+            "disturb the measured traffic, so latency figures will be noisier")
+
+
+def pin_current_thread(cpus: Iterable[int]) -> None:
+    """Move the calling thread (and threads it starts later) to ``cpus``; used for orchestration."""
+    os.sched_setaffinity(0, set(cpus))
+
+
+def _override(value: Iterable[int] | str | None, avail: tuple[int, ...], what: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    cpus = parse_cpu_list(value) if isinstance(value, str) else tuple(sorted(set(value)))
+    missing = [c for c in cpus if c not in avail]
+    if missing or not cpus:
+        raise ValueError(f"{what} CPUs {_fmt(cpus)} are not all available to this process "
+                         f"(available: {_fmt(avail)})")
+    return cpus
+
+
+def _first_not_in(avail: tuple[int, ...], taken: tuple[int, ...] | None) -> tuple[int, ...]:
+    free = [c for c in avail if not taken or c not in taken]
+    return (free[0],) if free else avail[:1]
+
+
+def _fmt(cpus: Iterable[int]) -> str:
+    return ",".join(str(c) for c in cpus)

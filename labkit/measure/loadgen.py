@@ -1,0 +1,223 @@
+"""Run labkit's load generator from Python: in-pod servers, latency clients, "who answered" probes.
+
+Thin wrappers around the C programs in :mod:`labkit.native`, started through :mod:`labkit.nsexec`
+so that each process lives in a pod's network namespace (and, for eBPF socket-LB, in the lab's
+cgroup) and is pinned to the load CPUs from :mod:`labkit.measure.cpus` before it executes.
+
+- :func:`start_server` starts ``lkserver`` and returns once it printed its readiness line.
+- :func:`run_client` runs ``lkclient`` once and returns its JSON result as a dict.
+- :func:`who` asks a Service address ``count`` times which pod answered.
+
+Every failure is a :class:`~labkit.errors.MeasurementError` carrying the program's stderr; raw
+samples the client wrote before failing stay on disk (``error.result`` holds its partial JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from labkit import nsexec
+from labkit.errors import MeasurementError
+from labkit.native import binary
+
+MODES = ("crr", "rr", "udp_rr", "who")
+
+
+# ---------------------------------------------------------------- server
+
+def start_server(
+    netns: str | None,
+    name: str,
+    ports: int | Iterable[int],
+    cgroup: Path | None = None,
+    cpus: Sequence[int] | None = None,
+    *,
+    bind: str = "0.0.0.0",
+    timeout: float = 5.0,
+    log_path: Path | None = None,
+    detach: bool = False,
+) -> subprocess.Popen:
+    """Start ``lkserver --name name`` on ``ports`` (TCP and UDP) inside ``netns`` and wait until
+    it listens. Its stderr goes to ``log_path`` (default: an anonymous temporary file, read back
+    into the error if it fails to start). ``detach`` lets it outlive this process."""
+    ports = [ports] if isinstance(ports, int) else list(ports)
+    if not ports:
+        raise ValueError("start_server needs at least one port")
+    argv = [str(binary("lkserver")), "--name", name, "--bind", bind,
+            "--ports", ",".join(str(p) for p in ports)]
+    log: IO[bytes] = open(log_path, "ab") if log_path else tempfile.TemporaryFile()
+    try:
+        proc = nsexec.spawn(argv, netns, cgroup=cgroup, cpus=cpus, stdout=subprocess.PIPE,
+                            stderr=log, detach=detach)
+    finally:
+        if log_path:
+            log.close()  # the child holds its own descriptor
+    line = _read_line(proc, timeout)
+    if proc.stdout:
+        proc.stdout.close()  # nothing more is printed after readiness
+    expected = "ready " + " ".join(str(p) for p in ports)
+    if line.strip() != expected:
+        stop_server(proc)
+        where = f" in netns {netns}" if netns else ""
+        state = "timed out" if not line else f"printed {line.strip()!r}"
+        raise MeasurementError(
+            f"lkserver {name!r}{where} on ports {ports} {state} instead of {expected!r} within "
+            f"{timeout:g} s (exit code {proc.returncode}); stderr: {_read_log(log, log_path)}")
+    proc.lkserver_log = log if not log_path else None  # type: ignore[attr-defined]  # keep it open
+    return proc
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 2.0) -> None:
+    """Terminate a server started here (SIGTERM, then SIGKILL). Safe to call twice."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log = getattr(proc, "lkserver_log", None)
+    if log is not None:
+        log.close()
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """First stdout line of ``proc``, or "" if it exits or ``timeout`` passes first."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    buf = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                break
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:  # EOF: it exited
+                proc.wait()
+                break
+            buf += chunk
+    return buf.decode(errors="replace")
+
+
+def _read_log(log: IO[bytes], log_path: Path | None) -> str:
+    try:
+        if log_path:
+            data = Path(log_path).read_bytes()
+        else:
+            log.seek(0)
+            data = log.read()
+            log.close()
+    except OSError as exc:
+        return f"(unreadable: {exc})"
+    return data.decode(errors="replace").strip()[-2000:] or "(empty)"
+
+
+# ---------------------------------------------------------------- client
+
+def client_argv(
+    mode: str, host: str, port: int, samples: int, warmup: int | None = None, size: int = 64,
+    raw_path: Path | None = None, duration: float | None = None, connect_timeout_ms: int = 1000,
+    timeout_ms: int = 1000, max_errors: int | None = None,
+) -> list[str]:
+    """The ``lkclient`` command line for these options (see lkclient.c for their meaning)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown load mode {mode!r}; known: {', '.join(MODES)}")
+    argv = [str(binary("lkclient")), "--mode", mode, "--host", host, "--port", str(port),
+            "-n", str(samples), "-s", str(size), "--connect-timeout-ms", str(connect_timeout_ms),
+            "--timeout-ms", str(timeout_ms)]
+    optional = {"-w": warmup, "--raw": raw_path, "--duration": duration, "--max-errors": max_errors}
+    for flag, value in optional.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_client(
+    netns: str | None,
+    mode: str,
+    host: str,
+    port: int,
+    samples: int = 1000,
+    warmup: int | None = None,
+    size: int = 64,
+    raw_path: Path | None = None,
+    cgroup: Path | None = None,
+    cpus: Sequence[int] | None = None,
+    timeout: float | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run ``lkclient`` once inside ``netns`` and return its JSON result.
+
+    ``options`` are passed to :func:`client_argv` (``duration``, ``connect_timeout_ms``,
+    ``timeout_ms``, ``max_errors``). ``timeout`` bounds the whole run; by default it allows
+    every attempt its connect and I/O timeouts plus a minute."""
+    argv = client_argv(mode, host, port, samples, warmup, size, raw_path, **options)
+    if timeout is None:
+        per_try = (options.get("connect_timeout_ms", 1000) + options.get("timeout_ms", 1000)) / 1000
+        timeout = 60 + per_try * min(samples + (warmup or 0), 1000)
+    where = f"{host}:{port}" + (f" from netns {netns}" if netns else "")
+    try:
+        proc = nsexec.run(argv, netns, check=False, timeout=timeout, cgroup=cgroup, cpus=cpus)
+    except subprocess.TimeoutExpired as exc:
+        raise MeasurementError(f"lkclient {mode} to {where} did not finish within {timeout:g} s") from exc
+    result = _parse_result(proc.stdout)
+    if proc.returncode != 0 or result is None:
+        err = MeasurementError(
+            f"lkclient {mode} to {where} failed (exit code {proc.returncode}): "
+            f"{proc.stderr.strip()[-2000:] or '(no stderr)'}")
+        err.result = result  # type: ignore[attr-defined]  # partial figures, if it printed any
+        raise err
+    return result
+
+
+def _parse_result(stdout: str) -> dict[str, Any] | None:
+    lines = stdout.strip().splitlines()
+    if not lines:
+        return None
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return None
+
+
+# ---------------------------------------------------------------- who answered
+
+@dataclass(frozen=True)
+class WhoResult:
+    """How many of ``count`` connections each backend answered, and how many failed (and why)."""
+
+    counts: dict[str, int]
+    errors: int
+    error_kinds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values()) + self.errors
+
+
+def who(
+    netns: str | None,
+    host: str,
+    port: int,
+    count: int,
+    cgroup: Path | None = None,
+    cpus: Sequence[int] | None = None,
+    connect_timeout_ms: int = 1000,
+) -> WhoResult:
+    """Open ``count`` connections to ``host:port`` and tally which pod (lkserver ``--name``)
+    answered each. Refused or timed-out connections are counted in ``errors``, not raised:
+    "no endpoint" is an answer a test may expect."""
+    r = run_client(netns, "who", host, port, samples=count, warmup=0, cgroup=cgroup, cpus=cpus,
+                   connect_timeout_ms=connect_timeout_ms)
+    return WhoResult(counts=dict(r.get("names", {})), errors=int(r["errors"]),
+                     error_kinds=dict(r.get("error_kinds", {})))
