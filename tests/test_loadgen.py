@@ -1,0 +1,224 @@
+"""The load generator end to end: build lkserver/lkclient, run them in a throwaway namespace on
+loopback, and check their figures against labkit.measure.stats on the same raw samples.
+
+Pure tests (statistics, CPU plans, the build cache) need no root; the rest create one network
+namespace ``lktest-lg-<pid>`` and remove it even when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from labkit import native, nsexec
+from labkit.errors import MeasurementError, MissingFeature
+from labkit.measure import cpus, loadgen, stats
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a network namespace")
+PORT, PORT2, CLOSED = 18080, 19090, 18999
+LOAD_CPUS = cpus.plan_cpus().load_cpus
+
+
+# ---------------------------------------------------------------- statistics (pure)
+
+def test_latency_stats_on_1_to_100_us():
+    s = stats.latency_stats(np.arange(1, 101) * 1000)
+    assert s["samples"] == 100
+    assert s["p50_us"] == pytest.approx(50.5)
+    assert s["p90_us"] == pytest.approx(90.1)
+    assert s["p99_us"] == pytest.approx(99.01)
+    assert s["p999_us"] == pytest.approx(99.901)
+    assert (s["mean_us"], s["min_us"], s["max_us"]) == (pytest.approx(50.5), 1.0, 100.0)
+
+
+def test_latency_stats_empty_and_single():
+    assert stats.latency_stats([])["p50_us"] is None
+    one = stats.latency_stats([7000])
+    assert one["p50_us"] == one["p999_us"] == one["min_us"] == 7.0
+
+
+def test_spread_and_repeats():
+    assert stats.relative_spread([10, 12, 11]) == pytest.approx(2 / 11)
+    assert stats.relative_spread([5]) == 0
+    agg = stats.across_repeats([10, 30, 20])
+    assert agg == {"median": 20.0, "min": 10.0, "max": 30.0, "spread": 1.0, "runs": 3}
+
+
+def test_summarize_groups_repeats():
+    df = pd.DataFrame({
+        "datapath": ["nft"] * 3 + ["ipt"] * 3, "N": [1000] * 6, "run": [1, 2, 3] * 2,
+        "p50_us": [70, 72, 74, 80, 90, 100], "p99_us": [100, 110, 120, 130, 140, 150],
+        "errors": [0] * 6,
+    })
+    out = stats.summarize(df).set_index("datapath")
+    assert list(out.columns[:2]) == ["N", "runs"]
+    assert out.loc["nft", "p50_us"] == 72 and out.loc["ipt", "p50_us"] == 90
+    assert out.loc["ipt", "p50_us_spread"] == pytest.approx(20 / 90)
+    assert out.loc["nft", "p99_us_max"] == 120 and out.loc["nft", "runs"] == 3
+
+
+# ---------------------------------------------------------------- CPU plan (pure)
+
+def test_cpu_plan_two_cpus_pins_load_apart():
+    plan = cpus.plan_cpus([0, 1])
+    assert plan == cpus.CpuPlan((0,), (1,), pinned=True)
+
+
+def test_cpu_plan_one_cpu_warns():
+    plan = cpus.plan_cpus([2])
+    assert not plan.pinned and plan.load_cpus == (2,) and "4x" in plan.warning
+
+
+def test_cpu_plan_override_and_errors():
+    assert cpus.plan_cpus([0, 1, 2, 3], load="2-3").orchestration_cpus == (0, 1)
+    assert cpus.plan_cpus([0, 1], orchestration=[0]).load_cpus == (1,)
+    assert cpus.parse_cpu_list("0-2,5") == (0, 1, 2, 5)
+    with pytest.raises(ValueError, match="not all available"):
+        cpus.plan_cpus([0, 1], load=[4])
+
+
+# ---------------------------------------------------------------- build cache (pure, needs gcc)
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
+def test_build_is_cached_and_keyed_by_source(tmp_path):
+    src = tmp_path / "lkserver.c"
+    shutil.copy(native.SOURCE_DIR / "lkserver.c", src)
+    first = native.build(src, tmp_path / "bin")
+    assert native.build(src, tmp_path / "bin") == first  # cached
+    src.write_text(src.read_text() + "\n/* edited */\n")
+    second = native.build(src, tmp_path / "bin")
+    assert second != first and os.access(second, os.X_OK)
+    assert not [p for p in (tmp_path / "bin").iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_build_without_gcc_is_a_missing_feature(tmp_path, monkeypatch):
+    monkeypatch.setattr(native.shutil, "which", lambda _: None)
+    with pytest.raises(MissingFeature, match="gcc"):
+        native.build(native.SOURCE_DIR / "lkclient.c", tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
+def test_compile_error_carries_gcc_output(tmp_path):
+    bad = tmp_path / "bad.c"
+    bad.write_text("int main(void) { return x; }\n")
+    with pytest.raises(MeasurementError, match="undeclared"):
+        native.build(bad, tmp_path)
+
+
+# ---------------------------------------------------------------- real programs in a namespace
+
+def _lo_up() -> None:
+    # pyroute2 0.9 opens its netlink socket lazily and per thread: an IPRoute returned from the
+    # namespace thread would talk to the HOST namespace when used from this one. Use it in there.
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        ipr.link("set", index=1, state="up")
+
+
+@pytest.fixture(scope="module")
+def netns():
+    name = f"lktest-lg-{os.getpid()}"
+    nsexec.create_netns(name, on_socket=_lo_up)
+    servers: list[subprocess.Popen] = []
+    try:
+        yield name, servers
+    finally:
+        for proc in servers:  # kill the servers first: a live process keeps the namespace alive
+            loadgen.stop_server(proc)
+        nsexec.remove_netns(name)
+
+
+@pytest.fixture(scope="module")
+def server(netns):
+    name, servers = netns
+    proc = loadgen.start_server(name, "pod-a", [PORT, PORT2], cpus=LOAD_CPUS)
+    servers.append(proc)
+    return name
+
+
+def run(ns, mode, port=PORT, **kw):
+    kw.setdefault("samples", 2000)
+    kw.setdefault("warmup", 100)
+    return loadgen.run_client(ns, mode, "127.0.0.1", port, cpus=LOAD_CPUS, timeout=30, **kw)
+
+
+@needs_root
+@pytest.mark.parametrize("mode", ["crr", "rr", "udp_rr"])
+def test_latency_modes_match_raw_samples(server, mode, tmp_path):
+    raw = tmp_path / f"{mode}.bin"
+    r = run(server, mode, raw_path=raw)
+    assert r["mode"] == mode and r["samples"] == 2000 and r["errors"] == 0 and not r["aborted"]
+    assert 0 < r["min_us"] <= r["p50_us"] <= r["p90_us"] <= r["p99_us"] <= r["p999_us"] <= r["max_us"]
+    samples = stats.load_raw(raw)
+    assert samples.size == 2000
+    ours = stats.latency_stats(samples)
+    for col in stats.LATENCY_COLUMNS:
+        assert ours[col] == pytest.approx(r[col], abs=0.001), col  # same method, printed to 0.001
+
+
+@needs_root
+def test_message_size_and_duration(server):
+    r = run(server, "rr", size=60000, samples=200, warmup=5)
+    assert r["samples"] == 200 and r["errors"] == 0
+    r = run(server, "crr", samples=10_000_000, warmup=0, duration=0.2)
+    assert 0 < r["samples"] < 10_000_000 and r["elapsed_s"] == pytest.approx(0.2, abs=0.1)
+
+
+@needs_root
+def test_who_names_every_connection_on_every_port(server):
+    for port in (PORT, PORT2):
+        res = loadgen.who(server, "127.0.0.1", port, 50, cpus=LOAD_CPUS)
+        assert res.counts == {"pod-a": 50} and res.errors == 0 and res.total == 50
+
+
+@needs_root
+def test_closed_port_counts_errors_without_hanging(server):
+    t0 = time.monotonic()
+    res = loadgen.who(server, "127.0.0.1", CLOSED, 20)
+    assert res.counts == {} and res.errors == 20 and res.error_kinds == {"ECONNREFUSED": 20}
+    with pytest.raises(MeasurementError, match="consecutive errors") as info:
+        run(server, "crr", port=CLOSED, samples=1000)
+    assert info.value.result["aborted"] and info.value.result["errors"] == 100
+    with pytest.raises(MeasurementError, match="ECONNREFUSED"):
+        run(server, "udp_rr", port=CLOSED, samples=50)
+    assert time.monotonic() - t0 < 5
+
+
+@needs_root
+def test_server_survives_rude_clients_and_speaks_http(server):
+    def rude():
+        for payload in (b"", b"GE", b"GET / HTTP/1.0\r\n", b"x" * 100_000):
+            s = socket.create_connection(("127.0.0.1", PORT), timeout=2)
+            s.sendall(payload)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            s.close()  # RST with data in flight
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(2)
+        u.sendto(b"WHO?", ("127.0.0.1", PORT))
+        who_udp = u.recv(100)
+        u.close()
+        s = socket.create_connection(("127.0.0.1", PORT), timeout=2)
+        s.sendall(b"GET /anything HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = b"".join(iter(lambda: s.recv(4096), b""))
+        s.close()
+        return who_udp, reply
+
+    who_udp, reply = nsexec.in_netns(server, rude)
+    assert who_udp == b"pod-a\n"
+    head, body = reply.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.0 200 OK") and b"Content-Length: 6" in head and body == b"pod-a\n"
+    assert run(server, "rr", samples=100)["errors"] == 0  # still serving
+
+
+@needs_root
+def test_server_start_failure_reports_stderr(server):
+    with pytest.raises(MeasurementError, match="Address already in use"):
+        loadgen.start_server(server, "pod-b", PORT, timeout=3)
