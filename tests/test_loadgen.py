@@ -114,21 +114,16 @@ def test_compile_error_carries_gcc_output(tmp_path):
 
 # ---------------------------------------------------------------- real programs in a namespace
 
-def _lo_up() -> None:
-    # pyroute2 0.9 opens its netlink socket lazily and per thread: an IPRoute returned from the
-    # namespace thread would talk to the HOST namespace when used from this one. Use it in there.
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        ipr.link("set", index=1, state="up")
-
-
 @pytest.fixture(scope="module")
 def netns():
+    from pyroute2 import IPRoute
+
     name = f"lktest-lg-{os.getpid()}"
-    nsexec.create_netns(name, on_socket=_lo_up)
+    ipr = nsexec.create_netns(name, on_socket=IPRoute)  # a netlink socket bound inside the new netns
     servers: list[subprocess.Popen] = []
     try:
+        with ipr:
+            ipr.link("set", index=1, state="up")
         yield name, servers
     finally:
         for proc in servers:  # kill the servers first: a live process keeps the namespace alive
