@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from labkit import native, nsexec
-from labkit.errors import MeasurementError, MissingFeature
+from labkit.errors import LabStateError, MeasurementError, MissingFeature
 from labkit.measure import cpus, loadgen, stats
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a network namespace")
@@ -110,6 +110,13 @@ def test_compile_error_carries_gcc_output(tmp_path):
     bad.write_text("int main(void) { return x; }\n")
     with pytest.raises(MeasurementError, match="undeclared"):
         native.build(bad, tmp_path)
+
+
+def test_missing_namespace_is_a_lab_state_error():
+    with pytest.raises(LabStateError, match="lktest-no-such-netns"):
+        loadgen.run_client("lktest-no-such-netns", "rr", "127.0.0.1", PORT)
+    with pytest.raises(LabStateError):
+        loadgen.start_server("lktest-no-such-netns", "x", PORT)
 
 
 # ---------------------------------------------------------------- real programs in a namespace

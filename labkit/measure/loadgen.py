@@ -8,8 +8,9 @@ cgroup) and is pinned to the load CPUs from :mod:`labkit.measure.cpus` before it
 - :func:`run_client` runs ``lkclient`` once and returns its JSON result as a dict.
 - :func:`who` asks a Service address ``count`` times which pod answered.
 
-Every failure is a :class:`~labkit.errors.MeasurementError` carrying the program's stderr; raw
-samples the client wrote before failing stay on disk (``error.result`` holds its partial JSON).
+A program that fails raises :class:`~labkit.errors.MeasurementError` carrying its stderr; raw
+samples the client wrote before failing stay on disk (``error.result`` holds its partial JSON). A
+namespace that is not there raises :class:`~labkit.errors.LabStateError` before anything starts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from labkit import nsexec
-from labkit.errors import MeasurementError
+from labkit.errors import LabStateError, MeasurementError
 from labkit.native import binary
 
 MODES = ("crr", "rr", "udp_rr", "who")
@@ -52,6 +53,7 @@ def start_server(
     ports = [ports] if isinstance(ports, int) else list(ports)
     if not ports:
         raise ValueError("start_server needs at least one port")
+    _require_netns(netns)
     argv = [str(binary("lkserver")), "--name", name, "--bind", bind,
             "--ports", ",".join(str(p) for p in ports)]
     log: IO[bytes] = open(log_path, "ab") if log_path else tempfile.TemporaryFile()
@@ -66,12 +68,15 @@ def start_server(
         proc.stdout.close()  # nothing more is printed after readiness
     expected = "ready " + " ".join(str(p) for p in ports)
     if line.strip() != expected:
+        exited = proc.poll()
         stop_server(proc)
         where = f" in netns {netns}" if netns else ""
-        state = "timed out" if not line else f"printed {line.strip()!r}"
-        raise MeasurementError(
-            f"lkserver {name!r}{where} on ports {ports} {state} instead of {expected!r} within "
-            f"{timeout:g} s (exit code {proc.returncode}); stderr: {_read_log(log, log_path)}")
+        if exited is not None:
+            state = f"exited with code {exited}"
+        else:
+            state = f"printed {line.strip()!r}" if line else f"was not ready within {timeout:g} s"
+        raise MeasurementError(f"lkserver {name!r}{where} on ports {ports} {state} (expected "
+                               f"{expected!r}); stderr: {_read_log(log, log_path)}")
     proc.lkserver_log = log if not log_path else None  # type: ignore[attr-defined]  # keep it open
     return proc
 
@@ -88,6 +93,11 @@ def stop_server(proc: subprocess.Popen, timeout: float = 2.0) -> None:
     log = getattr(proc, "lkserver_log", None)
     if log is not None:
         log.close()
+
+
+def _require_netns(netns: str | None) -> None:
+    if netns is not None and not nsexec.netns_path(netns).exists():
+        raise LabStateError(f"network namespace {netns!r} does not exist (is the lab up?)")
 
 
 def _read_line(proc: subprocess.Popen, timeout: float) -> str:
@@ -162,6 +172,7 @@ def run_client(
     ``timeout_ms``, ``max_errors``). ``timeout`` bounds the whole run; by default it allows
     every attempt its connect and I/O timeouts plus a minute."""
     argv = client_argv(mode, host, port, samples, warmup, size, raw_path, **options)
+    _require_netns(netns)
     if timeout is None:
         per_try = (options.get("connect_timeout_ms", 1000) + options.get("timeout_ms", 1000)) / 1000
         timeout = 60 + per_try * min(samples + (warmup or 0), 1000)
