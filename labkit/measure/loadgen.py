@@ -171,8 +171,8 @@ def run_client(
     ``options`` are passed to :func:`client_argv` (``duration``, ``connect_timeout_ms``,
     ``timeout_ms``, ``max_errors``). ``timeout`` bounds the whole run; by default it allows
     every attempt its connect and I/O timeouts plus a minute."""
-    argv = client_argv(mode, host, port, samples, warmup, size, raw_path, **options)
     _require_netns(netns)
+    argv = client_argv(mode, host, port, samples, warmup, size, raw_path, **options)
     if timeout is None:
         per_try = (options.get("connect_timeout_ms", 1000) + options.get("timeout_ms", 1000)) / 1000
         timeout = 60 + per_try * min(samples + (warmup or 0), 1000)

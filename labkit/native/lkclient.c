@@ -321,6 +321,16 @@ static int note_error(struct run *r, const struct opts *o, const char *kind) {
 	return r->consecutive >= o->max_errors;
 }
 
+/* One attempt: preparation, then the clock around the transaction only. */
+static inline int timed(struct ctx *c, int (*sample)(struct ctx *), int64_t *t0, int64_t *t1) {
+	int rc = prepare(c);
+	*t0 = now_ns();
+	if (rc == 0)
+		rc = sample(c);
+	*t1 = now_ns();
+	return rc;
+}
+
 static void measure(struct ctx *c, struct run *r) {
 	const struct opts *o = c->o;
 	int (*sample)(struct ctx *) = samplers[o->mode];
@@ -330,15 +340,8 @@ static void measure(struct ctx *c, struct run *r) {
 	if (!warm && o->duration > 0)
 		deadline = r->kept_start + (int64_t)(o->duration * 1e9);
 	while (r->kept < o->n) {
-		int64_t t0 = 0, t1 = 0;
-		int rc = prepare(c);
-		if (rc == 0) {
-			t0 = now_ns();
-			rc = sample(c);
-			t1 = now_ns();
-		} else {
-			t1 = now_ns();
-		}
+		int64_t t0, t1;
+		int rc = timed(c, sample, &t0, &t1);
 		if (rc != 0) {
 			if (note_error(r, o, c->err)) {
 				r->aborted = 1;
