@@ -151,7 +151,7 @@ class _Probe:
 
     def close(self) -> None:
         nsexec.remove_netns(self.netns)
-        self._made = False
+        self._made, self._lower = False, None
 
 
 # ------------------------------------------------------------------ registry
