@@ -134,6 +134,8 @@ def plan(spec: Spec) -> AddressPlan:
                 nxt += 1
                 if pod.mode == "eni-policy-route":
                     plen, gw = 32, ROUTED_GATEWAY
+                else:  # slaves: /32, everything via the VPC gateway (as AWS's VPC CNI does), since
+                    plen = 32  # neighbours on the same ENI would be ARPed on-link and never answer
             elif pod.mode == "overlay":
                 ip, plen, gw = over.network_address + host["overlay"], over.prefixlen, over.network_address + 1
                 mtu = VPC_MTU - VXLAN_OVERHEAD

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from .errors import LabkitError
@@ -214,6 +215,7 @@ def _add_optional(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `labkit … | head` ends quietly
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0

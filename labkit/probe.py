@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 TIMEOUT = 1.5
 
 
-def _tcp(host: str, port: int) -> str:
-    with socket.create_connection((host, port), timeout=TIMEOUT) as s:
+def _tcp(host: str, port: int, timeout: float) -> str:
+    with socket.create_connection((host, port), timeout=timeout) as s:
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
         data = b""
         while True:
@@ -33,9 +33,9 @@ def _tcp(host: str, port: int) -> str:
     return body.decode().strip()
 
 
-def _udp(host: str, port: int) -> str:
+def _udp(host: str, port: int, timeout: float) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(TIMEOUT)
+        s.settimeout(timeout)
         s.connect((host, port))
         s.send(b"WHO?")
         return s.recv(4096).decode().strip()
@@ -45,7 +45,7 @@ def probe(target: dict) -> dict:
     t0 = time.perf_counter()
     try:
         fn = _udp if target.get("proto", "tcp") == "udp" else _tcp
-        backend = fn(target["host"], int(target["port"]))
+        backend = fn(target["host"], int(target["port"]), float(target.get("timeout", TIMEOUT)))
         return {"id": target["id"], "ok": True, "backend": backend, "error": "",
                 "ms": round((time.perf_counter() - t0) * 1e3, 3)}
     except OSError as exc:

@@ -43,6 +43,7 @@ from .spec import Node, Pod, Spec
 IFA_F_NOPREFIXROUTE = 0x200
 NUD_PERMANENT = 0x80
 RT_SCOPE_LINK = 253
+RTNH_F_ONLINK = 4
 ENI_TABLE_BASE = 100  # routing table of ENI k is 100 + k
 POLICY_PRIORITY = 1000
 IPVLAN_MODES = {"l2": 0, "l3": 1, "l3s": 2}
@@ -125,9 +126,10 @@ class NodeWiring:
                 continue  # moved into its pod as is
             ns.up(nic.ifname, mtu=1500)
             ns.addr(nic.ifname, nic.ip, vpc.prefixlen, noprefixroute=True)
-            table = ENI_TABLE_BASE + nic.index
-            ns.route(str(vpc), oif=ns.index(nic.ifname), table=table, scope=RT_SCOPE_LINK)
-            ns.route("default", gateway=str(self.plan.vpc_gateway), oif=ns.index(nic.ifname), table=table)
+            # the ENI's table sends everything to the VPC gateway, even VPC neighbours: an ENI's
+            # macvlan/ipvlan slaves are unreachable from the ENI itself, but reachable via the router
+            ns.route("default", gateway=str(self.plan.vpc_gateway), oif=ns.index(nic.ifname),
+                     table=ENI_TABLE_BASE + nic.index, flags=RTNH_F_ONLINK)
         modes = {p.mode for p in self.node.pods}
         if "bridge" in modes:
             self._bridge("cbr0", me.native_subnet.network_address + 1, me.native_subnet.prefixlen, 1500)
@@ -164,7 +166,7 @@ class NodeWiring:
             gw = str(other.overlay_subnet.network_address)
             ns.ipr.neigh("add", dst=gw, lladdr=other.vxlan_mac, ifindex=vx, state=NUD_PERMANENT)
             ns.ipr.fdb("add", ifindex=vx, lladdr=other.vxlan_mac, dst=str(other.primary.ip))
-            ns.route(str(other.overlay_subnet), gateway=gw, oif=vx, flags=4)  # RTNH_F_ONLINK
+            ns.route(str(other.overlay_subnet), gateway=gw, oif=vx, flags=RTNH_F_ONLINK)
 
     # ------------------------------------------------------------ pods
     def add_pod(self, pod: Pod) -> PodIface:

@@ -1,0 +1,217 @@
+"""The netns backend on the real kernel: every pod mode, check, exec, down after SIGKILL, two labs.
+
+Run as root (CI is). Each test builds labs with unique names and removes them in a finalizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from pyroute2 import IPRoute
+
+from labkit import doctor, lab, nsexec
+from labkit.errors import MissingFeature
+from labkit.spec import load_spec, parse_spec
+from labkit.state import LabState
+
+from conftest import EXAMPLES
+
+pytestmark = pytest.mark.root
+
+MODES_HERE = ["eni-exclusive", "eni-policy-route", "macvlan", "veth", "bridge", "overlay"]
+LABKIT = [sys.executable, "-m", "labkit.cli"]
+
+
+def modes_spec(name: str, datapath: str = "none") -> dict:
+    """Two nodes; node 1 has every mode this kernel has, node 2 the non-ENI ones: all pairs same-node
+    and cross-node."""
+    return {"name": name, "datapath": datapath, "nodes": [
+        {"name": "n1", "enis": 2, "pods": [{"name": f"a-{m[:6]}", "mode": m, "labels": {"app": "web"}}
+                                          for m in MODES_HERE]},
+        {"name": "n2", "pods": [{"name": f"b-{m[:6]}", "mode": m} for m in ("macvlan", "veth", "bridge", "overlay")]},
+    ]}
+
+
+def host_snapshot() -> dict:
+    """The host namespace's links, addresses, routes, rules and the sysctls a lab might touch."""
+    with IPRoute() as ipr:
+        snap = {
+            "links": sorted(l.get_attr("IFLA_IFNAME") for l in ipr.get_links()),
+            "addrs": sorted((a["index"], a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr()),
+            "routes": sorted(str((r.get_attr("RTA_TABLE"), r.get_attr("RTA_DST"), r["dst_len"],
+                                  r.get_attr("RTA_GATEWAY"), r.get_attr("RTA_OIF"))) for r in ipr.get_routes(table=0)),
+            "rules": sorted(str((r.get_attr("FRA_PRIORITY"), r.get_attr("FRA_TABLE"))) for r in ipr.get_rules()),
+        }
+    for key in ("net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.all.proxy_arp",
+                "net.ipv4.conf.all.send_redirects"):
+        snap[key] = nsexec.read_sysctl(None, key)
+    return snap
+
+
+def leftovers(name: str) -> list[str]:
+    found = [f"netns {n}" for n in nsexec.list_netns(f"lk-{name}.")]
+    root = nsexec.cgroup2_root()
+    if root and (root / f"lk-{name}").exists():
+        found.append(f"cgroup {root / f'lk-{name}'}")
+    if LabState(name).dir.exists():
+        found.append(f"state {LabState(name).dir}")
+    return found
+
+
+def assert_check_ok(results):
+    failed = [r for r in results if not r.ok]
+    assert not failed, "\n".join(f"{r.kind} {r.src}->{r.dst} {r.host}:{r.port}: want {r.expected}, got {r.observed}"
+                                 for r in failed[:20])
+
+
+def test_issue_example_builds_checks_and_leaves_nothing(make_lab, lab_name):
+    before = host_snapshot()
+    data = load_spec(EXAMPLES / "demo.yaml").to_dict()
+    spec = parse_spec({**data, "name": lab_name, "datapath": "none"})
+    lb = make_lab(spec)
+    results = lb.check()
+    assert_check_ok(results)
+    pairs = {(r.src, r.dst) for r in results if r.kind == "pod"}
+    assert len(pairs) == 5 * 4
+    # every pod answers on its own address with its own name (not some other pod's server)
+    assert all(r.observed == r.dst for r in results if r.kind == "pod")
+    counts = lab.down(lab_name)
+    assert counts["netns"] == 8 and counts["cgroups"] == 1 and counts["processes"] >= 5
+    assert leftovers(lab_name) == []
+    assert host_snapshot() == before
+    assert lab.down(lab_name)["netns"] == 0  # safe twice
+
+
+def test_every_mode_same_node_and_cross_node(make_lab, lab_name):
+    lb = make_lab(parse_spec(modes_spec(lab_name)))
+    results = lb.check()
+    assert_check_ok(results)
+    modes = {p.name: p.mode for _, p in lb.spec.pods()}
+    nodes = {p.name: n.name for n, p in lb.spec.pods()}
+    seen = {(modes[r.src], modes[r.dst], nodes[r.src] == nodes[r.dst]) for r in results if r.kind == "pod"}
+    for m in MODES_HERE:  # every mode talks to every other mode on its node and across nodes
+        assert {(m, o, True) for o in MODES_HERE if o != m} <= seen, m
+        assert {(m, o, False) for o in ("macvlan", "veth", "bridge", "overlay")} <= seen, m
+
+
+def test_pod_wiring_is_what_the_mode_says(make_lab, lab_name):
+    lb = make_lab(parse_spec(modes_spec(lab_name)))
+    with nsexec.iproute(lb.pod_netns("a-eni-ex")) as ipr:
+        names = {l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
+    assert {"eth0", "veth1"} <= names  # the ENI itself, plus the Terway service veth
+    with nsexec.iproute(f"lk-{lab_name}.n1") as ipr:
+        names = {l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
+        kinds = {l.get_attr("IFLA_IFNAME"): l.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") for l in ipr.get_links()}
+        rules = [r for r in ipr.get_rules() if r.get_attr("FRA_PRIORITY") == 1000]
+    assert "eni1" not in names and "eni2" in names  # eni1 moved into the exclusive pod
+    assert kinds["vxlan0"] == "vxlan" and kinds["cbr0"] == "bridge" and kinds["cni0"] == "bridge"
+    assert [r.get_attr("FRA_IIFNAME") for r in rules] == ["lx-a-eni-po"]
+    with nsexec.iproute(lb.pod_netns("a-macvla")) as ipr:
+        link = ipr.link_lookup(ifname="eth0")[0]
+        assert ipr.get_links(link)[0].get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "macvlan"
+    with nsexec.iproute(lb.pod_netns("a-overla")) as ipr:
+        assert ipr.get_links(ipr.link_lookup(ifname="eth0")[0])[0].get_attr("IFLA_MTU") == 1450
+    assert nsexec.read_sysctl(f"lk-{lab_name}.n1", "net.ipv4.ip_forward") == "1"
+
+
+@pytest.mark.skipif(doctor.has("ipvlan"), reason="this kernel has ipvlan: the fail-fast path cannot be shown")
+def test_ipvlan_fails_fast_with_doctor_message(lab_name):
+    data = modes_spec(lab_name)
+    data["nodes"][0]["pods"].append({"name": "iv", "mode": "eni-ipvlan"})
+    with pytest.raises(MissingFeature) as exc:
+        lab.up(parse_spec(data), progress=False)
+    assert exc.value.feature == "ipvlan" and "vagrant" in exc.value.fix.lower()
+    assert leftovers(lab_name) == []  # nothing was created
+
+
+def test_exec_runs_inside_the_pod(make_lab, lab_name):
+    lb = make_lab(parse_spec(modes_spec(lab_name)))
+    out = subprocess.run(LABKIT + ["exec", lab_name, "b-veth", "--", sys.executable, "-c",
+                                   "import os;print(os.readlink('/proc/self/ns/net'));"
+                                   "print(open('/proc/self/cgroup').read())"],
+                         capture_output=True, text=True, check=True).stdout
+    ns_inode = nsexec.netns_inode(lb.pod_netns("b-veth"))
+    assert f"net:[{ns_inode}]" in out
+    assert f"lk-{lab_name}/n2/b-veth" in out
+    bad = subprocess.run(LABKIT + ["exec", lab_name, "nope", "--", "true"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no pod 'nope'" in bad.stderr
+
+
+def test_cli_up_check_json_services_ls_down(tmp_path, lab_name):
+    spec = load_spec(EXAMPLES / "demo.yaml").to_dict()
+    spec.update(name=lab_name, datapath="none")
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps(spec))
+    try:
+        up = subprocess.run(LABKIT + ["up", "-q", str(path)], capture_output=True, text=True)
+        assert up.returncode == 0, up.stderr
+        ls = json.loads(subprocess.run(LABKIT + ["ls", "--json"], capture_output=True, text=True).stdout)
+        assert any(r["name"] == lab_name and r["status"] == "ready" for r in ls)
+        chk = subprocess.run(LABKIT + ["check", lab_name, "--json"], capture_output=True, text=True)
+        report = json.loads(chk.stdout)
+        assert chk.returncode == 0 and report["ok"] and len(report["results"]) >= 20
+        svc = json.loads(subprocess.run(LABKIT + ["services", lab_name, "--json"], capture_output=True, text=True).stdout)
+        assert svc[0]["name"] == "default/web" and len(svc[0]["endpoints"]) == 4
+        again = subprocess.run(LABKIT + ["up", "-q", str(path)], capture_output=True, text=True)
+        assert again.returncode == 2 and "exists already" in again.stderr
+    finally:
+        subprocess.run(LABKIT + ["down", lab_name], capture_output=True)
+    assert leftovers(lab_name) == []
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nnodes:\n  - name: n1\n    pods:\n      - {name: a, mode: ipvlann}\n")
+    res = subprocess.run(LABKIT + ["up", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 2 and "nodes[0].pods[0].mode: unknown mode 'ipvlann'" in res.stderr
+
+
+def test_a_failing_check_exits_nonzero(make_lab, lab_name):
+    lb = make_lab(parse_spec(modes_spec(lab_name)))
+    with nsexec.iproute(f"lk-{lab_name}.vpc") as ipr:  # cut node 2 off the VPC
+        ipr.link("set", index=ipr.link_lookup(ifname="n2-e0")[0], state="down")
+    res = subprocess.run(LABKIT + ["check", lab_name, "--no-services"], capture_output=True, text=True)
+    assert res.returncode == 1 and "FAILED" in res.stdout
+    bad = [r for r in lb.check(services=False) if not r.ok]
+    assert bad and all("b-" in r.src + r.dst for r in bad)
+
+
+@pytest.mark.parametrize("when", ["building", "built"])
+def test_down_after_sigkill_leaves_nothing(lab_name, tmp_path, when):
+    before = host_snapshot()
+    data = modes_spec(lab_name)
+    data["nodes"][1]["pods"] += [{"name": f"c{i}", "mode": "veth"} for i in range(30)]
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps(data))
+    proc = subprocess.Popen(LABKIT + ["up", "-q", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if when == "building":  # kill once some pods exist but before it finishes
+            deadline = time.monotonic() + 30
+            while len(nsexec.list_netns(f"lk-{lab_name}.")) < 8:
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+                time.sleep(0.005)
+            os.kill(proc.pid, signal.SIGKILL)
+        else:
+            assert proc.wait(60) == 0
+        proc.wait(10)
+        assert nsexec.list_netns(f"lk-{lab_name}.")  # something to clean up
+    finally:
+        res = subprocess.run(LABKIT + ["down", lab_name], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert leftovers(lab_name) == []
+    # no process of the lab survives (in-pod servers included)
+    out = subprocess.run(["pgrep", "-f", f"lkserver.*--name c1 "], capture_output=True, text=True).stdout
+    assert out.strip() == "" or all(not os.path.exists(f"/proc/{p}") for p in out.split())
+    assert host_snapshot() == before
+
+
+def test_two_labs_do_not_interfere(make_lab, lab_name):
+    a = make_lab(parse_spec(modes_spec(lab_name + "a")))
+    b = make_lab(parse_spec(modes_spec(lab_name + "b")))  # same addresses, other namespaces
+    assert_check_ok(a.check())
+    lab.down(a.name)
+    assert leftovers(a.name) == []
+    assert_check_ok(b.check())
+    assert nsexec.list_netns(f"lk-{b.name}.")

@@ -1,0 +1,153 @@
+"""Spec validation and the address plan: pure, no root."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+import yaml
+
+from labkit import addressing
+from labkit.errors import SpecError
+from labkit.services import diff, table_from_spec
+from labkit.spec import Node, Pod, ServiceSpec, Spec, load_spec, parse_spec
+
+from conftest import EXAMPLES
+
+
+def problems(data) -> dict[str, str]:
+    with pytest.raises(SpecError) as exc:
+        parse_spec(data)
+    return dict(exc.value.problems)
+
+
+def base(**over):
+    data = {"name": "x", "nodes": [{"name": "n1", "enis": 2, "pods": [
+        {"name": "a", "mode": "veth", "labels": {"app": "web"}},
+        {"name": "b", "mode": "eni-policy-route", "labels": {"app": "web"}}]}]}
+    data.update(over)
+    return data
+
+
+def test_issue_example_loads_and_plans():
+    spec = load_spec(EXAMPLES / "demo.yaml")
+    assert [n.name for n in spec.nodes] == ["node1", "node2"]
+    plan = addressing.plan(spec)
+    vpc = ipaddress.ip_network(spec.vpc_cidr)
+    pods = ipaddress.ip_network(spec.pod_cidr)
+    for name, pp in plan.pods.items():
+        net = vpc if pp.mode.startswith("eni-") else pods
+        assert pp.ip in net, name
+    # the exclusive pod owns its ENI's address
+    assert plan.pods["web-0"].ip == plan.nodes["node1"].nics[1].ip
+    assert len({pp.ip for pp in plan.pods.values()}) == len(plan.pods)
+    assert plan.pods["web-2"].mtu == 1450  # VXLAN overhead
+
+
+def test_unknown_mode_names_path_and_choices():
+    data = base()
+    data["nodes"][0]["pods"].append({"name": "c", "mode": "ipvlann"})
+    p = problems(data)
+    msg = p["nodes[0].pods[2].mode"]
+    assert "unknown mode 'ipvlann'" in msg and "eni-ipvlan" in msg and "expected one of" in msg
+
+
+def test_every_problem_reported_at_once():
+    data = base(vpc_cidr="10.244.0.0/16", datapath="iptable", colour="red")
+    data["nodes"][0]["pods"].append({"name": "a", "mode": "veth"})
+    data["nodes"][0]["pods"].append({"name": "averylongname1", "mode": "veth"})
+    p = problems(data)
+    assert "colour" in p and "known fields" in p["colour"]
+    assert "overlaps" in p["pod_cidr"]
+    assert "iptables" in p["datapath"]
+    assert "duplicate name 'a'" in p["nodes[0].pods[2].name"]
+    assert "at most 12" in p["nodes[0].pods[3].name"]
+
+
+def test_unknown_field_suggests_close_name():
+    data = base()
+    data["nodes"][0]["pods"][0]["lables"] = {"x": "y"}
+    assert "did you mean 'labels'" in problems(data)["nodes[0].pods[0].lables"]
+
+
+def test_cidr_host_bits_and_overlap():
+    p = problems(base(vpc_cidr="10.10.0.1/16", service_cidr="10.244.128.0/20"))
+    assert "did you mean 10.10.0.0/16" in p["vpc_cidr"]
+    assert "overlaps pod_cidr" in p["service_cidr"]
+
+
+def test_address_exhaustion():
+    data = base(vpc_cidr="10.10.0.0/28")
+    data["nodes"][0]["pods"] += [{"name": f"m{i}", "mode": "macvlan"} for i in range(4)]
+    assert "usable addresses" in problems(data)["vpc_cidr"]
+    data = base(pod_cidr="10.244.0.0/24", node_pod_prefix=25)
+    data["nodes"] = [{"name": f"n{i}", "pods": [{"name": f"p{i}", "mode": "overlay"}]} for i in range(2)]
+    assert "node subnets" in problems(data)["pod_cidr"]
+    data = base(node_pod_prefix=29)
+    data["nodes"][0]["pods"] = [{"name": f"v{i}", "mode": "veth"} for i in range(6)]
+    assert "do not fit" in problems(data)["nodes[0].pods"]
+
+
+def test_eni_rules():
+    data = base()
+    data["nodes"][0]["enis"] = 0
+    assert "needs an ENI" in problems(data)["nodes[0].pods[1].mode"]
+    data = base()
+    data["nodes"][0]["pods"].append({"name": "x1", "mode": "eni-exclusive"})
+    data["nodes"][0]["pods"].append({"name": "x2", "mode": "eni-exclusive"})
+    assert "set enis to 3" in problems(data)["nodes[0].enis"]
+    data = base()
+    data["nodes"][0]["pods"][1]["eni"] = 5
+    assert "not a shared ENI" in problems(data)["nodes[0].pods[1].eni"]
+
+
+def test_services_validation():
+    data = base(services=[
+        {"name": "web", "port": 80, "selector": {"app": "web"}, "cluster_ip": "10.1.2.3"},
+        {"name": "web", "port": 70000},
+        {"name": "bulk", "count": 10, "endpoints": 5, "selector": {"app": "web"}},
+        {"name": "udp", "protocol": "sctp"},
+    ])
+    p = problems(data)
+    assert "outside service_cidr" in p["services[0].cluster_ip"]
+    assert "duplicate service default/web" in p["services[1].name"]
+    assert "outside 1..65535" in p["services[1].port"]
+    assert "matches 2 pod(s)" in p["services[2].endpoints"]
+    assert "unknown protocol 'SCTP'" in p["services[3].protocol"]
+
+
+def test_python_objects_validate_too():
+    with pytest.raises(SpecError) as exc:
+        Spec(name="py", nodes=[Node("n1", pods=[Pod("a", mode="tunnel")])])
+    assert "nodes[0].pods[0].mode" in str(exc.value)
+    spec = Spec(name="py", nodes=[Node("n1", pods=[Pod("a", labels={"app": "x"})])],
+                services=[ServiceSpec("s", port=80, selector={"app": "x"})])
+    assert parse_spec(yaml.safe_load(spec.to_yaml())) == spec
+
+
+def test_not_yaml_and_missing_file():
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec("name: [\n")
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec("/nonexistent/spec.yaml")
+
+
+def test_service_table_bulk_and_diff():
+    data = base(services=[{"name": "web", "port": 80, "target_port": 8080, "selector": {"app": "web"}},
+                          {"name": "bulk", "count": 1000, "endpoints": 2, "selector": {"app": "web"}},
+                          {"name": "empty", "port": 81, "selector": {"app": "nothing"}}])
+    spec = parse_spec(data)
+    table = table_from_spec(spec)
+    assert len(table) == 1002
+    ips = [sp.cluster_ip for sp in table]
+    assert len(set(ips)) == len(ips)
+    assert all(ipaddress.ip_address(ip) in ipaddress.ip_network(spec.service_cidr) for ip in ips)
+    assert table["default/web"].endpoints[0].port == 8080
+    assert all(len(sp.endpoints) == 2 for sp in table if sp.name.startswith("bulk-"))
+    assert table["default/empty"].endpoints == ()
+    smaller = table.without("default/bulk-7")
+    changed = smaller.with_ports(type(table["default/web"])(**{**table["default/web"].__dict__, "endpoints": ()}))
+    d = diff(table, changed)
+    assert [sp.key for sp in d.removed] == ["default/bulk-7"]
+    assert [new.key for _, new in d.changed] == ["default/web"] and not d.added and not d.full
+    assert diff(None, table).full
