@@ -1,0 +1,191 @@
+"""``service-scale``: Service latency versus the number of services, per datapath (the seed's chart).
+
+One small lab per datapath (a node with a client pod and three backend pods, ``ss-<datapath>``), so
+that every datapath keeps its table loaded while the others are measured. For each number of
+services N: each datapath's table is flushed and loaded with N services (timed: ``load``), then in
+every repeat the datapaths are measured in a fresh random order (interleaved, so that drift of the
+machine hits all of them alike) — TCP_CRR to the service at each position of the table (``first``,
+``middle``, ``last``, ``random``) and to a backend directly (``pod``, the no-Service floor) — and
+finally one service is added three times (timed: ``update``). CRR is the metric that shows the
+table: a Service rule is walked on a connection's first packet only (established connections are
+flat; add ``rr`` to ``metrics`` to see it).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from .. import lab as labmod
+from ..datapath import get as get_datapath
+from ..errors import LabkitError
+from ..services import Endpoint, ServicePort, ServiceTable
+from ..spec import parse_spec
+from . import core
+
+DEFAULT_DATAPATHS = ("iptables-legacy", "iptables-nft", "nftables", "ebpf")
+POSITIONS = ("first", "middle", "last", "random", "pod")
+SHORT = {"iptables-legacy": "iptl", "iptables-nft": "iptn", "nftables": "nft", "ebpf": "ebpf",
+         "ebpf-tc": "ebpftc", "ipvs": "ipvs", "none": "none"}
+BACKENDS = 3
+
+
+@dataclass
+class ServiceScaleParams:
+    datapaths: list[str] = field(default_factory=lambda: list(DEFAULT_DATAPATHS))
+    services: list[int] = field(default_factory=lambda: [1, 1000, 5000, 10000, 20000])
+    positions: list[str] = field(default_factory=lambda: ["first", "middle", "last", "random", "pod"])
+    metrics: list[str] = field(default_factory=lambda: ["crr"])
+    repeats: int = 3
+    samples: int = 5000
+    warmup: int = 300
+    size: int = 64
+    updates: int = 3
+    mode: str = "veth"
+    seed: int = 1
+
+    @classmethod
+    def quick(cls) -> ServiceScaleParams:
+        """≤ 3 minutes here: the README's and CI's run."""
+        return cls(services=[1, 1000, 5000], positions=["first", "last", "pod"], samples=2000, warmup=200)
+
+    def validate(self) -> None:
+        problems = []
+        for dp in self.datapaths:
+            try:
+                get_datapath(dp)
+            except LabkitError as exc:
+                problems.append(f"datapaths: {exc}")
+        bad = [p for p in self.positions if p not in POSITIONS]
+        if bad:
+            problems.append(f"positions: unknown {bad}; expected some of {', '.join(POSITIONS)}")
+        if any(n < 1 or n > 65536 for n in self.services):
+            problems.append("services: every N must be in 1..65536")
+        if self.repeats < 1 or self.samples < 10:
+            problems.append("repeats must be ≥ 1 and samples ≥ 10")
+        bad = [m for m in self.metrics if m not in ("crr", "rr")]
+        if bad:
+            problems.append(f"metrics: unknown {bad}; expected crr and/or rr")
+        if problems:
+            raise LabkitError("invalid service-scale parameters:\n  " + "\n  ".join(problems))
+
+
+def lab_spec(datapath: str, mode: str) -> dict:
+    pods = [{"name": "cli", "mode": mode}] + [
+        {"name": f"be-{i}", "mode": mode, "labels": {"app": "backend"}} for i in range(BACKENDS)]
+    enis = 1 if mode.startswith("eni-") or mode == "macvlan" else 0
+    return {"name": f"ss-{SHORT.get(datapath, datapath)}", "datapath": "none",
+            "nodes": [{"name": "node", "enis": enis, "pods": pods}]}
+
+
+def bulk_table(endpoints: tuple[Endpoint, ...], n: int, service_cidr: str = "10.96.0.0/12") -> ServiceTable:
+    """N services ``svc-k`` with the same three endpoints, ClusterIPs allocated in order."""
+    import ipaddress
+
+    base = int(ipaddress.IPv4Network(service_cidr).network_address) + 10
+    return ServiceTable.of(ServicePort("scale", f"svc-{k}", "", "TCP", str(ipaddress.IPv4Address(base + k)), 80,
+                                       endpoints) for k in range(n))
+
+
+class ServiceScale:
+    name = "service-scale"
+
+    def setup(self, ctx: core.RunContext) -> None:
+        p: ServiceScaleParams = ctx.params
+        p.validate()
+        self.mode = p.mode
+        for dp in p.datapaths:
+            get_datapath(dp).preflight()
+        self.labs, self.paths, self.clients = {}, {}, {}
+        for dp in tqdm(p.datapaths, desc="labs", disable=not ctx.progress, leave=False):
+            spec = parse_spec(lab_spec(dp, p.mode))
+            labmod.down(spec.name)  # a lab left by a killed run of this experiment
+            lb = labmod.up(spec, progress=False)
+            self.labs[dp] = lb
+            ctx_node = lb.backend.node_context(lb.spec, "node", lb.plan)
+            ctx_node.state_dir.mkdir(parents=True, exist_ok=True)
+            self.paths[dp] = get_datapath(dp)(ctx_node)
+            self.clients[dp] = (lb.pod_netns("cli"), lb.backend.pod_cgroup(lb.spec, "cli"))
+        first = next(iter(self.labs.values()))
+        self.endpoints = tuple(Endpoint(str(first.plan.pods[f"be-{i}"].ip), 8080, f"be-{i}")
+                               for i in range(BACKENDS))
+        ctx.run.update_manifest(labs={dp: lb.name for dp, lb in self.labs.items()})
+
+    def teardown(self, ctx: core.RunContext) -> None:
+        for dp, lb in getattr(self, "labs", {}).items():
+            try:
+                self.paths[dp].cleanup()
+            finally:
+                labmod.down(lb.name)
+
+    def measure(self, ctx: core.RunContext) -> None:
+        p: ServiceScaleParams = ctx.params
+        rng = random.Random(p.seed)
+        per_n = p.repeats * len(p.datapaths) * len(p.positions) * len(p.metrics)
+        bar = tqdm(total=per_n * len(p.services), desc="service-scale", unit="pt", disable=not ctx.progress)
+        try:
+            for n in p.services:
+                table = bulk_table(self.endpoints, n)
+                picks = {"first": 0, "middle": n // 2, "last": n - 1, "random": rng.randrange(n)}
+                self._load(ctx, n, table)
+                for rep in range(1, p.repeats + 1):
+                    for dp in rng.sample(p.datapaths, len(p.datapaths)):
+                        for pos in p.positions:
+                            for metric in p.metrics:
+                                self._point(ctx, dp, n, table, picks, pos, rep, metric)
+                                bar.update()
+                self._updates(ctx, n, table)
+        finally:
+            bar.close()
+
+    def _row(self, dp: str, n: int, **kw) -> dict:
+        return {"experiment": self.name, "datapath": dp, "mode": self.mode, "services": n, **kw}
+
+    def _load(self, ctx: core.RunContext, n: int, table: ServiceTable) -> None:
+        for dp, path in self.paths.items():
+            path.sync(ServiceTable())  # flush, so that the load below is a whole table
+            t0 = time.perf_counter()
+            path.sync(table)
+            took = time.perf_counter() - t0
+            row = self._row(dp, n, position="", repeat=0)
+            if core.point_key({**row, "metric": "load"}) not in ctx.done:
+                core.record_value(ctx, row, "load", took)
+
+    def _point(self, ctx, dp, n, table, picks, pos, rep, metric) -> None:
+        index = picks.get(pos)
+        row = self._row(dp, n, position=pos, repeat=rep, service_index="" if index is None else index)
+        if core.point_key({**row, "metric": metric}) in ctx.done:
+            return
+        if pos == "pod":
+            host, port = self.endpoints[0].ip, self.endpoints[0].port
+        else:
+            sp = table.at(index)
+            host, port = sp.cluster_ip, sp.port
+        netns, cgroup = self.clients[dp]
+        p: ServiceScaleParams = ctx.params
+        core.measure_latency(ctx, netns, cgroup, metric, host, port, row, p.samples, p.warmup, p.size)
+
+    def _updates(self, ctx: core.RunContext, n: int, table: ServiceTable) -> None:
+        p: ServiceScaleParams = ctx.params
+        for dp, path in self.paths.items():
+            current = table
+            for k in range(1, p.updates + 1):
+                row = self._row(dp, n, position="", repeat=k)
+                extra = bulk_table(self.endpoints, n + k).at(-1)
+                current = current.with_ports(extra)
+                t0 = time.perf_counter()
+                path.sync(current)
+                took = time.perf_counter() - t0
+                if core.point_key({**row, "metric": "update"}) not in ctx.done:
+                    core.record_value(ctx, row, "update", took)
+
+
+def run(params: ServiceScaleParams | None = None, resume: str | None = None, progress: bool = True,
+        on_point=None):
+    """Run the experiment; returns the :class:`labkit.results.Run`."""
+    return core.execute(ServiceScale(), params or ServiceScaleParams(), resume=resume, progress=progress,
+                        on_point=on_point)
+

@@ -1,0 +1,87 @@
+"""Reports of a run: the printed summary with ratios and a self-contained HTML page.
+
+``labkit report RUN_ID`` re-renders the HTML of any past run from the results store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from . import plots
+from .results import Run
+
+
+def _pick_position(points: pd.DataFrame) -> str:
+    present = set(points["position"].dropna())
+    return next((p for p in ("last", "middle", "first", "random", "pod") if p in present), "last")
+
+
+def summary_frame(run: Run, metric: str = "crr") -> pd.DataFrame:
+    points = run.points()
+    pos = _pick_position(points)
+    s = plots.latency_summary(points, metric, pos)
+    if s.empty:
+        return s
+    return s.pivot(index="datapath", columns="services", values="p50_us")
+
+
+def summary_text(run: Run, metric: str = "crr") -> str:
+    points = run.points()
+    if points.empty:
+        return "no points measured"
+    pos = _pick_position(points)
+    table = summary_frame(run, metric)
+    lines = [f"{metric.upper()} p50 in µs to the {pos} service (median of repeats), by number of services:"]
+    if table.empty:
+        return lines[0] + " none"
+    ns = list(table.columns)
+    lines.append("datapath".ljust(16) + "".join(f"{n:>10}" for n in ns) + f"{'ratio':>10}  (N={ns[-1]} / N={ns[0]})")
+    for dp, row in table.iterrows():
+        ratio = row[ns[-1]] / row[ns[0]] if row[ns[0]] else float("nan")
+        lines.append(dp.ljust(16) + "".join(f"{row[n]:>10.1f}" for n in ns) + f"{ratio:>9.2f}x")
+    if "ebpf" in table.index:
+        base = table.loc["ebpf", ns[-1]]
+        others = ", ".join(f"{dp} {table.loc[dp, ns[-1]] / base:.2f}x" for dp in table.index if dp != "ebpf")
+        lines.append(f"at N={ns[-1]}, relative to ebpf: {others}")
+    spread = points[(points["metric"] == metric) & (points["position"] == pos)].groupby(
+        ["datapath", "services"])["p50_us"].agg(lambda v: (v.max() - v.min()) / v.median() if len(v) > 1 else 0)
+    lines.append(f"largest spread of p50 across repeats: {spread.max() * 100:.1f}%")
+    for metric_name in ("load", "update"):
+        df = points[points["metric"] == metric_name]
+        if not df.empty:
+            piv = df.groupby(["datapath", "services"])["value"].median().unstack()
+            unit, scale = ("s", 1) if metric_name == "load" else ("ms", 1000)
+            lines.append(f"{metric_name} time ({unit}): " + "; ".join(
+                f"{dp} " + " ".join(f"{n}:{v * scale:.3g}" for n, v in r.items()) for dp, r in piv.iterrows()))
+    return "\n".join(lines)
+
+
+def write_report(run: Run, path: Path | None = None) -> Path:
+    points = run.points()
+    m = run.manifest()
+    pos = _pick_position(points)
+    figs = [plots.latency_vs_services(points, "crr", pos)]
+    if (points["position"] == "first").any() and pos != "first":
+        figs.append(plots.latency_vs_services(points, "crr", "first"))
+    for metric in ("load", "update"):
+        if (points["metric"] == metric).any():
+            figs.append(plots.cost_vs_services(points, metric))
+    parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
+    mach = m["machine"]
+    head = (f"<h1>labkit {m['experiment']} — run {m['run_id']}</h1>"
+            f"<p>kernel {mach['kernel']}, {mach['cpu_model']} × {mach['cpu_count']}, labkit "
+            f"{m['labkit']['version']} ({m['labkit']['git']}); {m['started']} → {m.get('ended')}</p>"
+            f"<pre>{summary_text(run)}</pre>")
+    path = path or run.path / "report.html"
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{m['run_id']}</title></head>"
+                    f"<body style='font-family:sans-serif;max-width:1100px;margin:auto'>{head}{''.join(parts)}"
+                    f"<h2>parameters</h2><pre>{m['params']}</pre></body></html>")
+    return path
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("report", help="(re)write the HTML report of a run")
+    p.add_argument("run")
+    p.set_defaults(fn=lambda args: print(write_report(Run.open(args.run))) or 0)
