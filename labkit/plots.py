@@ -59,3 +59,20 @@ def cost_vs_services(points: pd.DataFrame, metric: str = "load") -> go.Figure:
                       xaxis_title="services", yaxis_title="seconds", template="plotly_white")
     fig.update_yaxes(type="log")
     return fig
+
+
+def mode_bars(points: pd.DataFrame, metric: str = "crr") -> go.Figure:
+    """One bar per pod mode, same-node and cross-node side by side (median of repeats, min–max bars):
+    p50 µs for latency metrics, Gbit/s for bandwidth."""
+    df = points[points["metric"] == metric].copy()
+    col = "value" if metric == "bandwidth" else "p50_us"
+    fig = go.Figure()
+    for where, g in df.groupby("position", sort=True):
+        agg = g.groupby("mode")[col].agg(["median", "min", "max"]).reset_index()
+        fig.add_trace(go.Bar(x=agg["mode"], y=agg["median"], name=where,
+                             error_y={"type": "data", "symmetric": False, "array": agg["max"] - agg["median"],
+                                      "arrayminus": agg["median"] - agg["min"]}))
+    unit = "Gbit/s" if metric == "bandwidth" else "p50 (µs)"
+    fig.update_layout(barmode="group", title=f"{metric.upper()} by pod network mode", xaxis_title="mode",
+                      yaxis_title=f"{metric.upper()} {unit}", template="plotly_white")
+    return fig

@@ -27,10 +27,21 @@ def summary_frame(run: Run, metric: str = "crr") -> pd.DataFrame:
     return s.pivot(index="datapath", columns="services", values="p50_us")
 
 
+def pod_modes_frame(points: pd.DataFrame) -> pd.DataFrame:
+    """Median across repeats per mode × (metric, same-node/cross-node): p50 µs, bandwidth Gbit/s."""
+    df = points.copy()
+    df["figure"] = df["p50_us"].where(df["metric"] != "bandwidth", df["value"])
+    return df.groupby(["mode", "metric", "position"])["figure"].median().unstack(["metric", "position"])
+
+
 def summary_text(run: Run, metric: str = "crr") -> str:
     points = run.points()
     if points.empty:
         return "no points measured"
+    if run.manifest()["experiment"] == "pod-modes":
+        table = pod_modes_frame(points)
+        return ("p50 in µs (crr, rr, udp_rr) and Gbit/s (bandwidth), median of repeats:\n"
+                + table.round(2).to_string())
     pos = _pick_position(points)
     table = summary_frame(run, metric)
     lines = [f"{metric.upper()} p50 in µs to the {pos} service (median of repeats), by number of services:"]
@@ -62,11 +73,15 @@ def write_report(run: Run, path: Path | None = None) -> Path:
     points = run.points()
     m = run.manifest()
     pos = _pick_position(points)
-    figs = [plots.latency_vs_services(points, "crr", pos)]
-    if (points["position"] == "first").any() and pos != "first":
+    if m["experiment"] == "pod-modes":
+        figs = [plots.mode_bars(points, metric) for metric in ("crr", "rr", "udp_rr", "bandwidth")
+                if (points["metric"] == metric).any()]
+    else:
+        figs = [plots.latency_vs_services(points, "crr", pos)]
+    if m["experiment"] != "pod-modes" and (points["position"] == "first").any() and pos != "first":
         figs.append(plots.latency_vs_services(points, "crr", "first"))
     for metric in ("load", "update"):
-        if (points["metric"] == metric).any():
+        if m["experiment"] != "pod-modes" and (points["metric"] == metric).any():
             figs.append(plots.cost_vs_services(points, metric))
     parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
     mach = m["machine"]

@@ -1,6 +1,7 @@
 """Experiments: functions with parameters, a CLI (``labkit run NAME``), results in the store.
 
 - ``service-scale`` (:mod:`.service_scale`): Service latency versus number of services per datapath.
+- ``pod-modes`` (:mod:`.pod_modes`): CRR/RR/UDP_RR/bandwidth per pod network mode, same and cross node.
 
 Each experiment is a small class run by :func:`labkit.experiments.core.execute`.
 """
@@ -10,9 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from . import service_scale
+from ..errors import LabkitError
+from . import pod_modes, service_scale
 
-EXPERIMENTS = {"service-scale": service_scale}
+# name -> (parameter class, run function)
+EXPERIMENTS = {"service-scale": (service_scale.ServiceScaleParams, service_scale.run),
+               "pod-modes": (pod_modes.PodModesParams, pod_modes.run)}
+OPTIONS = ("datapaths", "services", "positions", "modes", "metrics", "repeats", "samples", "warmup", "mode")
 
 
 def _ints(text: str) -> list[int]:
@@ -37,7 +42,8 @@ def add_cli(sub) -> None:
     p.add_argument("--repeats", type=int)
     p.add_argument("--samples", type=int, help="samples per point")
     p.add_argument("--warmup", type=int)
-    p.add_argument("--mode", help="pod network mode of the experiment's pods (default veth)")
+    p.add_argument("--mode", help="service-scale: pod network mode of the experiment's pods (default veth)")
+    p.add_argument("--modes", type=_words, help="pod-modes: comma-separated pod network modes")
     p.add_argument("--resume", metavar="RUN_ID", help="continue a run that was stopped")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -45,14 +51,18 @@ def add_cli(sub) -> None:
 
 
 def _cmd_run(args) -> int:
-    mod = EXPERIMENTS[args.experiment]
-    params = mod.ServiceScaleParams.quick() if args.quick else mod.ServiceScaleParams()
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(params)
-                 if getattr(args, f.name, None) is not None}
-    params = dataclasses.replace(params, **overrides)
+    cls, run_fn = EXPERIMENTS[args.experiment]
+    params = cls.quick() if args.quick else cls()
+    fields = {f.name for f in dataclasses.fields(params)}
+    given = {o: getattr(args, o) for o in OPTIONS if getattr(args, o, None) is not None}
+    wrong = sorted(set(given) - fields)
+    if wrong:
+        raise LabkitError(f"--{', --'.join(wrong)} do(es) not apply to {args.experiment}; its parameters: "
+                          f"{', '.join(sorted(fields))}")
+    params = dataclasses.replace(params, **given)
     if not args.resume:
         params.validate()
-    run = mod.run(params, resume=args.resume, progress=not args.quiet)
+    run = run_fn(params, resume=args.resume, progress=not args.quiet)
     from .. import report
 
     print(report.summary_text(run))
@@ -63,4 +73,4 @@ def _cmd_run(args) -> int:
     return 0
 
 
-__all__ = ["EXPERIMENTS", "add_cli", "service_scale"]
+__all__ = ["EXPERIMENTS", "add_cli", "service_scale", "pod_modes"]
