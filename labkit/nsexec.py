@@ -198,23 +198,25 @@ def read_sysctl(netns: str | None, key: str) -> str:
 
 # ---------------------------------------------------------------- processes
 
-def _preexec(netns: str | None, cgroup: Path | None, cpus: Sequence[int] | None) -> Callable[[], None]:
-    procs = str(cgroup / "cgroup.procs") if cgroup else None
-    path = str(netns_path(netns)) if netns else None
+def _wrap(argv: Sequence[str], netns: str | None, cgroup: Path | None, cpus: Sequence[int] | None,
+          setsid: bool = False) -> list[str]:
+    """``argv`` behind ``lkexec`` (labkit/native/lkexec.c), which joins the cgroup, enters the
+    namespace and pins the CPUs, then execs: Python then starts it with vfork, not a preexec_fn fork
+    of the whole interpreter (~1 ms instead of ~40 ms per process)."""
+    if not (netns or cgroup or cpus or setsid):
+        return list(argv)
+    from .native import binary
 
-    def pre() -> None:  # runs in the child between fork and exec: no Python objects shared
-        if procs:
-            with open(procs, "w") as f:
-                f.write("0")
-        if path:
-            fd = os.open(path, os.O_RDONLY)
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                os._exit(127)
-            os.close(fd)
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-
-    return pre
+    wrapped = [str(binary("lkexec"))]
+    if cgroup:
+        wrapped += ["--cgroup", str(cgroup)]
+    if netns:
+        wrapped += ["--netns", str(netns_path(netns))]
+    if cpus:
+        wrapped += ["--cpus", ",".join(str(c) for c in cpus)]
+    if setsid:
+        wrapped.append("--setsid")
+    return [*wrapped, "--", *argv]
 
 
 def run(
@@ -231,15 +233,11 @@ def run(
     """Run ``argv`` to completion inside ``netns`` (None: here), capturing output.
 
     On failure with ``check`` the error carries the command's stderr, which is what a user needs."""
+    if netns is not None and not netns_path(netns).exists():
+        raise FileNotFoundError(errno.ENOENT, f"no network namespace {netns!r}")
     try:
-        proc = subprocess.run(
-            list(argv),
-            input=input,
-            capture_output=True,
-            text=text,
-            timeout=timeout,
-            preexec_fn=_preexec(netns, cgroup, cpus),
-        )
+        proc = subprocess.run(_wrap(argv, netns, cgroup, cpus), input=input, capture_output=True, text=text,
+                              timeout=timeout)
     except FileNotFoundError as exc:
         raise FileNotFoundError(exc.errno, f"{argv[0]}: not installed (run `labkit doctor`)") from exc
     if check and proc.returncode != 0:
@@ -266,16 +264,10 @@ def spawn(
     """Start ``argv`` in the background inside ``netns``/``cgroup``, pinned to ``cpus``.
 
     ``detach`` starts a new session so the process outlives the orchestrator (in-pod servers)."""
-    return subprocess.Popen(
-        list(argv),
-        stdin=stdin,
-        stdout=stdout,
-        stderr=stderr,
-        preexec_fn=_preexec(netns, cgroup, cpus),
-        start_new_session=detach,
-        close_fds=True,
-        text=text,
-    )
+    if netns is not None and not netns_path(netns).exists():
+        raise FileNotFoundError(errno.ENOENT, f"no network namespace {netns!r}")
+    return subprocess.Popen(_wrap(argv, netns, cgroup, cpus, setsid=detach), stdin=stdin, stdout=stdout,
+                            stderr=stderr, close_fds=True, text=text)
 
 
 # ---------------------------------------------------------------- cgroup v2

@@ -55,12 +55,23 @@ class Netns:
 
     name: str | None  # None: this process's namespace (the node of a VM)
     ipr: IPRoute
+    _index: dict[str, int] = field(default_factory=dict)  # ifname -> ifindex, forgotten on move/rename
 
     def index(self, ifname: str) -> int:
-        found = self.ipr.link_lookup(ifname=ifname)
-        if not found:
-            raise LookupError(f"no interface {ifname} in {self.name or 'this namespace'}")
-        return found[0]
+        if ifname not in self._index:
+            found = self.ipr.link_lookup(ifname=ifname)
+            if not found:
+                raise LookupError(f"no interface {ifname} in {self.name or 'this namespace'}")
+            self._index[ifname] = found[0]
+        return self._index[ifname]
+
+    def move(self, ifname: str, to: Netns, new_name: str | None = None) -> None:
+        """Move an interface into namespace ``to`` (and rename it there)."""
+        self.ipr.link("set", index=self.index(ifname), net_ns_fd=to.name)
+        del self._index[ifname]
+        if new_name:
+            to.ipr.link("set", index=to.index(ifname), ifname=new_name)
+            to._index.pop(ifname, None)
 
     def up(self, ifname: str, **extra) -> int:
         idx = self.index(ifname)
@@ -221,9 +232,7 @@ class NodeWiring:
 
     def _exclusive(self, pod: Pod, pp: PodPlan, pns: Netns) -> PodIface:
         """Move the ENI into the pod, plus a veth to the node for ClusterIP traffic (Terway)."""
-        eni = f"eni{pp.nic}"
-        self.ns.ipr.link("set", index=self.ns.index(eni), net_ns_fd=pns.name)
-        pns.ipr.link("set", index=pns.index(eni), ifname="eth0")
+        self.ns.move(f"eni{pp.nic}", pns, "eth0")
         self._pod_eth0(pns, pp)
         host = self._veth(pod.name, pns, "veth1", 1500)
         idx = self.ns.up(host)
@@ -242,8 +251,7 @@ class NodeWiring:
             self.ns.ipr.link("add", ifname=tmp, kind="macvlan", link=parent, macvlan_mode="bridge")
         else:
             self.ns.ipr.link("add", ifname=tmp, kind="ipvlan", link=parent, ipvlan_mode=IPVLAN_MODES[pod.ipvlan_mode])
-        self.ns.ipr.link("set", index=self.ns.index(tmp), net_ns_fd=pns.name)
-        pns.ipr.link("set", index=pns.index(tmp), ifname="eth0")
+        self.ns.move(tmp, pns, "eth0")
         if pod.mode == "eni-ipvlan" and pod.ipvlan_mode != "l2":
             self._pod_eth0(pns, pp, default=False)
             pns.route("default", oif=pns.index("eth0"))

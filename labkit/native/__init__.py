@@ -24,7 +24,7 @@ from labkit.errors import MeasurementError, MissingFeature
 
 SOURCE_DIR = Path(__file__).resolve().parent
 CFLAGS = ("-O2", "-Wall", "-Werror", "-std=gnu11")
-PROGRAMS = ("lkserver", "lkclient")
+PROGRAMS = ("lkserver", "lkclient", "lkexec")
 
 
 def cache_dir() -> Path:
