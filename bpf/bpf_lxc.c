@@ -1,0 +1,170 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Per-packet service translation at tc, on the interface between a pod and its node (Cilium's
+ * bpf_lxc.c idea): a pod's packet to ClusterIP:port is DNATed to a backend, the backend's replies are
+ * SNATed back to ClusterIP:port, and conntrack-lite (lib/conntrack.h) keeps a flow on one backend.
+ *
+ * Entry programs (tc clsact, direct action):
+ *   lk_from_container      tc ingress of the node-side interface facing the pod (the pod's egress)
+ *   lk_from_container_eni  tc egress of the pod's own eth0, for pods with no node-side interface
+ *                          (Cilium's attach point on IPVLAN slaves)
+ *   lk_to_container        tc egress of the node-side interface, or tc ingress of the pod's eth0
+ *                          (the pod's ingress): reverse translation of replies
+ * Only IPv4 TCP/UDP is translated; everything else passes untouched. A packet to a service without
+ * endpoints is answered with ICMP port unreachable (the connection is refused).
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "lib/common.h"
+#include "lib/lb.h"
+#include "lib/conntrack.h"
+#include "lib/nat.h"
+#include "lib/icmp.h"
+
+#define TCP_FLAGS_OFF	13	/* byte of struct tcphdr holding FIN..CWR */
+#define TCP_FLAG_SYN	0x02
+#define TCP_FLAG_ACK	0x10
+
+/* What the programs need from a packet's headers. */
+struct pkt4 {
+	struct iphdr ip;	/* IPv4 header (options not copied) */
+	__be16 sport;		/* L4 source port */
+	__be16 dport;		/* L4 destination port */
+	int l4_off;		/* offset of the L4 header from the start of the frame */
+	__u8 tcp_flags;		/* TCP flags byte, 0 for UDP */
+};
+
+/* Parse an Ethernet frame carrying IPv4 TCP/UDP. Returns 0, or -EOPNOTSUPP for anything else
+ * (other protocols, non-first fragments: left alone) and -EINVAL for a truncated packet. */
+static __always_inline int parse_ipv4_l4(struct __sk_buff *skb, struct pkt4 *pkt)
+{
+	__be16 ports[2];
+
+	if (skb->protocol != lk_htons(ETH_P_IP))
+		return -EOPNOTSUPP;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &pkt->ip, sizeof(pkt->ip)) < 0)
+		return -EINVAL;
+	if (pkt->ip.protocol != IPPROTO_TCP && pkt->ip.protocol != IPPROTO_UDP)
+		return -EOPNOTSUPP;
+	if (pkt->ip.ihl < 5 || pkt->ip.frag_off & lk_htons(0x1fff))
+		return -EOPNOTSUPP;
+	pkt->l4_off = ETH_HLEN + pkt->ip.ihl * 4;
+	if (bpf_skb_load_bytes(skb, pkt->l4_off, ports, sizeof(ports)) < 0)
+		return -EINVAL;
+	pkt->sport = ports[0];
+	pkt->dport = ports[1];
+	pkt->tcp_flags = 0;
+	if (pkt->ip.protocol == IPPROTO_TCP &&
+	    bpf_skb_load_bytes(skb, pkt->l4_off + TCP_FLAGS_OFF, &pkt->tcp_flags, 1) < 0)
+		return -EINVAL;
+	return 0;
+}
+
+static __always_inline int dnat4(struct __sk_buff *skb, struct pkt4 *pkt, __be32 addr, __be16 port)
+{
+	return l4_rewrite(skb, ETH_HLEN, pkt->l4_off, pkt->ip.protocol, IPV4_DADDR_OFF, L4_DPORT_OFF,
+			  pkt->ip.daddr, addr, pkt->dport, port);
+}
+
+/* The backend an existing flow was sent to, if it still holds the same slot of its service
+ * (a TCP SYN always starts over: its tuple may be a reused one). */
+static __always_inline struct ct_entry *ct4_current_flow(struct ipv4_ct_tuple *tuple, struct pkt4 *pkt)
+{
+	struct ct_entry *ct;
+	struct lb4_backend *be;
+
+	if ((pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+		return 0;
+	ct = ct4_lookup(tuple);
+	if (!ct)
+		return 0;
+	be = lb4_lookup_backend(ct->rev_nat_index, ct->slot);
+	if (!be || be->address != ct->backend_address || be->port != ct->backend_port)
+		return 0;
+	return ct;
+}
+
+/* A packet leaving a pod: translate it if it goes to a service. */
+static __always_inline int handle_from_container(struct __sk_buff *skb, __u32 unreach_redirect)
+{
+	struct pkt4 pkt = {};
+	struct ipv4_ct_tuple tuple = {};
+	struct ct_entry *ct;
+	struct lb4_service *svc;
+	struct lb4_backend be = {};
+	__u32 slot = 0, rev_nat_index;
+	int ret;
+
+	if (parse_ipv4_l4(skb, &pkt) < 0)
+		return TC_ACT_OK;
+	tuple.daddr = pkt.ip.daddr;
+	tuple.saddr = pkt.ip.saddr;
+	tuple.dport = pkt.dport;
+	tuple.sport = pkt.sport;
+	tuple.nexthdr = pkt.ip.protocol;
+	tuple.flags = CT_EGRESS;
+
+	ct = ct4_current_flow(&tuple, &pkt);
+	if (ct)
+		return dnat4(skb, &pkt, ct->backend_address, ct->backend_port) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+
+	svc = lb4_lookup_service(pkt.ip.daddr, pkt.dport, pkt.ip.protocol);
+	if (!svc)
+		return TC_ACT_OK;
+	rev_nat_index = svc->rev_nat_index;
+	if (lb4_select_backend(svc, &slot, &be) < 0) {
+		if (pkt.ip.ihl != 5)
+			return TC_ACT_SHOT;
+		ret = icmp4_port_unreach(skb, unreach_redirect);
+		return ret < 0 ? TC_ACT_SHOT : ret;
+	}
+	if (ct4_create(&tuple, be.address, be.port, rev_nat_index, slot) < 0)
+		return TC_ACT_SHOT;
+	return dnat4(skb, &pkt, be.address, be.port) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+/* A packet entering a pod: a reply of a translated flow gets the service as its source again. */
+static __always_inline int handle_to_container(struct __sk_buff *skb)
+{
+	struct pkt4 pkt = {};
+	struct ipv4_ct_tuple tuple = {};
+	struct ct_entry *ct;
+	struct lb4_reverse_nat *rnat;
+
+	if (parse_ipv4_l4(skb, &pkt) < 0)
+		return TC_ACT_OK;
+	tuple.daddr = pkt.ip.daddr;
+	tuple.saddr = pkt.ip.saddr;
+	tuple.dport = pkt.dport;
+	tuple.sport = pkt.sport;
+	tuple.nexthdr = pkt.ip.protocol;
+	tuple.flags = CT_REPLY;
+	ct = ct4_lookup(&tuple);
+	if (!ct)
+		return TC_ACT_OK;
+	rnat = lb4_lookup_rev_nat(ct->rev_nat_index);
+	if (!rnat)
+		return TC_ACT_OK;
+	if (l4_rewrite(skb, ETH_HLEN, pkt.l4_off, pkt.ip.protocol, IPV4_SADDR_OFF, L4_SPORT_OFF,
+		       pkt.ip.saddr, rnat->address, pkt.sport, rnat->port) < 0)
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}
+
+int lk_from_container(struct __sk_buff *skb)
+{
+	return handle_from_container(skb, 0);
+}
+
+int lk_from_container_eni(struct __sk_buff *skb)
+{
+	return handle_from_container(skb, BPF_F_INGRESS);
+}
+
+int lk_to_container(struct __sk_buff *skb)
+{
+	return handle_to_container(skb);
+}
