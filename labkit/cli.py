@@ -107,7 +107,7 @@ def _print_services(results) -> None:
 
 
 def _cmd_exec(args) -> int:
-    from . import lab, nsexec
+    from . import lab
 
     argv = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
     if not argv:
@@ -115,11 +115,10 @@ def _cmd_exec(args) -> int:
         return 2
     lb = lab.open_lab(args.name)
     try:
-        netns = lb.pod_netns(args.pod)
+        lb.pod_netns(args.pod)
     except KeyError as exc:
         raise LabkitError(str(exc).strip('"')) from None
-    cgroup = lb.backend.pod_cgroup(lb.spec, args.pod)
-    proc = nsexec.spawn(argv, netns, cgroup=cgroup, stdin=None, stdout=None, stderr=None)
+    proc = lb.spawn(args.pod, argv, stdin=None, stdout=None, stderr=None)
     return proc.wait()
 
 
@@ -197,21 +196,59 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="list every service even when there are thousands")
     s.set_defaults(fn=_cmd_services)
 
-    _add_optional(sub)
+    _add_measurement(sub)
     return p
 
 
-def _add_optional(sub) -> None:
-    """Subcommands of modules that register their own (experiments, results, reports)."""
-    for module in ("experiments", "results", "report"):
-        try:
-            mod = __import__(f"labkit.{module}", fromlist=["add_cli"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"labkit.{module}":
-                raise
-            continue
-        if hasattr(mod, "add_cli"):
-            mod.add_cli(sub)
+def _lazy(module: str, func: str):
+    """A handler that imports its module only when its subcommand runs (pandas/plotly are slow to
+    import, and `labkit ls` should not pay for them)."""
+
+    def handler(args):
+        import importlib
+
+        return getattr(importlib.import_module(module), func)(args)
+
+    return handler
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x.replace("_", "")) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,1000,5000; got {text!r}") from None
+
+
+def _words(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def _add_measurement(sub) -> None:
+    p = sub.add_parser("run", help="run an experiment, write results and an HTML report")
+    p.add_argument("experiment", choices=["pod-modes", "service-scale"])
+    p.add_argument("--quick", action="store_true", help="the short variant (≤ 3 min here)")
+    p.add_argument("--datapaths", type=_words, help="service-scale: comma-separated, e.g. iptables-nft,ebpf")
+    p.add_argument("--services", type=_ints, help="service-scale: numbers of services, e.g. 1,1000,5000")
+    p.add_argument("--positions", type=_words, help="service-scale: first,middle,last,random,pod")
+    p.add_argument("--mode", help="service-scale: pod network mode of the experiment's pods (default veth)")
+    p.add_argument("--modes", type=_words, help="pod-modes: comma-separated pod network modes")
+    p.add_argument("--metrics", type=_words, help="crr,rr (service-scale); crr,rr,udp_rr,bandwidth (pod-modes)")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--samples", type=int, help="samples per point")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--resume", metavar="RUN_ID", help="continue a run that was stopped")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_lazy("labkit.experiments", "cli_run"))
+
+    r = sub.add_parser("results", help="list runs in the results store, or show one")
+    r.add_argument("run", nargs="?", help="show one run's manifest and summary")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=_lazy("labkit.results", "cli_results"))
+
+    rep = sub.add_parser("report", help="(re)write the HTML report of a run")
+    rep.add_argument("run")
+    rep.set_defaults(fn=_lazy("labkit.report", "cli_report"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,7 +71,16 @@ class Lab:
 
     def exec(self, pod: str, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
         """Run a command inside a pod (its namespace and cgroup) and wait for it, like ``docker exec``."""
+        if hasattr(self.backend, "pod_run"):  # pods inside VMs (vagrant backend)
+            return self.backend.pod_run(self.spec, pod, list(argv), **kw)
         return nsexec.run(argv, self.pod_netns(pod), cgroup=self.backend.pod_cgroup(self.spec, pod), **kw)
+
+    def spawn(self, pod: str, argv: Sequence[str], **popen) -> subprocess.Popen:
+        """Start a command inside a pod without waiting (stdio as for :class:`subprocess.Popen`).
+        ``argv[0] == sys.executable`` means labkit's Python, whichever machine the pod is on."""
+        if hasattr(self.backend, "pod_spawn"):  # pods inside VMs (vagrant backend)
+            return self.backend.pod_spawn(self.spec, pod, list(argv), **popen)
+        return nsexec.spawn(argv, self.pod_netns(pod), cgroup=self.backend.pod_cgroup(self.spec, pod), **popen)
 
     def down(self) -> dict:
         return self.backend.down(self.name)
@@ -94,7 +103,7 @@ class Lab:
         # routing bug, while a real fault fails twice
         failed = {src: [i for i, r in res.items() if not _judge(_copy(jobs[src][i][1]), r).ok]
                   for src, res in answers.items()}
-        again = self._run_probes({src: [dict(jobs[src][i][0], timeout=4.0) for i in ids]
+        again = self._run_probes({src: [dict(jobs[src][i][0], timeout=3.0) for i in ids]
                                   for src, ids in failed.items() if ids}, parallel=2)
         for src, res in again.items():
             for k, r in res.items():
@@ -149,9 +158,8 @@ class Lab:
                     jobs[src].append(self._job(src, "backend", sp.key, ep.ip, ep.port, sp.proto, f"reach {ep.pod}"))
 
     def _probe(self, pod: str) -> subprocess.Popen:
-        return nsexec.spawn([sys.executable, "-m", "labkit.probe"], self.pod_netns(pod),
-                            cgroup=self.backend.pod_cgroup(self.spec, pod), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return self.spawn(pod, [sys.executable, "-m", "labkit.probe"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _copy(row: CheckResult) -> CheckResult:

@@ -96,7 +96,6 @@ def write_report(run: Run, path: Path | None = None) -> Path:
     return path
 
 
-def add_cli(sub) -> None:
-    p = sub.add_parser("report", help="(re)write the HTML report of a run")
-    p.add_argument("run")
-    p.set_defaults(fn=lambda args: print(write_report(Run.open(args.run))) or 0)
+def cli_report(args) -> int:
+    print(write_report(Run.open(args.run)))
+    return 0

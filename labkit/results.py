@@ -205,14 +205,7 @@ def machine_info() -> dict[str, Any]:
 
 # ---------------------------------------------------------------- CLI
 
-def add_cli(sub) -> None:
-    p = sub.add_parser("results", help="list runs in the results store")
-    p.add_argument("run", nargs="?", help="show one run's manifest and summary")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=_cmd_results)
-
-
-def _cmd_results(args) -> int:
+def cli_results(args) -> int:
     if args.run:
         run = Run.open(args.run)
         m = run.manifest()

@@ -44,6 +44,7 @@ IFA_F_NOPREFIXROUTE = 0x200
 NUD_PERMANENT = 0x80
 RT_SCOPE_LINK = 253
 RTNH_F_ONLINK = 4
+RTN_THROW = 9
 ENI_TABLE_BASE = 100  # routing table of ENI k is 100 + k
 POLICY_PRIORITY = 1000
 IPVLAN_MODES = {"l2": 0, "l3": 1, "l3s": 2}
@@ -139,8 +140,16 @@ class NodeWiring:
             ns.addr(nic.ifname, nic.ip, vpc.prefixlen, noprefixroute=True)
             # the ENI's table sends everything to the VPC gateway, even VPC neighbours: an ENI's
             # macvlan/ipvlan slaves are unreachable from the ENI itself, but reachable via the router
-            ns.route("default", gateway=str(self.plan.vpc_gateway), oif=ns.index(nic.ifname),
-                     table=ENI_TABLE_BASE + nic.index, flags=RTNH_F_ONLINK)
+            table = ENI_TABLE_BASE + nic.index
+            ns.route("default", gateway=str(self.plan.vpc_gateway), oif=ns.index(nic.ifname), table=table,
+                     flags=RTNH_F_ONLINK)
+            # …but this node's own pod subnets go back to the main table: a reply that kube-proxy
+            # de-NATs here must not leave and come back (it would arrive as a stray, INVALID packet)
+            local = [str(s) for s in (me.native_subnet, me.overlay_subnet) if s]
+            local += [f"{self.plan.pods[p.name].ip}/32" for p in self.node.pods
+                      if p.mode in ("eni-policy-route", "eni-exclusive")]  # reached over their lx- veth
+            for dst in local:
+                ns.route(dst, table=table, type=RTN_THROW)
         modes = {p.mode for p in self.node.pods}
         if "bridge" in modes:
             self._bridge("cbr0", me.native_subnet.network_address + 1, me.native_subnet.prefixlen, 1500)
