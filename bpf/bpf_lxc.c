@@ -10,7 +10,10 @@
  *   lk_to_container        tc egress of the node-side interface, or tc ingress of the pod's eth0
  *                          (the pod's ingress): reverse translation of replies
  * Only IPv4 TCP/UDP is translated; everything else passes untouched. A packet to a service without
- * endpoints is answered with ICMP port unreachable (the connection is refused).
+ * endpoints is answered with ICMP port unreachable (the connection is refused). A pod that reaches
+ * itself through a service (hairpin) sees the connection come from the ClusterIP: its replies then
+ * go where service traffic goes, back through these programs (Cilium SNATs hairpin flows to a
+ * loopback address for the same reason).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -69,6 +72,32 @@ static __always_inline int dnat4(struct __sk_buff *skb, struct pkt4 *pkt, __be32
 			  pkt->ip.daddr, addr, pkt->dport, port);
 }
 
+static __always_inline int snat4(struct __sk_buff *skb, struct pkt4 *pkt, __be32 old_addr,
+				 __be32 addr, __be16 port)
+{
+	return l4_rewrite(skb, ETH_HLEN, pkt->l4_off, pkt->ip.protocol, IPV4_SADDR_OFF, L4_SPORT_OFF,
+			  old_addr, addr, pkt->sport, port);
+}
+
+/* Send a packet that is now addressed to the pod it came from back to that pod. At the node-side
+ * interface (`self_redirect` 0) routing does it. At the pod's own interface (BPF_F_INGRESS) it is
+ * turned round into the pod's ingress, its MAC addresses swapped. */
+static __always_inline int to_self(struct __sk_buff *skb, __u32 self_redirect)
+{
+	__u8 mac[2 * ETH_ALEN];
+	__u8 swapped[2 * ETH_ALEN];
+
+	if (!self_redirect)
+		return TC_ACT_OK;
+	if (bpf_skb_load_bytes(skb, 0, mac, sizeof(mac)) < 0)
+		return TC_ACT_SHOT;
+	__builtin_memcpy(swapped, mac + ETH_ALEN, ETH_ALEN);
+	__builtin_memcpy(swapped + ETH_ALEN, mac, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, 0, swapped, sizeof(swapped), 0) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect(skb->ifindex, self_redirect);
+}
+
 /* The backend an existing flow was sent to, if it still holds the same slot of its service
  * (a TCP SYN always starts over: its tuple may be a reused one). */
 static __always_inline struct ct_entry *ct4_current_flow(struct ipv4_ct_tuple *tuple, struct pkt4 *pkt)
@@ -87,8 +116,49 @@ static __always_inline struct ct_entry *ct4_current_flow(struct ipv4_ct_tuple *t
 	return ct;
 }
 
-/* A packet leaving a pod: translate it if it goes to a service. */
-static __always_inline int handle_from_container(struct __sk_buff *skb, __u32 unreach_redirect)
+/* Translate a pod's packet to backend be_addr:be_port; a hairpin packet also gets the ClusterIP
+ * (its original destination) as source and goes straight back to the pod. */
+static __always_inline int xlate_fwd(struct __sk_buff *skb, struct pkt4 *pkt, __be32 be_addr,
+				     __be16 be_port, __u16 flags, __u32 self_redirect)
+{
+	if (dnat4(skb, pkt, be_addr, be_port) < 0)
+		return TC_ACT_SHOT;
+	if (!(flags & CT_F_HAIRPIN))
+		return TC_ACT_OK;
+	if (snat4(skb, pkt, pkt->ip.saddr, pkt->ip.daddr, pkt->sport) < 0)
+		return TC_ACT_SHOT;
+	return to_self(skb, self_redirect);
+}
+
+/* A pod answering itself through a service: {pod:bport -> ClusterIP:cport} becomes
+ * {ClusterIP:port -> pod:cport} and goes back to the pod. Anything else passes. */
+static __always_inline int hairpin_reply(struct __sk_buff *skb, struct pkt4 *pkt, __u32 self_redirect)
+{
+	struct ipv4_ct_tuple tuple = {};
+	struct ct_entry *ct;
+	struct lb4_reverse_nat *rnat;
+
+	tuple.daddr = pkt->ip.daddr;
+	tuple.saddr = pkt->ip.saddr;
+	tuple.dport = pkt->dport;
+	tuple.sport = pkt->sport;
+	tuple.nexthdr = pkt->ip.protocol;
+	tuple.flags = CT_REPLY;
+	ct = ct4_lookup(&tuple);
+	if (!ct || !(ct->flags & CT_F_HAIRPIN))
+		return TC_ACT_OK;
+	rnat = lb4_lookup_rev_nat(ct->rev_nat_index);
+	if (!rnat)
+		return TC_ACT_OK;
+	if (dnat4(skb, pkt, pkt->ip.saddr, pkt->dport) < 0 ||
+	    snat4(skb, pkt, pkt->ip.saddr, rnat->address, rnat->port) < 0)
+		return TC_ACT_SHOT;
+	return to_self(skb, self_redirect);
+}
+
+/* A packet leaving a pod: translate it if it goes to a service. `self_redirect` says how a packet
+ * is sent back into the pod from here (0 at the node-side interface, BPF_F_INGRESS at the pod's). */
+static __always_inline int handle_from_container(struct __sk_buff *skb, __u32 self_redirect)
 {
 	struct pkt4 pkt = {};
 	struct ipv4_ct_tuple tuple = {};
@@ -96,6 +166,7 @@ static __always_inline int handle_from_container(struct __sk_buff *skb, __u32 un
 	struct lb4_service *svc;
 	struct lb4_backend be = {};
 	__u32 slot = 0, rev_nat_index;
+	__u16 flags;
 	int ret;
 
 	if (parse_ipv4_l4(skb, &pkt) < 0)
@@ -109,21 +180,22 @@ static __always_inline int handle_from_container(struct __sk_buff *skb, __u32 un
 
 	ct = ct4_current_flow(&tuple, &pkt);
 	if (ct)
-		return dnat4(skb, &pkt, ct->backend_address, ct->backend_port) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+		return xlate_fwd(skb, &pkt, ct->backend_address, ct->backend_port, ct->flags, self_redirect);
 
 	svc = lb4_lookup_service(pkt.ip.daddr, pkt.dport, pkt.ip.protocol);
 	if (!svc)
-		return TC_ACT_OK;
+		return hairpin_reply(skb, &pkt, self_redirect);
 	rev_nat_index = svc->rev_nat_index;
 	if (lb4_select_backend(svc, &slot, &be) < 0) {
 		if (pkt.ip.ihl != 5)
 			return TC_ACT_SHOT;
-		ret = icmp4_port_unreach(skb, unreach_redirect);
+		ret = icmp4_port_unreach(skb, self_redirect);
 		return ret < 0 ? TC_ACT_SHOT : ret;
 	}
-	if (ct4_create(&tuple, be.address, be.port, rev_nat_index, slot) < 0)
+	flags = be.address == pkt.ip.saddr ? CT_F_HAIRPIN : 0;
+	if (ct4_create(&tuple, be.address, be.port, rev_nat_index, slot, flags) < 0)
 		return TC_ACT_SHOT;
-	return dnat4(skb, &pkt, be.address, be.port) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+	return xlate_fwd(skb, &pkt, be.address, be.port, flags, self_redirect);
 }
 
 /* A packet entering a pod: a reply of a translated flow gets the service as its source again. */

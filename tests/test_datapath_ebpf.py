@@ -466,6 +466,16 @@ def test_twenty_thousand_services(lab, dp):
 
 
 @needs_kernel
+def test_a_pod_reaches_itself_through_a_service(lab, dp):
+    # hairpin: the client is the service's only endpoint (tc: its packets come back to it from the
+    # ClusterIP, and its replies are turned round before they leave)
+    dp.sync(ServiceTable.of([svc("self", vip(4), [lab.ips["be0"]]),
+                             svc("self-udp", vip(4), [lab.ips["be0"]], proto="UDP")]))
+    assert names(lab.client("tcp", [(vip(4), PORT)] * 5, pod="be0")) == ["be0"] * 5
+    assert lab.client("udp", [(vip(4), PORT)] * 5, pod="be0") == [f"be0@{vip(4)}:{PORT}"] * 5
+
+
+@needs_kernel
 def test_never_acts_outside_the_lab(lab, dp):
     dp.sync(ServiceTable.of([svc("web", vip(0), [lab.ips[b] for b in BACKENDS])]))
     if dp.name == "ebpf":

@@ -137,6 +137,8 @@ struct ipv4_revnat_entry {
 #define CT_EGRESS	0	/* ipv4_ct_tuple.flags: client -> ClusterIP, as sent by the pod */
 #define CT_REPLY	1	/* ipv4_ct_tuple.flags: backend -> client, as the reply arrives */
 
+#define CT_F_HAIRPIN	1	/* ct_entry.flags: the pod reached itself through a service */
+
 /* lk_ct_v4 key: a packet's addresses and ports as they are on the wire where it is looked up.
  * 16 bytes. */
 struct ipv4_ct_tuple {
@@ -153,7 +155,8 @@ struct ipv4_ct_tuple {
 struct ct_entry {
 	__be32 backend_address;	/* CT_EGRESS: the backend this flow was sent to, network order; CT_REPLY: 0 */
 	__be16 backend_port;	/* CT_EGRESS: backend port, network order; CT_REPLY: 0 */
-	__u16  pad;		/* always 0 */
+	__u16  flags;		/* CT_F_HAIRPIN: the client is its own backend; its packets carry the
+				 * ClusterIP as source, so that replies route back like service traffic */
 	__u32  rev_nat_index;	/* service id, host order: CT_REPLY restores lk_rnat_v4[rev_nat_index] */
 	__u32  slot;		/* CT_EGRESS: backend slot, host order, re-checked on every packet */
 };

@@ -4,6 +4,8 @@
  * A translated flow owns two lk_ct_v4 entries, written together on its first packet:
  *   CT_EGRESS {client -> ClusterIP:port}  -> backend address/port and slot (DNAT of later packets)
  *   CT_REPLY  {backend -> client}         -> rev_nat_index (SNAT of replies back to ClusterIP:port)
+ * A hairpin flow (the client picked itself as backend, CT_F_HAIRPIN) is also SNATed to the
+ * ClusterIP, keeping its port, so its reply tuple is {backend -> ClusterIP:client port}.
  * Entries are never deleted by the programs: the map is an LRU and evicts the oldest flows. A
  * CT_EGRESS entry is trusted only while its backend still sits in its slot (the caller checks).
  */
@@ -20,11 +22,11 @@ static __always_inline struct ct_entry *ct4_lookup(struct ipv4_ct_tuple *tuple)
 }
 
 /* Record a new flow `fwd` (as the client sent it, flags CT_EGRESS) translated to backend
- * be_addr:be_port (slot `slot` of service rev_nat_index), and the reply tuple that undoes it.
- * Returns 0 or -ENOMEM. */
+ * be_addr:be_port (slot `slot` of service rev_nat_index, `flags` CT_F_*), and the reply tuple that
+ * undoes it. Returns 0 or -ENOMEM. */
 static __always_inline int
 ct4_create(struct ipv4_ct_tuple *fwd, __be32 be_addr, __be16 be_port, __u32 rev_nat_index,
-	   __u32 slot)
+	   __u32 slot, __u16 flags)
 {
 	struct ipv4_ct_tuple rev = {};
 	struct ct_entry entry = {};
@@ -33,12 +35,13 @@ ct4_create(struct ipv4_ct_tuple *fwd, __be32 be_addr, __be16 be_port, __u32 rev_
 	entry.backend_port = be_port;
 	entry.rev_nat_index = rev_nat_index;
 	entry.slot = slot;
+	entry.flags = flags;
 	if (lk_ct_v4.update(fwd, &entry) < 0)
 		return -ENOMEM;
 
 	rev.saddr = be_addr;
 	rev.sport = be_port;
-	rev.daddr = fwd->saddr;
+	rev.daddr = flags & CT_F_HAIRPIN ? fwd->daddr : fwd->saddr;
 	rev.dport = fwd->sport;
 	rev.nexthdr = fwd->nexthdr;
 	rev.flags = CT_REPLY;

@@ -6,8 +6,9 @@ folder of the node's pods (``NodeContext.cgroup``; never a cgroup root, refused 
 connect() or sendto() to ClusterIP:port is rewritten to a backend before any packet exists, and a
 UDP reply is given the ClusterIP as its source again. ``ebpf-tc`` compiles ``bpf/bpf_lxc.c`` and
 attaches it with tc clsact to every pod-facing interface: ingress/egress of the node-side interface
-in the node's namespace, or, for a pod without one (ENI modes), egress/ingress of the pod's own
-interface inside the pod's namespace.
+in the node's namespace, or, for a pod without one (macvlan/ipvlan ENI modes), egress/ingress of the
+pod's own interface inside the pod's namespace; a pod whose replies can bypass the node
+(eni-exclusive) also gets the reverse translation on its own interface (see :meth:`TcLB.hooks`).
 
 Both render a :class:`~labkit.services.TableDiff` into batches of map operations
 (:func:`render_full`, :func:`render_partial`: pure functions) and apply them with one
@@ -898,20 +899,34 @@ class TcLB(_EbpfDatapath):
     map_specs = S.LXC_MAPS
     rev_nat = True
 
+    def __init__(self, ctx: NodeContext):
+        super().__init__(ctx)
+        self._hooks: list[TcHook] | None = None
+
     def hooks(self) -> list[TcHook]:
-        """Where the programs go: the node-side interface of each pod, or the pod's own one."""
-        out = []
-        for pod in self.ctx.pods:
-            if pod.ifname:
-                out += [TcHook(self.ctx.netns, pod.ifname, TC_INGRESS, FROM_CONTAINER.name),
-                        TcHook(self.ctx.netns, pod.ifname, TC_EGRESS, TO_CONTAINER.name)]
-            elif pod.netns:
-                ifname = _iface_with_address(pod.netns, pod.ip)
-                out += [TcHook(pod.netns, ifname, TC_EGRESS, FROM_CONTAINER_ENI.name),
-                        TcHook(pod.netns, ifname, TC_INGRESS, TO_CONTAINER.name)]
-            else:
-                raise DatapathError(f"{self._where()}: pod {pod.pod} has neither a node-side interface nor a namespace")
-        return out
+        """Where the programs go. A pod with a node-side interface: DNAT at its ingress, reverse NAT
+        at its egress, and reverse NAT also at the pod's own address interface when that is not the
+        other end of the node-side one (eni-exclusive: replies come in on the ENI, not through the
+        node). A pod without one: both on the pod's own interface, inside the pod."""
+        if self._hooks is None:
+            out = []
+            for pod in self.ctx.pods:
+                if pod.ifname:
+                    out += [TcHook(self.ctx.netns, pod.ifname, TC_INGRESS, FROM_CONTAINER.name),
+                            TcHook(self.ctx.netns, pod.ifname, TC_EGRESS, TO_CONTAINER.name)]
+                    if pod.netns:
+                        own, peer_of_node_side = _pod_interfaces(self.ctx.netns, pod.ifname, pod.netns, pod.ip)
+                        if not peer_of_node_side:
+                            out.append(TcHook(pod.netns, own, TC_INGRESS, TO_CONTAINER.name))
+                elif pod.netns:
+                    own, _ = _pod_interfaces(None, "", pod.netns, pod.ip)
+                    out += [TcHook(pod.netns, own, TC_EGRESS, FROM_CONTAINER_ENI.name),
+                            TcHook(pod.netns, own, TC_INGRESS, TO_CONTAINER.name)]
+                else:
+                    raise DatapathError(f"{self._where()}: pod {pod.pod} has neither a node-side interface "
+                                        "nor a namespace")
+            self._hooks = out
+        return self._hooks
 
     def _check_target(self) -> None:
         if not self.ctx.pods:
@@ -1018,20 +1033,29 @@ def _ifindex(ipr, ifname: str) -> int | None:
     return found[0] if found else None
 
 
-def _iface_with_address(netns: str, ip: str) -> str:
-    """Name of the interface holding ``ip`` in ``netns`` (a pod's own interface)."""
-    def find(ipr) -> str | None:
+def _pod_interfaces(node_netns: str | None, node_ifname: str, pod_netns: str, ip: str) -> tuple[str, bool]:
+    """The pod's interface holding ``ip``, and whether it is the other end of the node-side veth
+    ``node_ifname`` (a veth reports its peer's ifindex as IFLA_LINK, across namespaces)."""
+    if not nsexec.netns_path(pod_netns).exists():
+        raise DatapathError(f"namespace {pod_netns} does not exist")
+
+    def find(ipr) -> tuple[str, int] | None:
         for addr in ipr.get_addr(family=2):
             if addr.get_attr("IFA_ADDRESS") == ip:
-                return ipr.get_links(addr["index"])[0].get_attr("IFLA_IFNAME")
+                return ipr.get_links(addr["index"])[0].get_attr("IFLA_IFNAME"), addr["index"]
         return None
 
-    if not nsexec.netns_path(netns).exists():
-        raise DatapathError(f"namespace {netns} does not exist")
-    name = _netlink(netns, find)
-    if name is None:
-        raise DatapathError(f"no interface holds {ip} in namespace {netns}")
-    return name
+    found = _netlink(pod_netns, find)
+    if found is None:
+        raise DatapathError(f"no interface holds {ip} in namespace {pod_netns}")
+    if not node_ifname:
+        return found[0], False
+
+    def peer(ipr) -> int | None:
+        index = _ifindex(ipr, node_ifname)
+        return ipr.get_links(index)[0].get_attr("IFLA_LINK") if index is not None else None
+
+    return found[0], _netlink(node_netns, peer) == found[1]
 
 
 def _ensure_clsact(ipr, index: int) -> bool:

@@ -32,6 +32,7 @@ CT_MAP_SIZE = 262144
 MAX_BACKENDS_PER_SERVICE = 0xFFFF  # lb4_service.count is a __u16
 
 CT_EGRESS, CT_REPLY = 0, 1  # ipv4_ct_tuple.flags
+CT_F_HAIRPIN = 1  # ct_entry.flags
 
 
 class Lb4Key(ct.Structure):
@@ -127,7 +128,7 @@ class CtEntry(ct.Structure):
     _fields_ = [
         ("backend_address", ct.c_uint32),
         ("backend_port", ct.c_uint16),
-        ("pad", ct.c_uint16),
+        ("flags", ct.c_uint16),  # CT_F_HAIRPIN
         ("rev_nat_index", ct.c_uint32),
         ("slot", ct.c_uint32),
     ]
@@ -258,4 +259,5 @@ C_CONSTANTS = {  # macro in bpf/lib/common.h -> value here
     "LK_CT_MAP_SIZE": CT_MAP_SIZE,
     "CT_EGRESS": CT_EGRESS,
     "CT_REPLY": CT_REPLY,
+    "CT_F_HAIRPIN": CT_F_HAIRPIN,
 }
