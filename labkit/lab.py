@@ -36,11 +36,13 @@ SERVICE_CLIENT_MODES = {
 }
 SERVER_PORT = 8080
 BULK_SAMPLE = 5
+POLICY_TIMEOUT = 1.0  # a policy row's connection timeout: a denied connection waits this long
 
 
 @dataclass
 class CheckResult:
-    kind: str  # "pod" (pod to pod), "service" (through the ClusterIP), "backend" (to an endpoint directly)
+    kind: str  # "pod" (pod to pod), "service" (through the ClusterIP), "backend" (to an endpoint directly),
+    # "policy" (pod to pod on one port under the spec's NetworkPolicies: expected/observed allow or deny)
     src: str
     dst: str  # pod name, or "ns/service"
     host: str
@@ -91,10 +93,13 @@ class Lab:
         every pod that can use it, and every service backend directly. One probe process per pod."""
         plan = self.plan.pods
         jobs: dict[str, list[tuple[dict, CheckResult]]] = {p.name: [] for _, p in self.spec.pods()}
-        for src in jobs:
-            for dst, pp in plan.items():
-                if dst != src:
-                    jobs[src].append(self._job(src, "pod", dst, str(pp.ip), SERVER_PORT, "tcp", f"reach {dst}"))
+        if self.spec.policies:
+            self._policy_jobs(jobs)
+        else:
+            for src in jobs:
+                for dst, pp in plan.items():
+                    if dst != src:
+                        jobs[src].append(self._job(src, "pod", dst, str(pp.ip), SERVER_PORT, "tcp", f"reach {dst}"))
         if services:
             self._service_jobs(jobs, random.Random(seed))
         todo = {src: [t for t, _ in items] for src, items in jobs.items() if items}
@@ -131,6 +136,33 @@ class Lab:
             answers[src] = {r["id"]: r for r in json.loads(out)}
         return answers
 
+    def _policy_jobs(self, jobs) -> None:
+        """The policy matrix: every ordered pod pair × matrix port, expected from the model's oracle
+        (:class:`labkit.policy.model.Oracle`), observed with a real connection: a reply or a refusal
+        means the packets got through (allow), a timeout that they were dropped (deny)."""
+        from .policy.model import Oracle, matrix_ports
+
+        oracle = Oracle(self.spec, self.plan)
+        for proto, port in matrix_ports(self.spec):
+            for src in jobs:
+                for dst, pp in self.plan.pods.items():
+                    if dst != src:
+                        want = "allow" if oracle.allowed(src, dst, port, proto) else "deny"
+                        job, row = self._job(src, "policy", dst, str(pp.ip), port, proto.lower(), want)
+                        jobs[src].append((dict(job, timeout=POLICY_TIMEOUT), row))
+
+    def _policy_admits(self, src: str, sp) -> bool:
+        """Service rows under policies: only from clients whose egress is not isolated (engines may
+        see the ClusterIP before translation) and whom every endpoint admits."""
+        if not self.spec.policies:
+            return True
+        from .policy.model import EGRESS, Oracle
+
+        oracle = getattr(self, "_oracle", None) or Oracle(self.spec, self.plan)
+        self._oracle = oracle
+        return not oracle.isolated(src, EGRESS) and all(
+            e.pod and oracle.allowed(src, e.pod, e.port, sp.protocol) for e in sp.endpoints)
+
     def _job(self, src, kind, dst, host, port, proto, expected):
         return ({"host": host, "port": port, "proto": proto},
                 CheckResult(kind, src, dst, host, port, proto, False, expected, ""))
@@ -149,10 +181,13 @@ class Lab:
             eps = sorted({e.pod for e in sp.endpoints})
             expected = f"one of {','.join(eps)}" if eps else "refused"
             tries = max(4, 2 * len(eps)) if eps else 2
-            for src in clients:
+            for src in [c for c in clients if self._policy_admits(c, sp)]:
                 for _ in range(tries):
                     jobs[src].append(self._job(src, "service", sp.key, sp.cluster_ip, sp.port, sp.proto, expected))
-            src = clients[0] if clients else next(iter(jobs))
+            admitted = [c for c in clients if self._policy_admits(c, sp)]
+            if self.spec.policies and not admitted:
+                continue
+            src = admitted[0] if admitted else next(iter(jobs))
             for ep in sp.endpoints:
                 if ep.port != SERVER_PORT or sp.protocol != "TCP":
                     jobs[src].append(self._job(src, "backend", sp.key, ep.ip, ep.port, sp.proto, f"reach {ep.pod}"))
@@ -167,6 +202,12 @@ def _copy(row: CheckResult) -> CheckResult:
 
 
 def _judge(row: CheckResult, res: dict) -> CheckResult:
+    if row.kind == "policy":  # got through (answered or refused) = allow; no answer = deny
+        # EPERM: the pod's own OUTPUT chain dropped it (a firewall drop reported to the local sender)
+        dropped = not res["ok"] and res["error"] in ("timeout", "Operation not permitted")
+        row.observed = "deny" if dropped else "allow"
+        row.ok = row.observed == row.expected
+        return row
     if row.expected == "refused":
         row.ok = not res["ok"] and res["error"] != "timeout"
         row.observed = res["error"] or f"answered by {res['backend']}"

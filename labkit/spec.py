@@ -39,6 +39,12 @@ IPVLAN_MODES = ("l2", "l3", "l3s")
 BACKENDS = ("netns", "vagrant")
 DATAPATHS = ("none", "iptables-legacy", "iptables-nft", "ipvs", "nftables", "ebpf", "ebpf-tc")
 PROTOCOLS = ("TCP", "UDP")
+POLICY_ENGINES = ("none", "iptables", "ebpf")
+POLICY_TYPES = ("Ingress", "Egress")
+MAX_POLICIES = 100000
+MAX_BULK_RULES = 64
+DEFAULT_BULK_PEER_CIDR = "100.64.0.0/10"  # bulk policies' synthetic peers (RFC 6598): no lab address
+BULK_BASE_PORT = 10000
 MAX_IFNAME = 15
 MAX_NAME = 12  # "lx-" + pod name, "<node>-e<i>" must fit MAX_IFNAME
 MAX_ENIS = 8
@@ -114,6 +120,92 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True)
+class IPBlock:
+    """A NetworkPolicy ``ipBlock``: ``cidr`` minus every CIDR of ``except`` (``except_`` here)."""
+
+    cidr: str
+    except_: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "except_", tuple(self.except_))
+
+
+@dataclass(frozen=True)
+class PolicyPeer:
+    """One entry of a rule's ``from``/``to``: pods by labels (``{}`` = every pod) or an ipBlock."""
+
+    pod_selector: Mapping[str, str] | None = None
+    ip_block: IPBlock | None = None
+
+    def __post_init__(self) -> None:
+        if self.pod_selector is not None:
+            object.__setattr__(self, "pod_selector", _frozen(self.pod_selector))
+
+
+@dataclass(frozen=True)
+class PolicyPort:
+    """One entry of a rule's ``ports``: a protocol and a port (``None``: every port of it)."""
+
+    protocol: str = "TCP"
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """An ingress rule (``from`` in YAML) or egress rule (``to``): traffic from/to any of ``peers``
+    on any of ``ports``. No peers: every peer; no ports: every port and protocol."""
+
+    peers: tuple[PolicyPeer, ...] = ()
+    ports: tuple[PolicyPort, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "peers", tuple(self.peers))
+        object.__setattr__(self, "ports", tuple(self.ports))
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A NetworkPolicy (one namespace: the lab's). ``pod_selector`` picks the pods it isolates
+    (``{}``: all); ``policy_types`` defaults to Ingress, plus Egress when egress rules are given.
+    With ``count`` it is a bulk group ``<name>-0 … <name>-<count-1>`` for scale tests, each with
+    ``rules`` generated rules (see :func:`labkit.policy.model.expand`)."""
+
+    name: str
+    pod_selector: Mapping[str, str] = field(default_factory=dict)
+    policy_types: tuple[str, ...] | None = None
+    ingress: tuple[PolicyRule, ...] = ()
+    egress: tuple[PolicyRule, ...] = ()
+    count: int | None = None
+    rules: int | None = None  # bulk only: generated rules per policy (default 1)
+    peer_cidr: str | None = None  # bulk only: where generated peers come from (default 100.64.0.0/10)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pod_selector", _frozen(self.pod_selector))
+        object.__setattr__(self, "ingress", tuple(self.ingress))
+        object.__setattr__(self, "egress", tuple(self.egress))
+        if self.policy_types is not None:
+            object.__setattr__(self, "policy_types", tuple(self.policy_types))
+
+    @property
+    def bulk(self) -> bool:
+        return self.count is not None
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """Kubernetes' default when ``policy_types`` is not given."""
+        if self.policy_types is not None:
+            return self.policy_types
+        return ("Ingress", "Egress") if self.egress else ("Ingress",)
+
+    def selects(self, pod: Pod) -> bool:
+        """Whether this policy applies to ``pod`` (an empty selector selects every pod)."""
+        return self.selects_labels(pod.labels)
+
+    def selects_labels(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.pod_selector.items())
+
+
+@dataclass(frozen=True)
 class Spec:
     """A whole lab. Construction validates; an invalid spec raises :class:`SpecError`."""
 
@@ -126,10 +218,13 @@ class Spec:
     node_pod_prefix: int = 24
     services: tuple[ServiceSpec, ...] = ()
     datapath: str = "iptables-nft"
+    policies: tuple[PolicySpec, ...] = ()
+    policy_engine: str = "iptables"  # how policies are enforced: iptables, ebpf, none (not enforced)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(self.nodes))
         object.__setattr__(self, "services", tuple(self.services))
+        object.__setattr__(self, "policies", tuple(self.policies))
         if not _structural.get():
             problems = semantic_problems(self)
             if problems:
@@ -297,12 +392,91 @@ def _parse(p: _Problems, data: Any) -> Spec | None:
             "name": s, "port": i, "target_port": i, "protocol": proto, "namespace": s,
             "selector": lambda q, x: _labels(p, q, x), "cluster_ip": s, "count": i, "endpoints": i})
 
+    def policy(path: str, v: Any) -> Any:
+        return _parse_policy(p, path, v, s, i, items)
+
     if not isinstance(data, Mapping):
         p.add("", "a spec is a mapping with at least 'name' and 'nodes'")
         return None
     return _build(p, "", data, Spec, {
         "name": s, "backend": s, "vpc_cidr": s, "pod_cidr": s, "service_cidr": s, "node_pod_prefix": i,
-        "datapath": s, "nodes": lambda q, x: items(q, x, node), "services": lambda q, x: items(q, x, svc)})
+        "datapath": s, "nodes": lambda q, x: items(q, x, node), "services": lambda q, x: items(q, x, svc),
+        "policies": lambda q, x: items(q, x, policy), "policy_engine": s})
+
+
+def _parse_policy(p: _Problems, path: str, data: Any, s, i, items) -> PolicySpec | None:
+    """A NetworkPolicy from YAML. Rules are written as Kubernetes writes them: ``from``/``to``
+    lists of ``pod_selector``/``ip_block`` peers (``ip_block: {cidr, except}``) and ``ports``."""
+
+    def types(q: str, v: Any) -> tuple | None:
+        if not isinstance(v, list):
+            p.add(q, f"expected a list of Ingress/Egress, got {v!r}")
+            return None
+        return tuple(x for k, x in enumerate(v) if s(f"{q}[{k}]", x) is not None)
+
+    def port(q: str, v: Any) -> PolicyPort | None:
+        if not isinstance(v, Mapping):
+            p.add(q, f"expected a mapping with protocol and/or port, got {v!r}")
+            return None
+        _unknown(p, q, v, PolicyPort)
+        proto = s(f"{q}.protocol", v.get("protocol", "TCP"))
+        num = v.get("port")
+        if num is not None and _typed(p, f"{q}.port", num, int, "an integer (named ports are not supported)") is None:
+            return None
+        return PolicyPort(proto.upper(), num) if proto is not None else None
+
+    def block(q: str, v: Any) -> IPBlock | None:
+        if not isinstance(v, Mapping):
+            p.add(q, f"expected a mapping with cidr and except, got {v!r}")
+            return None
+        for key in v:
+            if key not in ("cidr", "except"):
+                p.add(f"{q}.{key}", "unknown field; known fields: cidr, except")
+        if "cidr" not in v:
+            p.add(q, "missing required field cidr")
+            return None
+        cidr = s(f"{q}.cidr", v["cidr"])
+        exc = v.get("except") or []
+        if not isinstance(exc, list):
+            p.add(f"{q}.except", f"expected a list of CIDRs, got {exc!r}")
+            exc = []
+        exc = [e for k, e in enumerate(exc) if s(f"{q}.except[{k}]", e) is not None]
+        return IPBlock(cidr, tuple(exc)) if cidr is not None else None
+
+    def peer(q: str, v: Any) -> PolicyPeer | None:
+        if not isinstance(v, Mapping):
+            p.add(q, f"expected a mapping with pod_selector or ip_block, got {v!r}")
+            return None
+        for key in v:
+            if key not in ("pod_selector", "ip_block"):
+                hint = (" (one namespace per lab: namespace selectors are not supported)"
+                        if key in ("namespace_selector", "namespaceSelector") else "")
+                p.add(f"{q}.{key}", f"unknown field{hint}; known fields: pod_selector, ip_block")
+        if ("pod_selector" in v) == ("ip_block" in v):
+            p.add(q, "a peer has exactly one of pod_selector and ip_block")
+            return None
+        if "pod_selector" in v:
+            return PolicyPeer(pod_selector=_labels(p, f"{q}.pod_selector", v["pod_selector"]))
+        b = block(f"{q}.ip_block", v["ip_block"])
+        return PolicyPeer(ip_block=b) if b is not None else None
+
+    def rule(word: str):
+        def one(q: str, v: Any) -> PolicyRule | None:
+            if not isinstance(v, Mapping):
+                p.add(q, f"expected a mapping with '{word}' and/or 'ports', got {v!r}")
+                return None
+            for key in v:
+                if key not in (word, "ports"):
+                    p.add(f"{q}.{key}", f"unknown field; known fields: {word}, ports")
+            peers = items(f"{q}.{word}", v.get(word), peer)
+            ports = items(f"{q}.ports", v.get("ports"), port)
+            return PolicyRule(peers or (), ports or ())
+        return one
+
+    return _build(p, path, data, PolicySpec, {
+        "name": s, "pod_selector": lambda q, x: _labels(p, q, x), "policy_types": types,
+        "ingress": lambda q, x: items(q, x, rule("from")), "egress": lambda q, x: items(q, x, rule("to")),
+        "count": i, "rules": i, "peer_cidr": s})
 
 
 # ================================================================ semantic validation
@@ -374,6 +548,7 @@ def semantic_problems(spec: Spec) -> list[tuple[str, str]]:
             p.add(f"{npath}.enis", f"{node.enis} ENIs; a node has 0 to {MAX_ENIS}")
         _check_pods(p, npath, node, unique)
     _check_services(p, spec, nets["service_cidr"])
+    _check_policies(p, spec, [n for n in nets.values() if n])
     if not p and all(nets.values()):
         p.extend(addressing.exhaustion_problems(spec))
     return p
@@ -461,10 +636,83 @@ def _check_services(p: _Problems, spec: Spec, svc_net: ipaddress.IPv4Network | N
                               f"{total} services; use a larger service_cidr")
 
 
+def _check_policies(p: _Problems, spec: Spec, lab_nets: list[ipaddress.IPv4Network]) -> None:
+    _choice(p, "policy_engine", spec.policy_engine, POLICY_ENGINES, "policy engine")
+    if spec.policies and spec.backend != "netns":
+        p.add("policies", f"network policies are enforced on the netns backend only, not {spec.backend}")
+    seen: dict[str, str] = {}
+    total = 0
+    for k, pol in enumerate(spec.policies):
+        path = f"policies[{k}]"
+        if not _DNS_LABEL.match(pol.name) or len(pol.name) > 50:
+            p.add(f"{path}.name", f"policy name {pol.name!r} must be a DNS label of at most 50 characters")
+        if pol.name in seen:
+            p.add(f"{path}.name", f"duplicate policy {pol.name!r} (also {seen[pol.name]})")
+        seen[pol.name] = path
+        types = pol.types
+        for t, name in enumerate(types):
+            _choice(p, f"{path}.policy_types[{t}]", name, POLICY_TYPES, "policy type")
+        if pol.policy_types is not None and (not types or len(set(types)) != len(types)):
+            p.add(f"{path}.policy_types", "list Ingress and/or Egress, each once")
+        for word, rules in (("Ingress", pol.ingress), ("Egress", pol.egress)):
+            if rules and word not in types:
+                p.add(f"{path}.{word.lower()}", f"{word.lower()} rules are given but policy_types lacks {word}")
+            for r, rule in enumerate(rules):
+                _check_rule(p, f"{path}.{word.lower()}[{r}]", rule, "from" if word == "Ingress" else "to")
+        total += _check_bulk_policy(p, path, pol, lab_nets)
+    if total > MAX_POLICIES:
+        p.add("policies", f"{total} policies in all; at most {MAX_POLICIES}")
+
+
+def _check_rule(p: _Problems, path: str, rule: PolicyRule, word: str) -> None:
+    for k, peer in enumerate(rule.peers):
+        if peer.ip_block is None:
+            continue
+        q = f"{path}.{word}[{k}].ip_block"
+        net = _network(p, f"{q}.cidr", peer.ip_block.cidr)
+        for e, exc in enumerate(peer.ip_block.except_):
+            sub = _network(p, f"{q}.except[{e}]", exc)
+            if net and sub and not (sub.subnet_of(net) and sub.prefixlen > net.prefixlen):
+                p.add(f"{q}.except[{e}]", f"{sub} is not a strict subnet of cidr {net}")
+    for k, port in enumerate(rule.ports):
+        _choice(p, f"{path}.ports[{k}].protocol", port.protocol, PROTOCOLS, "protocol")
+        if port.port is not None and not 1 <= port.port <= 65535:
+            p.add(f"{path}.ports[{k}].port", f"port {port.port} outside 1..65535")
+
+
+def _check_bulk_policy(p: _Problems, path: str, pol: PolicySpec, lab_nets: list[ipaddress.IPv4Network]) -> int:
+    """Problems of a bulk group's fields; the number of policies it stands for."""
+    if not pol.bulk:
+        for f_ in ("rules", "peer_cidr"):
+            if getattr(pol, f_) is not None:
+                p.add(f"{path}.{f_}", "only bulk groups (with 'count') take '{f_}'".replace("{f_}", f_))
+        return 1
+    if not 1 <= pol.count <= MAX_POLICIES:
+        p.add(f"{path}.count", f"count {pol.count} outside 1..{MAX_POLICIES}")
+        return 0
+    if pol.ingress or pol.egress:
+        p.add(path, "a bulk group generates its rules; give 'rules' (rules per policy), not ingress/egress")
+    rules = 1 if pol.rules is None else pol.rules
+    if not 1 <= rules <= MAX_BULK_RULES:
+        p.add(f"{path}.rules", f"{rules} rules per policy; 1 to {MAX_BULK_RULES}")
+    net = _network(p, f"{path}.peer_cidr", pol.peer_cidr or DEFAULT_BULK_PEER_CIDR)
+    if net is not None:
+        for other in lab_nets:
+            if net.overlaps(other):
+                p.add(f"{path}.peer_cidr", f"{net} overlaps the lab's {other}; generated peers must be "
+                                           "addresses no pod has")
+        if net.num_addresses < pol.count * rules:
+            p.add(f"{path}.peer_cidr", f"{net} holds {net.num_addresses} peers; {pol.count} policies × {rules} "
+                                       f"rules need {pol.count * rules}")
+    return pol.count
+
+
 # ================================================================ output
 
 def _to_plain(obj: Any) -> Any:
     """Plain data for YAML/JSON, leaving out fields that hold their default."""
+    if isinstance(obj, PolicySpec):  # rules in their YAML form (from/to, except), as parse_spec reads them
+        return _policy_plain(obj)
     if is_dataclass(obj):
         out = {}
         for f_ in fields(obj):
@@ -483,3 +731,34 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_to_plain(v) for v in obj]
     return obj
+
+
+def _policy_plain(pol: PolicySpec) -> dict[str, Any]:
+    def peer(x: PolicyPeer) -> dict:
+        if x.ip_block is None:
+            return {"pod_selector": dict(x.pod_selector or {})}
+        b = {"cidr": x.ip_block.cidr}
+        if x.ip_block.except_:
+            b["except"] = list(x.ip_block.except_)
+        return {"ip_block": b}
+
+    def rule(r: PolicyRule, word: str) -> dict:
+        out: dict[str, Any] = {}
+        if r.peers:
+            out[word] = [peer(x) for x in r.peers]
+        if r.ports:
+            out["ports"] = [{"protocol": x.protocol, **({"port": x.port} if x.port is not None else {})}
+                            for x in r.ports]
+        return out
+
+    out: dict[str, Any] = {"name": pol.name, "pod_selector": dict(pol.pod_selector)}
+    if pol.policy_types is not None:
+        out["policy_types"] = list(pol.policy_types)
+    if pol.ingress:
+        out["ingress"] = [rule(r, "from") for r in pol.ingress]
+    if pol.egress:
+        out["egress"] = [rule(r, "to") for r in pol.egress]
+    for f_ in ("count", "rules", "peer_cidr"):
+        if getattr(pol, f_) is not None:
+            out[f_] = getattr(pol, f_)
+    return out

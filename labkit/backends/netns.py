@@ -72,6 +72,10 @@ class NetnsBackend:
             for feature in MODE_FEATURES.get(mode, ()):
                 doctor.require(feature, f"pod mode {mode}")
         get_datapath(spec.datapath).preflight()
+        if spec.policies and spec.policy_engine != "none":
+            from ..policy import get as get_policy_engine
+
+            get_policy_engine(spec.policy_engine).preflight(spec.datapath)
 
     # ------------------------------------------------------------ up
     def up(self, spec: Spec, progress: bool = True, start_servers: bool = True) -> LabState:
@@ -135,6 +139,7 @@ class NetnsBackend:
         if start_servers:
             self._start_servers(spec, state, bar)
         self._sync_datapaths(spec, plan, wirings)
+        self._sync_policies(spec, plan)
         bar.close()
 
     def _start_servers(self, spec: Spec, state: LabState, bar) -> None:
@@ -143,7 +148,7 @@ class NetnsBackend:
         exe = str(binary("lkserver"))
         logs = state.dir / "logs"
         logs.mkdir(exist_ok=True)
-        ports = {SERVER_PORT} | {s.target_port for s in spec.services}
+        ports = {SERVER_PORT} | {s.target_port for s in spec.services} | _policy_ports(spec)
         port_arg = ",".join(str(p) for p in sorted(ports))
         cpus = server_cpus()
         pending = {}
@@ -189,6 +194,17 @@ class NetnsBackend:
             ctx = self.node_context(spec, node.name, plan)
             ctx.state_dir.mkdir(parents=True, exist_ok=True)
             cls(ctx).sync(table)
+
+    def _sync_policies(self, spec: Spec, plan: addressing.AddressPlan) -> None:
+        """NetworkPolicy enforcement per node, after the Service datapath (:mod:`labkit.policy`)."""
+        if not spec.policies or spec.policy_engine == "none":
+            return
+        from ..policy import sync_node
+
+        for node in spec.nodes:
+            ctx = self.node_context(spec, node.name, plan)
+            ctx.state_dir.mkdir(parents=True, exist_ok=True)
+            sync_node(spec, ctx, plan)
 
     # ------------------------------------------------------------ down
     def down(self, name: str) -> dict[str, int]:
@@ -238,6 +254,15 @@ def server_cpus() -> list[int] | None:
     (orchestration keeps the others), else no pinning."""
     allowed = sorted(os.sched_getaffinity(0))
     return allowed[:1] if len(allowed) >= 2 else None
+
+
+def _policy_ports(spec: Spec) -> set[int]:
+    """Ports of the policy matrix (labkit check probes them on every pod)."""
+    if not spec.policies:
+        return set()
+    from ..policy.model import server_ports
+
+    return server_ports(spec)
 
 
 def _mounts_under(path: Path) -> list[Path]:
