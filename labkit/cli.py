@@ -70,8 +70,11 @@ def _cmd_check(args) -> int:
     if args.json:
         print(json.dumps({"lab": args.name, "ok": not failed, "results": lab.results_json(results)}, indent=1))
         return 1 if failed else 0
-    _print_matrix(results)
-    svc = [r for r in results if r.kind != "pod"]
+    if any(r.kind == "policy" for r in results):
+        _print_policy_matrix([r for r in results if r.kind == "policy"])
+    else:
+        _print_matrix(results)
+    svc = [r for r in results if r.kind not in ("pod", "policy")]
     if svc:
         _print_services(svc)
     total = len(results)
@@ -91,6 +94,24 @@ def _print_matrix(results) -> None:
     for s in names:
         cells = ["-" if s == d else ("ok" if ok.get((s, d)) else "FAIL") for d in names]
         print(s.ljust(w + 1) + " ".join(c.rjust(w) for c in cells))
+
+
+def _print_policy_matrix(results) -> None:
+    """One allow/deny matrix per port: cells show what was observed; '!' marks a cell that differs
+    from what the policy model expects."""
+    names = sorted({r.src for r in results} | {r.dst for r in results})
+    w = max(5, *(len(n) for n in names))
+    for port in sorted({(r.proto, r.port) for r in results}):
+        cell = {(r.src, r.dst): r for r in results if (r.proto, r.port) == port}
+        print(f"network policy, {port[0].upper()} {port[1]} (rows: from, columns: to; '!' = not as expected)")
+        print(" " * (w + 1) + " ".join(n[:w].rjust(w) for n in names))
+        for s in names:
+            cells = []
+            for d in names:
+                r = cell.get((s, d))
+                cells.append("-" if r is None else r.observed + ("" if r.ok else "!"))
+            print(s.ljust(w + 1) + " ".join(c.rjust(w) for c in cells))
+        print()
 
 
 def _print_services(results) -> None:
@@ -225,7 +246,7 @@ def _words(text: str) -> list[str]:
 
 def _add_measurement(sub) -> None:
     p = sub.add_parser("run", help="run an experiment, write results and an HTML report")
-    p.add_argument("experiment", choices=["pod-modes", "service-scale"])
+    p.add_argument("experiment", choices=["pod-modes", "service-scale", "policy-scale"])
     p.add_argument("--quick", action="store_true", help="the short variant (≤ 3 min here)")
     p.add_argument("--datapaths", type=_words, help="service-scale: comma-separated, e.g. iptables-nft,ebpf")
     p.add_argument("--services", type=_ints, help="service-scale: numbers of services, e.g. 1,1000,5000")
