@@ -38,6 +38,7 @@ from labkit.services import Endpoint, ServicePort, ServiceTable  # noqa: E402
 
 PREFIX = f"lkbench-ebpf-{os.getpid()}"
 BASE = int(ipaddress.IPv4Address("10.96.0.10"))
+POD_IP = "10.244.0.1"
 
 
 def table(n: int) -> ServiceTable:
@@ -64,20 +65,25 @@ def build(undo: list) -> tuple[Path, str, str]:
             ipr.link("set", index=ipr.link_lookup(ifname="eth0")[0], net_ns_fd=str(nsexec.netns_path(pod)))
             ipr.link("set", index=ipr.link_lookup(ifname="lx-pod")[0], state="up")
 
+    def address():
+        with IPRoute() as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address=POD_IP, prefixlen=24)
+
     nsexec.in_netns(node, veth)  # sockets made and used in the namespace's own thread
+    nsexec.in_netns(pod, address)
     return cgroup, node, pod
 
 
 def measure(name: str, ctx: NodeContext, sizes: list[int], repeat: int) -> list[dict]:
     cls = get(name)
     dp = cls(ctx)
-    t0 = time.perf_counter()
-    dp.sync(table(1))
-    first = time.perf_counter() - t0
-    print(f"{name}: compile {dp.compile_seconds:.2f} s, compile + load + pin + attach + first sync {first:.2f} s",
-          flush=True)
     rows = []
     try:
+        t0 = time.perf_counter()
+        dp.sync(table(1))
+        first = time.perf_counter() - t0
+        print(f"{name}: compile {dp.compile_seconds:.2f} s, compile + load + pin + attach + first sync "
+              f"{first:.2f} s", flush=True)
         for n in sizes:
             tab = table(n)
             extra = ServicePort("default", "extra", "", "TCP", str(ipaddress.IPv4Address(BASE + n)), 80,
@@ -142,7 +148,7 @@ def main() -> int:
                 ctx = NodeContext(lab=PREFIX, prefix=f"lk-{PREFIX}", node="bench", netns=node,
                                   pod_cidr="10.244.0.0/16", service_cidr="10.96.0.0/12",
                                   state_dir=Path(state) / name, cgroup=cgroup / "node",
-                                  pods=(PodIface("pod", "lx-pod", pod, "10.244.0.1", "veth"),))
+                                  pods=(PodIface("pod", "lx-pod", pod, POD_IP, "veth"),))
                 ctx.cgroup.mkdir(exist_ok=True)
                 rows += measure(name, ctx, sizes, args.repeat)
         finally:

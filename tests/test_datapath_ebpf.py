@@ -19,12 +19,11 @@ import ipaddress
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -200,7 +199,6 @@ class Lab:
     node_cgroup: Path  # NodeContext.cgroup
     client_cgroup: Path  # inside node_cgroup
     state_dir: Path
-    servers: list = field(default_factory=list)
 
     def ctx(self, variant: str, state_dir: Path | None = None) -> NodeContext:
         pods = tuple(PodIface(p, "" if variant == "ebpf-tc-eni" else f"lx-{p}", self.netns[p], self.ips[p],

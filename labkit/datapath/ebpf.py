@@ -43,14 +43,14 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from .. import nsexec
 from ..errors import DatapathError
-from ..services import Endpoint, ServicePort, ServiceTable, TableDiff
+from ..services import ServicePort, ServiceTable, TableDiff
 from . import ebpf_structs as S
 from .base import Datapath, NodeContext, register
 
@@ -907,33 +907,56 @@ class TcLB(_EbpfDatapath):
         """Where the programs go. A pod with a node-side interface: DNAT at its ingress, reverse NAT
         at its egress, and reverse NAT also at the pod's own address interface when that is not the
         other end of the node-side one (eni-exclusive: replies come in on the ENI, not through the
-        node). A pod without one: both on the pod's own interface, inside the pod."""
+        node). A pod without one: both on the pod's own interface, inside the pod.
+
+        Resolved with netlink once, when the programs are attached, and recorded in the state file
+        with the pods it was resolved for; later processes read it from there."""
         if self._hooks is None:
-            out = []
-            for pod in self.ctx.pods:
-                if pod.ifname:
-                    out += [TcHook(self.ctx.netns, pod.ifname, TC_INGRESS, FROM_CONTAINER.name),
-                            TcHook(self.ctx.netns, pod.ifname, TC_EGRESS, TO_CONTAINER.name)]
-                    if pod.netns:
-                        own, peer_of_node_side = _pod_interfaces(self.ctx.netns, pod.ifname, pod.netns, pod.ip)
-                        if not peer_of_node_side:
-                            out.append(TcHook(pod.netns, own, TC_INGRESS, TO_CONTAINER.name))
-                elif pod.netns:
-                    own, _ = _pod_interfaces(None, "", pod.netns, pod.ip)
-                    out += [TcHook(pod.netns, own, TC_EGRESS, FROM_CONTAINER_ENI.name),
-                            TcHook(pod.netns, own, TC_INGRESS, TO_CONTAINER.name)]
-                else:
-                    raise DatapathError(f"{self._where()}: pod {pod.pod} has neither a node-side interface "
-                                        "nor a namespace")
-            self._hooks = out
+            state = self._load_state()
+            if state.get("pods") == self._pods_signature() and state.get("hooks"):
+                self._hooks = [TcHook(h["netns"], h["ifname"], h["parent"], h["prog"]) for h in state["hooks"]]
+            else:
+                self._hooks = self._resolve_hooks()
         return self._hooks
+
+    def _pods_signature(self) -> list:
+        return [[p.pod, p.ifname, p.netns, p.ip] for p in self.ctx.pods]
+
+    def _resolve_hooks(self) -> list[TcHook]:
+        node_peers: dict[str, int | None] = {}
+        if any(p.ifname for p in self.ctx.pods):
+            node_peers = _netlink(self.ctx.netns, lambda ipr: {
+                link.get_attr("IFLA_IFNAME"): link.get_attr("IFLA_LINK") for link in ipr.get_links()})
+        out = []
+        for pod in self.ctx.pods:
+            if pod.ifname:
+                if pod.ifname not in node_peers:
+                    raise DatapathError(f"{self._where()}: interface {pod.ifname} of pod {pod.pod} not found")
+                out += [TcHook(self.ctx.netns, pod.ifname, TC_INGRESS, FROM_CONTAINER.name),
+                        TcHook(self.ctx.netns, pod.ifname, TC_EGRESS, TO_CONTAINER.name)]
+                if pod.netns:
+                    own, own_index = _pod_interface(pod.netns, pod.ip)
+                    if node_peers[pod.ifname] != own_index:  # a veth's IFLA_LINK: its peer's ifindex
+                        out.append(TcHook(pod.netns, own, TC_INGRESS, TO_CONTAINER.name))
+            elif pod.netns:
+                own, _ = _pod_interface(pod.netns, pod.ip)
+                out += [TcHook(pod.netns, own, TC_EGRESS, FROM_CONTAINER_ENI.name),
+                        TcHook(pod.netns, own, TC_INGRESS, TO_CONTAINER.name)]
+            else:
+                raise DatapathError(f"{self._where()}: pod {pod.pod} has neither a node-side interface "
+                                    "nor a namespace")
+        return out
 
     def _check_target(self) -> None:
         if not self.ctx.pods:
             raise DatapathError(f"{self._where()}: the node has no pods to attach tc programs to")
+        self.hooks()  # every interface found before anything is mounted or loaded
 
     def _attach(self, fds: dict[str, int]) -> None:
-        recorded = {(h["netns"], h["ifname"], h["parent"]): h for h in self._load_state().get("hooks", [])}
+        state = self._load_state()
+        before = {(h["netns"], h["ifname"], h["parent"]): h
+                  for h in state.get("hooks", []) + state.get("earlier_hooks", [])}
+        recorded: dict[tuple, dict] = {}
         for netns, group in _by_netns(self.hooks()).items():
             def attach(ipr, group=group, netns=netns) -> None:
                 for h in group:
@@ -942,10 +965,12 @@ class TcLB(_EbpfDatapath):
                         raise DatapathError(f"{self._where()}: interface {h.ifname} not found in "
                                             f"{netns or 'this namespace'}")
                     key = (h.netns, h.ifname, h.parent)
-                    made_before = bool(recorded.get(key, {}).get("qdisc_created"))
+                    made_before = bool(before.get(key, {}).get("qdisc_created"))
                     recorded[key] = {"netns": h.netns, "ifname": h.ifname, "parent": h.parent, "prog": h.prog,
                                      "qdisc_created": _ensure_clsact(ipr, index) or made_before}
-                    self._save_state({"hooks": list(recorded.values())})  # before the filter exists
+                    self._save_state({  # before the filter exists; hooks of other pods kept for cleanup
+                        "pods": self._pods_signature(), "hooks": list(recorded.values()),
+                        "earlier_hooks": [e for k, e in before.items() if k not in recorded]})
                     ipr.tc("replace-filter", "bpf", index, TC_HANDLE, fd=fds[h.prog], name=h.prog,
                            parent=h.parent, classid=1, direct_action=True, prio=TC_PREF)
 
@@ -968,7 +993,8 @@ class TcLB(_EbpfDatapath):
         return True
 
     def _detach(self) -> None:
-        recorded = self._load_state().get("hooks", [])
+        state = self._load_state()
+        recorded = state.get("hooks", []) + state.get("earlier_hooks", [])
         try:
             current = [{"netns": h.netns, "ifname": h.ifname, "parent": h.parent, "qdisc_created": False}
                        for h in self.hooks()]
@@ -1033,9 +1059,8 @@ def _ifindex(ipr, ifname: str) -> int | None:
     return found[0] if found else None
 
 
-def _pod_interfaces(node_netns: str | None, node_ifname: str, pod_netns: str, ip: str) -> tuple[str, bool]:
-    """The pod's interface holding ``ip``, and whether it is the other end of the node-side veth
-    ``node_ifname`` (a veth reports its peer's ifindex as IFLA_LINK, across namespaces)."""
+def _pod_interface(pod_netns: str, ip: str) -> tuple[str, int]:
+    """Name and ifindex of the interface holding ``ip`` in the pod's namespace."""
     if not nsexec.netns_path(pod_netns).exists():
         raise DatapathError(f"namespace {pod_netns} does not exist")
 
@@ -1048,14 +1073,7 @@ def _pod_interfaces(node_netns: str | None, node_ifname: str, pod_netns: str, ip
     found = _netlink(pod_netns, find)
     if found is None:
         raise DatapathError(f"no interface holds {ip} in namespace {pod_netns}")
-    if not node_ifname:
-        return found[0], False
-
-    def peer(ipr) -> int | None:
-        index = _ifindex(ipr, node_ifname)
-        return ipr.get_links(index)[0].get_attr("IFLA_LINK") if index is not None else None
-
-    return found[0], _netlink(node_netns, peer) == found[1]
+    return found
 
 
 def _ensure_clsact(ipr, index: int) -> bool:
