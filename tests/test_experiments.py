@@ -105,4 +105,5 @@ def test_resume_after_kill(store):
     m = json.loads((points.parent / "manifest.json").read_text())
     assert m["status"] == "complete" and m["resumed"] == 1
     # and the experiment's labs are gone
-    assert not [n for n in os.listdir("/run/netns") if n.startswith("lk-ss-")] if os.path.isdir("/run/netns") else True
+    tag = run_id[-4:]
+    assert not [n for n in os.listdir("/run/netns") if n.startswith(f"lk-ss{tag}-")]

@@ -2,6 +2,8 @@
 
 - ``service-scale`` (:mod:`.service_scale`): Service latency versus number of services per datapath.
 - ``pod-modes`` (:mod:`.pod_modes`): CRR/RR/UDP_RR/bandwidth per pod network mode, same and cross node.
+- ``policy-scale`` (:mod:`.policy_scale`): latency and policy load/update time versus the number of
+  NetworkPolicies per policy engine (``--datapaths`` names engines, ``--services`` numbers of policies).
 
 Each experiment is a small class run by :func:`labkit.experiments.core.execute`.
 """
@@ -11,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import LabkitError
-from . import pod_modes, service_scale
+from . import pod_modes, policy_scale, service_scale
 
 # name -> (parameter class, run function)
 EXPERIMENTS = {"service-scale": (service_scale.ServiceScaleParams, service_scale.run),
-               "pod-modes": (pod_modes.PodModesParams, pod_modes.run)}
+               "pod-modes": (pod_modes.PodModesParams, pod_modes.run),
+               "policy-scale": (policy_scale.PolicyScaleParams, policy_scale.run)}
 OPTIONS = ("datapaths", "services", "positions", "modes", "metrics", "repeats", "samples", "warmup", "mode")
 
 
@@ -43,4 +46,4 @@ def cli_run(args) -> int:
     return 0
 
 
-__all__ = ["EXPERIMENTS", "cli_run", "service_scale", "pod_modes"]
+__all__ = ["EXPERIMENTS", "cli_run", "service_scale", "pod_modes", "policy_scale"]

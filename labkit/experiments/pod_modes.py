@@ -26,7 +26,6 @@ from . import core
 SHORT = {"eni-exclusive": "ex", "eni-ipvlan": "iv", "eni-policy-route": "pr", "veth": "ve", "bridge": "br",
          "overlay": "ov", "macvlan": "mv"}
 DEFAULT_MODES = ("eni-exclusive", "eni-ipvlan", "eni-policy-route", "veth", "bridge", "overlay", "macvlan")
-LAB = "podmodes"
 
 
 @dataclass
@@ -55,12 +54,12 @@ class PodModesParams:
             raise LabkitError("invalid pod-modes parameters:\n  " + "\n  ".join(problems))
 
 
-def lab_spec(modes: list[str]) -> dict:
+def lab_spec(modes: list[str], name: str = "podmodes") -> dict:
     exclusive = "eni-exclusive" in modes
     shared = any(m in modes for m in ("eni-ipvlan", "eni-policy-route", "macvlan"))
     n1 = [{"name": f"{r}-{SHORT[m]}", "mode": m} for m in modes for r in ("c", "s")]
     n2 = [{"name": f"r-{SHORT[m]}", "mode": m} for m in modes]
-    return {"name": LAB, "datapath": "none", "nodes": [
+    return {"name": name, "datapath": "none", "nodes": [
         {"name": "node1", "enis": 2 * exclusive + shared, "pods": n1},
         {"name": "node2", "enis": exclusive + shared, "pods": n2}]}
 
@@ -71,13 +70,14 @@ class PodModes:
     def setup(self, ctx: core.RunContext) -> None:
         p: PodModesParams = ctx.params
         p.validate()
-        labmod.down(LAB)
-        self.lab = labmod.up(parse_spec(lab_spec(p.modes)), progress=False)
-        ctx.run.update_manifest(labs={"pod-modes": LAB})
+        name = f"pm{ctx.run.run_id[-4:]}"  # unique per run; a resumed run finds its own
+        labmod.down(name)
+        self.lab = labmod.up(parse_spec(lab_spec(p.modes, name)), progress=False)
+        ctx.run.update_manifest(labs={"pod-modes": name})
 
     def teardown(self, ctx: core.RunContext) -> None:
         if getattr(self, "lab", None):
-            labmod.down(LAB)
+            labmod.down(self.lab.name)
 
     def measure(self, ctx: core.RunContext) -> None:
         p: PodModesParams = ctx.params

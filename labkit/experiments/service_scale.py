@@ -73,11 +73,12 @@ class ServiceScaleParams:
             raise LabkitError("invalid service-scale parameters:\n  " + "\n  ".join(problems))
 
 
-def lab_spec(datapath: str, mode: str) -> dict:
+def lab_spec(datapath: str, mode: str, tag: str = "") -> dict:
+    """The lab of one datapath; ``tag`` (from the run id) keeps concurrent runs' labs apart."""
     pods = [{"name": "cli", "mode": mode}] + [
         {"name": f"be-{i}", "mode": mode, "labels": {"app": "backend"}} for i in range(BACKENDS)]
     enis = 1 if mode.startswith("eni-") or mode == "macvlan" else 0
-    return {"name": f"ss-{SHORT.get(datapath, datapath)}", "datapath": "none",
+    return {"name": f"ss{tag}-{SHORT.get(datapath, datapath)}", "datapath": "none",
             "nodes": [{"name": "node", "enis": enis, "pods": pods}]}
 
 
@@ -101,8 +102,8 @@ class ServiceScale:
             get_datapath(dp).preflight()
         self.labs, self.paths, self.clients = {}, {}, {}
         for dp in tqdm(p.datapaths, desc="labs", disable=not ctx.progress, leave=False):
-            spec = parse_spec(lab_spec(dp, p.mode))
-            labmod.down(spec.name)  # a lab left by a killed run of this experiment
+            spec = parse_spec(lab_spec(dp, p.mode, ctx.run.run_id[-4:]))
+            labmod.down(spec.name)  # left by this run when it was killed (resume)
             lb = labmod.up(spec, progress=False)
             self.labs[dp] = lb
             ctx_node = lb.backend.node_context(lb.spec, "node", lb.plan)
@@ -115,11 +116,8 @@ class ServiceScale:
         ctx.run.update_manifest(labs={dp: lb.name for dp, lb in self.labs.items()})
 
     def teardown(self, ctx: core.RunContext) -> None:
-        for dp, lb in getattr(self, "labs", {}).items():
-            try:
-                self.paths[dp].cleanup()
-            finally:
-                labmod.down(lb.name)
+        for lb in getattr(self, "labs", {}).values():
+            labmod.down(lb.name)  # the datapath lives in the lab's node namespace: it goes with it
 
     def measure(self, ctx: core.RunContext) -> None:
         p: ServiceScaleParams = ctx.params
