@@ -218,3 +218,24 @@ def test_two_labs_do_not_interfere(make_lab, lab_name):
     assert leftovers(a.name) == []
     assert_check_ok(b.check())
     assert nsexec.list_netns(f"lk-{b.name}.")
+
+
+@pytest.mark.parametrize("datapath", ["iptables-legacy", "iptables-nft", "nftables", "ebpf", "ebpf-tc"])
+def test_issue_example_with_each_datapath(make_lab, lab_name, datapath):
+    """The issue's example with a real Service datapath: every pod pair, and the Service through its
+    ClusterIP from every pod, reaching only its endpoints; then nothing is left."""
+    from labkit.datapath import get
+
+    get(datapath).preflight()
+    data = load_spec(EXAMPLES / "demo.yaml").to_dict()
+    data["services"].append({"name": "empty", "port": 81, "selector": {"app": "none"}})
+    lb = make_lab(parse_spec({**data, "name": lab_name, "datapath": datapath}))
+    results = lb.check()
+    assert_check_ok(results)
+    svc = [r for r in results if r.kind == "service" and r.dst == "default/web"]
+    assert {r.src for r in svc} == {p.name for _, p in lb.spec.pods()}
+    assert len({r.observed for r in svc}) >= 3  # spread over endpoints (statistics: datapath tests)
+    refused = [r for r in results if r.dst == "default/empty"]
+    assert refused and all(r.ok for r in refused)
+    lab.down(lab_name)
+    assert leftovers(lab_name) == []
