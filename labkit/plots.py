@@ -473,3 +473,50 @@ def trace_names(fig: go.Figure) -> list[str]:
 __all__ = ["latency_vs_services", "latency_cdf", "cost_vs_services", "mode_bars", "topology", "figures", "export",
            "latency_summary", "service_anchor_traces", "points_of", "runs_of", "trace_names", "COLORS"]
 
+
+
+# ---------------------------------------------------------------- network policy (policy-scale)
+
+POLICY_COLORS = {"iptables": "#ff7f0e", "ebpf": "#1f77b4", "none": "#7f7f7f"}
+
+
+def policy_scale(source, metric: str = "crr", position: str = "last") -> go.Figure:
+    """A ``policy-scale`` run in two panels, one trace per policy engine, N policies as evenly spaced
+    categories (0 = no policy): left, ``metric`` p50 from the client to the server the last (or
+    first) policy admits (median of repeats, bars min–max); right, seconds to load the whole table
+    (solid) and to add one policy (dotted), log scale."""
+    from plotly.subplots import make_subplots
+
+    points = points_of(source)
+    s = latency_summary(points, metric, position)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        f"{metric.upper()} p50, allowing policy {position} (µs)", "policy load / one-policy update (s, log)"))
+    order = sorted(points["services"].dropna().unique())
+    cats = [str(int(n)) for n in order]
+    engines = list(dict.fromkeys(points["datapath"].dropna()))
+    for eng in engines:
+        color = POLICY_COLORS.get(eng, COLORS.get(eng))
+        if not s.empty:
+            g = s[s["datapath"] == eng].sort_values("services")
+            fig.add_trace(go.Scatter(
+                x=[str(int(n)) for n in g["services"]], y=g["p50_us"], name=f"{eng} {metric}", legendgroup=eng,
+                mode="lines+markers", line={"color": color},
+                error_y={"type": "data", "symmetric": False, "array": g["p50_us_max"] - g["p50_us"],
+                         "arrayminus": g["p50_us"] - g["p50_us_min"]},
+                hovertemplate=f"{eng}<br>%{{x}} policies<br>p50 %{{y:.1f}} µs<extra></extra>"), row=1, col=1)
+        for what, dash in (("load", "solid"), ("update", "dot")):
+            df = points[(points["metric"] == what) & (points["datapath"] == eng)].dropna(subset=["value"])
+            df = df[df["value"] > 0]
+            if df.empty:
+                continue
+            agg = df.groupby("services")["value"].median().reset_index().sort_values("services")
+            fig.add_trace(go.Scatter(
+                x=[str(int(n)) for n in agg["services"]], y=agg["value"], name=f"{eng} {what}", legendgroup=eng,
+                mode="lines+markers", line={"color": color, "dash": dash},
+                hovertemplate=f"{eng} {what}<br>%{{x}} policies: %{{y:.3g}} s<extra></extra>"), row=1, col=2)
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=cats, title_text="policies")
+    fig.update_yaxes(rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_layout(title="NetworkPolicy at scale: iptables vs eBPF enforcement", template=TEMPLATE,
+                      legend_title="engine")
+    return fig

@@ -1,7 +1,7 @@
 """``policy-scale``: connection latency and policy load/update time versus the number of
 NetworkPolicies, per policy engine (iptables, eBPF).
 
-One small lab per engine (one node, a client pod ``cli`` and a server pod ``srv``, ``ps-<engine>``),
+One small lab per engine (one node, a client pod ``cli`` and a server pod ``srv``, ``ps<run>-<engine>``),
 Service datapath ``none``. For each number of policies N: a bulk group of N policies selecting
 ``srv`` (``rules`` generated ingress rules each, peers no pod has, so they isolate ``srv`` and add
 rules to walk) plus one policy ``allow-cli`` that lets ``cli`` reach ``srv`` on TCP 8080. N = 0 is the
@@ -79,9 +79,10 @@ class PolicyScaleParams:
             raise LabkitError("invalid policy-scale parameters:\n  " + "\n  ".join(problems))
 
 
-def lab_spec(engine: str, mode: str) -> dict:
+def lab_spec(engine: str, mode: str, tag: str = "") -> dict:
+    """The lab of one engine; ``tag`` (from the run id) keeps concurrent runs' labs apart."""
     enis = 1 if mode.startswith("eni-") or mode == "macvlan" else 0
-    return {"name": f"ps-{engine}", "datapath": "none", "policy_engine": engine,
+    return {"name": f"ps{tag}-{engine}", "datapath": "none", "policy_engine": engine,
             "nodes": [{"name": "node", "enis": enis, "pods": [
                 {"name": "cli", "mode": mode, "labels": {"app": "cli"}},
                 {"name": "srv", "mode": mode, "labels": {"app": "srv"}}]}]}
@@ -109,8 +110,8 @@ class PolicyScale:
         for eng in p.datapaths:
             get_engine(eng).preflight("none")
         for eng in tqdm(p.datapaths, desc="labs", disable=not ctx.progress, leave=False):
-            spec = parse_spec(lab_spec(eng, p.mode))
-            labmod.down(spec.name)  # a lab left by a killed run of this experiment
+            spec = parse_spec(lab_spec(eng, p.mode, ctx.run.run_id[-4:]))
+            labmod.down(spec.name)  # left by this run when it was killed (resume)
             lb = labmod.up(spec, progress=False)  # no policies in the spec: nothing enforced yet
             self.labs[eng] = lb
             node = lb.backend.node_context(lb.spec, "node", lb.plan)

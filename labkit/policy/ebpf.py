@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
-import ipaddress
 import json
 import os
+import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -80,7 +80,7 @@ def flatten(table: PolicyTable, pods: Iterable[str] | None = None) -> dict[bytes
         pp = table.pods.get(name)
         if pp is None:
             continue
-        ep = ipaddress.IPv4Address(pp.ip).packed
+        ep = socket.inet_aton(pp.ip)
         isolated = (S.POL_INGRESS if pp.ingress is not None else 0) | (S.POL_EGRESS if pp.egress is not None else 0)
         policies = set(pp.ingress or ()) | set(pp.egress or ())
         entries = PodEntries(S.POLICY_ENDPOINT.pack(isolated, len(policies)))
@@ -94,9 +94,9 @@ def flatten(table: PolicyTable, pods: Iterable[str] | None = None) -> dict[bytes
                     ports = [(S.IPPROTO[p.protocol] if p.protocol else 0, p.port or 0) for p in rule.ports] or [(0, 0)]
                     for cidr in cidrs:
                         net = nets.get(cidr)
-                        if net is None:
-                            n = ipaddress.IPv4Network(cidr)
-                            net = nets[cidr] = (n.network_address.packed, n.prefixlen)
+                        if net is None:  # compiled CIDRs are canonical: no need for ipaddress (slow)
+                            addr, _, plen = cidr.partition("/")
+                            net = nets[cidr] = (socket.inet_aton(addr), int(plen or 32))
                         for proto, port in ports:
                             key = pack_key(S.PREFIX_FIXED + net[1], ep, direction, proto, port.to_bytes(2, "big"),
                                            net[0])

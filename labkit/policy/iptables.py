@@ -23,7 +23,8 @@ Chains (names as kube-proxy makes them: a prefix and 16 characters of base32(sha
                                                set the mark (rules without peers: any peer)
 ipsets ``LKPOL-S-<hash>`` (``hash:net``) hold each rule's peers (pod /32s and ipBlocks minus their
 excepts), shared by rules with the same peer definition; a set's content changes by filling
-``LKPOL-T-<hash>`` and swapping, so no packet sees a half-filled set.
+``LKPOL-T-<hash>`` and swapping, so no packet sees a half-filled set. A rule whose peers are ipBlocks
+amounting to one CIDR matches it inline (``-s``/``-d``), as Calico writes static CIDRs into rules.
 
 Syncs, per target: full = one ``iptables-restore --noflush`` declaring every LKPOL chain (plus the
 missing jump from the built-in chain and ``-X`` of stale LKPOL chains found by ``iptables-save``);
@@ -100,12 +101,31 @@ def _decl(chain: str) -> str:
     return f":{chain} - [0:0]"
 
 
-def rule_lines(chain: str, rules: tuple[CompiledRule, ...], direction: str) -> list[str]:
+def inline_cidr(table: PolicyTable, name: str) -> str | None:
+    """The one CIDR a static peer set amounts to ("" for none), or None when it needs an ipset."""
+    ps = table.sets[name]
+    if ps.static and len(ps.cidrs) <= 1:
+        return ps.cidrs[0] if ps.cidrs else ""
+    return None
+
+
+def ipsets_of(table: PolicyTable) -> list[str]:
+    """The peer sets ``table`` needs as ipsets."""
+    return [name for name in table.sets if inline_cidr(table, name) is None]
+
+
+def rule_lines(chain: str, rules: tuple[CompiledRule, ...], direction: str,
+               table: PolicyTable | None = None) -> list[str]:
     """A policy chain's rules: each rule × port sets the mark."""
     side = "src" if direction == INGRESS else "dst"
     out = []
     for rule in rules:
         peer = f" -m set --match-set {rule.peers} {side}" if rule.peers else ""
+        cidr = inline_cidr(table, rule.peers) if rule.peers and table is not None else None
+        if cidr == "":
+            continue  # no peer at all: the rule matches nothing
+        if cidr:
+            peer = f" {'-s' if direction == INGRESS else '-d'} {cidr}"
         for pm in rule.ports or (None,):
             if pm is None or pm.protocol is None:
                 port = ""
@@ -166,7 +186,7 @@ def _policy_chains(table: PolicyTable, names: Iterable[str]) -> dict[str, list[s
         for direction, rules in ((INGRESS, pol.ingress), ("Egress", pol.egress)):
             if rules is not None:
                 chain = policy_chain(name, direction)
-                out[chain] = rule_lines(chain, rules, direction)
+                out[chain] = rule_lines(chain, rules, direction, table)
     return out
 
 
@@ -305,15 +325,16 @@ class IptablesPolicy(PolicyEngine):
             have, jumped = parse_save(save)
             missing = [b for b in TOP[target.kind] if b not in jumped]
             stale = have - chains_of(view, target)
-            sets = list(view.sets)
+            sets = ipsets_of(view)
             text = render_restore(target, view, changes, missing_jumps=missing, stale=stale)
         else:
-            sets = list(changes.sets_added + changes.sets_changed)
+            needed = set(ipsets_of(view))
+            sets = [n for n in changes.sets_added + changes.sets_changed if n in needed]
             text = render_restore(target, view, changes, old=old)
         if sets:
             self._run(target.netns, ["ipset", "restore"], input=render_sets(view, sets))
         self._run(target.netns, [self._tool("restore"), "-w", "--noflush"], input=text)
-        self._destroy_sets(target.netns, keep=set(view.sets),
+        self._destroy_sets(target.netns, keep=set(ipsets_of(view)),
                            only=None if changes.full else set(changes.sets_removed))
         self._views[target.netns] = view
 

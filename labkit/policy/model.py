@@ -158,6 +158,7 @@ class PeerSet:
 
     name: str
     cidrs: tuple[str, ...]
+    static: bool = False  # only ipBlocks: the members never change with pods
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,8 @@ def compile_table(spec: Spec, node: str | None = None, plan: addressing.AddressP
                 name = cache.get(key)
                 if name is None:
                     name = cache[key] = "LKPOL-S-" + hash16(key)
-                    sets[name] = PeerSet(name, tuple(str(n) for n in peer_cidrs(r.peers, pods)))
+                    sets[name] = PeerSet(name, tuple(str(n) for n in peer_cidrs(r.peers, pods)),
+                                         all(x.ip_block is not None for x in r.peers))
             out.append(CompiledRule(name, _ports(r.ports)))
         return tuple(out)
 
@@ -324,7 +326,7 @@ class PolicyDiff:
 def _keyed_diff(old: Mapping, new: Mapping) -> tuple[tuple, tuple, tuple]:
     added = tuple(k for k in new if k not in old)
     removed = tuple(k for k in old if k not in new)
-    changed = tuple(k for k in new if k in old and old[k] != new[k])
+    changed = tuple(k for k in new if k in old and old[k] is not new[k] and old[k] != new[k])
     return added, removed, changed
 
 
