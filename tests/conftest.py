@@ -11,6 +11,21 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+HOST_LINKS_AT_START: set[str] = set()
+
+
+def host_links() -> set[str]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return {l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
+
+
+def pytest_sessionstart(session):
+    if os.geteuid() == 0:
+        HOST_LINKS_AT_START.update(host_links())
+
+
 def pytest_collection_modifyitems(config, items):
     if os.geteuid() == 0:
         return
