@@ -1,0 +1,370 @@
+"""kube-proxy's iptables mode, on either iptables backend (``iptables-legacy``, ``iptables-nft``).
+
+The rules are the ones kube-proxy (``pkg/proxy/iptables/proxier.go``) writes for ClusterIP services
+with the default options (``--cluster-cidr`` set, masquerade bit 14, localhost NodePorts, no
+``masqueradeAll``, ``nf_conntrack_tcp_be_liberal`` off), written in the canonical form
+``iptables-save`` prints them in (kube-proxy writes the same matches in another argument order; the
+kernel holds the same rule either way). Probabilities are kube-proxy's ``%0.10f`` of ``1/(n-i)``.
+
+Naming (kube-proxy's, bit for bit):
+  ``KUBE-SVC-`` + first 16 chars of base32(sha256(servicePortName + protocol))
+  ``KUBE-SEP-`` + first 16 chars of base32(sha256(servicePortName + protocol + "ip:port"))
+where servicePortName is ``ns/name:port`` (``ns/name`` when the port is unnamed) and protocol is
+lower case. Every chain this module creates starts with ``KUBE-``; :meth:`IptablesDatapath.cleanup`
+deletes by that prefix (kube-proxy's ``CleanupLeftovers``).
+
+Per service port with endpoints (nat table): one ``KUBE-SERVICES`` rule jumping to ``KUBE-SVC-…``;
+that chain marks traffic from outside the cluster CIDR for masquerade and picks an endpoint with
+``-m statistic --mode random`` rules; each ``KUBE-SEP-…`` marks hairpin traffic and DNATs. Without
+endpoints: a filter-table ``KUBE-SERVICES`` REJECT rule. Above 1000 endpoints in all kube-proxy
+enters "large cluster mode" and drops the per-endpoint comments; so does this module.
+
+Syncs, as kube-proxy does them:
+  full     one ``iptables-restore --noflush`` that declares (so flushes) every KUBE chain it
+           writes, inserts the jump rules from the built-in chains that ``iptables-save`` does not
+           show (kube-proxy's ``EnsureRule`` calls, done here in the same restore), and flushes and
+           deletes (``-X``) stale KUBE-SVC/SEP chains found in ``iptables-save``;
+  partial  kube-proxy's minimised restore: the filter table and the top-level nat chains in full
+           (so ``KUBE-SERVICES`` with every service), plus only the SVC/SEP chains of added or
+           changed services, plus ``-X`` of the chains the change made stale.
+``iptables-restore`` commits each table atomically, filter first, then nat: a restore that fails
+leaves the previous rules of the table it failed in (and of any table after it), and the base
+class then forces a full sync (kube-proxy has the same per-table atomicity). The jump rules from
+built-in chains are never in a partial restore (kube-proxy also only ensures them on full syncs).
+On the nf_tables backend each table starts with ``-Z``; :class:`IptablesNft` says why.
+
+Measured here (2 vCPUs, shared; ``benchmarks/bench_datapath_load.py``): iptables-legacy-restore
+spends its time in libiptc's chain lookups (strcmp: 65 % of 6 s CPU for 20,000 services; the
+chain index is only rebuilt every 355 new chains). Rendering is ~0.7 s for 20,000 services once
+the hashes are computed without ``base64.b32encode`` (pure Python, it was 60 % of the time).
+
+Not rendered (no such services in labkit): NodePorts, externalIPs, LoadBalancer, session affinity,
+topology, ``KUBE-PROXY-CANARY`` (flush detection) and kubelet's ``KUBE-FIREWALL`` copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar
+
+from ..services import Endpoint, ServicePort, ServiceTable, TableDiff
+from .base import Datapath, register
+
+MASQ_MARK = "0x4000"  # 1 << 14, kube-proxy's default --iptables-masquerade-bit
+LARGE_CLUSTER_ENDPOINTS = 1000  # kube-proxy's largeClusterEndpointsThreshold
+
+SERVICES, EXTERNAL, FORWARD, NODEPORTS = "KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD", "KUBE-NODEPORTS"
+FIREWALL, POSTROUTING, MARK_MASQ = "KUBE-PROXY-FIREWALL", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"
+FILTER_CHAINS = (SERVICES, EXTERNAL, FORWARD, NODEPORTS, FIREWALL)
+NAT_CHAINS = (SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ)
+SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-SEP-", "KUBE-FW-", "KUBE-EXT-")  # isServiceChainName
+
+
+# ---------------------------------------------------------------- names
+
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"  # RFC 4648 alphabet (Go's base32.StdEncoding)
+_B32_PAIRS = [a + b for a in _B32 for b in _B32]  # 10 bits -> 2 characters
+
+
+@lru_cache(maxsize=1 << 18)
+def b32_prefix(text: str, n: int) -> str:
+    """The first ``n`` (even) characters of base32(sha256(text)), encoding only the bytes needed
+    (``base64.b32encode`` is pure Python: it was 60 % of rendering 20,000 services). Cached:
+    a sync names each chain several times."""
+    bits = 5 * n
+    v = int.from_bytes(hashlib.sha256(text.encode()).digest()[:(bits + 7) // 8], "big") >> (-bits % 8)
+    return "".join([_B32_PAIRS[(v >> (bits - 10 * (i + 1))) & 1023] for i in range(n // 2)])
+
+
+def _hash16(text: str) -> str:
+    return b32_prefix(text, 16)
+
+
+def service_chain(sp: ServicePort) -> str:
+    """kube-proxy's ``servicePortPolicyClusterChain``: ``KUBE-SVC-`` + portProtoHash."""
+    return "KUBE-SVC-" + _hash16(sp.key + sp.proto)
+
+
+def endpoint_chain(sp: ServicePort, ep: Endpoint) -> str:
+    """kube-proxy's ``servicePortEndpointChainName`` (endpoint as ``ip:port``)."""
+    return "KUBE-SEP-" + _hash16(f"{sp.key}{sp.proto}{ep.ip}:{ep.port}")
+
+
+def service_chains(sp: ServicePort) -> list[str]:
+    """Every nat chain a service port owns (none without endpoints)."""
+    if not sp.endpoints:
+        return []
+    return [service_chain(sp)] + [endpoint_chain(sp, ep) for ep in sp.endpoints]
+
+
+def is_service_chain(name: str) -> bool:
+    return name.startswith(SERVICE_CHAIN_PREFIXES)
+
+
+def probability(n: int) -> str:
+    """kube-proxy's ``computeProbability``."""
+    return "%0.10f" % (1.0 / n)
+
+
+# ---------------------------------------------------------------- jump rules
+
+@dataclass(frozen=True)
+class Jump:
+    """A rule in a built-in chain jumping to one of ours (kube-proxy's ``iptablesJumpChains``)."""
+
+    table: str
+    src: str
+    dst: str
+    comment: str
+    new_only: bool = False  # "-m conntrack --ctstate NEW"
+
+    @property
+    def spec(self) -> str:
+        ct = "-m conntrack --ctstate NEW " if self.new_only else ""
+        return f'{ct}-m comment --comment "{self.comment}" -j {self.dst}'
+
+    @property
+    def save_line(self) -> str:
+        """The line ``iptables-save`` prints for it."""
+        return f"-A {self.src} {self.spec}"
+
+
+# In kube-proxy's order; each is prepended, so in a chain the last listed ends up first.
+JUMPS = (
+    Jump("filter", "INPUT", EXTERNAL, "kubernetes externally-visible service portals", True),
+    Jump("filter", "FORWARD", EXTERNAL, "kubernetes externally-visible service portals", True),
+    Jump("filter", "INPUT", NODEPORTS, "kubernetes health check service ports"),
+    Jump("filter", "FORWARD", SERVICES, "kubernetes service portals", True),
+    Jump("filter", "OUTPUT", SERVICES, "kubernetes service portals", True),
+    Jump("filter", "FORWARD", FORWARD, "kubernetes forwarding rules"),
+    Jump("filter", "INPUT", FIREWALL, "kubernetes load balancer firewall", True),
+    Jump("filter", "OUTPUT", FIREWALL, "kubernetes load balancer firewall", True),
+    Jump("filter", "FORWARD", FIREWALL, "kubernetes load balancer firewall", True),
+    Jump("nat", "OUTPUT", SERVICES, "kubernetes service portals"),
+    Jump("nat", "PREROUTING", SERVICES, "kubernetes service portals"),
+    Jump("nat", "POSTROUTING", POSTROUTING, "kubernetes postrouting rules"),
+)
+
+
+# ---------------------------------------------------------------- rules of one service port
+
+def _clusterip_match(sp: ServicePort) -> str:
+    return f"-d {sp.cluster_ip}/32 -p {sp.proto}"
+
+
+def services_rule(sp: ServicePort) -> str:
+    """The service's rule in nat ``KUBE-SERVICES`` (with endpoints) or filter (without)."""
+    dport = f"-m {sp.proto} --dport {sp.port}"
+    if sp.endpoints:
+        return (f'-A {SERVICES} {_clusterip_match(sp)} -m comment --comment "{sp.key} cluster IP" '
+                f"{dport} -j {service_chain(sp)}")
+    return (f'-A {SERVICES} {_clusterip_match(sp)} -m comment --comment "{sp.key} has no endpoints" '
+            f"{dport} -j REJECT --reject-with icmp-port-unreachable")
+
+
+def chain_rules(sp: ServicePort, cluster_cidr: str, large: bool = False) -> list[str]:
+    """The rules of the service's KUBE-SVC and KUBE-SEP chains (in that order)."""
+    svc = service_chain(sp)
+    out = [f'-A {svc} ! -s {cluster_cidr} {_clusterip_match(sp)} -m comment --comment "{sp.key} cluster IP" '
+           f"-m {sp.proto} --dport {sp.port} -j {MARK_MASQ}"]
+    n = len(sp.endpoints)
+    for i, ep in enumerate(sp.endpoints):
+        comment = "" if large else f'-m comment --comment "{sp.key} -> {ep.ip}:{ep.port}" '
+        stat = f"-m statistic --mode random --probability {probability(n - i)} " if i < n - 1 else ""
+        out.append(f"-A {svc} {comment}{stat}-j {endpoint_chain(sp, ep)}")
+    for ep in sp.endpoints:
+        sep = endpoint_chain(sp, ep)
+        comment = "" if large else f'-m comment --comment "{sp.key}" '
+        out.append(f"-A {sep} -s {ep.ip}/32 {comment}-j {MARK_MASQ}")
+        out.append(f"-A {sep} -p {sp.proto} {comment}-m {sp.proto} -j DNAT --to-destination {ep.ip}:{ep.port}")
+    return out
+
+
+def _decl(chain: str) -> str:
+    return f":{chain} - [0:0]"
+
+
+def is_large(table: ServiceTable) -> bool:
+    return sum(len(sp.endpoints) for sp in table) > LARGE_CLUSTER_ENDPOINTS
+
+
+# ---------------------------------------------------------------- whole restores
+
+_NODEPORTS_LAST = (f'-A {SERVICES} -m comment --comment "kubernetes service nodeports; NOTE: this must be the '
+                   f'last rule in this chain" -m addrtype --dst-type LOCAL -j {NODEPORTS}')
+
+
+def _filter_table(table: ServiceTable, jumps: Iterable[Jump]) -> list[str]:
+    out = ["*filter", *(_decl(c) for c in FILTER_CHAINS)]
+    out += [f"-I {j.src} 1 {j.spec}" for j in jumps if j.table == "filter"]
+    out += [services_rule(sp) for sp in table if not sp.endpoints]
+    out += [
+        f"-A {FORWARD} -m conntrack --ctstate INVALID -j DROP",
+        f'-A {FORWARD} -m comment --comment "kubernetes forwarding rules" -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT',
+        f'-A {FORWARD} -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT',
+        "COMMIT",
+    ]
+    return out
+
+
+def _nat_table(table: ServiceTable, cluster_cidr: str, synced: Iterable[ServicePort],
+               delete: Iterable[str], jumps: Iterable[Jump]) -> list[str]:
+    """nat restore: the top-level chains in full, the chains of ``synced`` services, ``-X`` of ``delete``."""
+    large = is_large(table)
+    synced = [sp for sp in synced if sp.endpoints]
+    delete = list(delete)
+    chains = [c for sp in synced for c in service_chains(sp)]
+    out = ["*nat", *(_decl(c) for c in (*NAT_CHAINS, *chains, *delete))]
+    out += [f"-I {j.src} 1 {j.spec}" for j in jumps if j.table == "nat"]
+    out += [
+        f"-A {POSTROUTING} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
+        f"-A {POSTROUTING} -j MARK --xor-mark {MASQ_MARK}",
+        f'-A {POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully',
+        f"-A {MARK_MASQ} -j MARK --or-mark {MASQ_MARK}",
+    ]
+    out += [services_rule(sp) for sp in table if sp.endpoints]
+    for sp in synced:
+        out += chain_rules(sp, cluster_cidr, large)
+    out += [f"-X {c}" for c in delete]
+    out += [_NODEPORTS_LAST, "COMMIT"]
+    return out
+
+
+def render_full(table: ServiceTable, cluster_cidr: str, *, stale_chains: Iterable[str] = (),
+                jumps: Iterable[Jump] = JUMPS) -> str:
+    """One ``iptables-restore --noflush`` input with every KUBE chain of ``table``.
+
+    ``stale_chains``: KUBE-SVC/SEP chains present in the kernel but not in ``table`` (flushed and
+    deleted). ``jumps``: jump rules to insert (by default all; the datapath passes the missing ones)."""
+    jumps = list(jumps)
+    active = {c for sp in table for c in service_chains(sp)}
+    stale = sorted(set(stale_chains) - active)
+    lines = _filter_table(table, jumps) + _nat_table(table, cluster_cidr, table, stale, jumps)
+    return "\n".join(lines) + "\n"
+
+
+def render_partial(desired: ServiceTable, changes: TableDiff, cluster_cidr: str) -> str:
+    """kube-proxy's minimised restore for ``changes``: top-level chains in full, SVC/SEP chains of
+    added and changed services only, ``-X`` for the chains they no longer use."""
+    touched = {sp.key for sp in changes.added} | {new.key for _, new in changes.changed}
+    synced = [sp for sp in desired if sp.key in touched]  # in install order
+    old_chains = [c for sp in changes.removed for c in service_chains(sp)]
+    old_chains += [c for old, _ in changes.changed for c in service_chains(old)]
+    new_chains = {c for sp in synced for c in service_chains(sp)}
+    delete = [c for c in dict.fromkeys(old_chains) if c not in new_chains]
+    lines = _filter_table(desired, ()) + _nat_table(desired, cluster_cidr, synced, delete, ())
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- reading iptables-save
+
+@dataclass
+class SavedTable:
+    chains: list[str]
+    rules: list[str]  # "-A CHAIN ..." lines as printed
+
+
+def parse_save(text: str) -> dict[str, SavedTable]:
+    """``iptables-save`` output by table."""
+    tables: dict[str, SavedTable] = {}
+    cur: SavedTable | None = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            cur = tables.setdefault(line[1:].strip(), SavedTable([], []))
+        elif cur is None or not line or line.startswith("#") or line == "COMMIT":
+            continue
+        elif line.startswith(":"):
+            cur.chains.append(line[1:].split()[0])
+        elif line.startswith("-A "):
+            cur.rules.append(line)
+    return tables
+
+
+def zero_counters_first(text: str) -> str:
+    """Start every table of a restore with ``-Z`` (iptables-nft only; see :class:`IptablesNft`)."""
+    return "\n".join(ln + "\n-Z" if ln.startswith("*") else ln for ln in text.split("\n"))
+
+
+def render_cleanup(saved: dict[str, SavedTable]) -> str:
+    """Restore input removing every KUBE-* chain and every rule elsewhere that jumps to one; ""
+    if there is nothing to remove. Other rules and chains are left alone."""
+    out: list[str] = []
+    for name, t in saved.items():
+        ours = [c for c in t.chains if c.startswith("KUBE-")]
+        unlink = [r for r in t.rules if not r.split()[1].startswith("KUBE-") and " -j KUBE-" in r]
+        if not ours and not unlink:
+            continue
+        out += [f"*{name}", *(_decl(c) for c in ours), *("-D" + r[2:] for r in unlink)]
+        out += [f"-X {c}" for c in ours] + ["COMMIT"]
+    return "\n".join(out) + "\n" if out else ""
+
+
+# ---------------------------------------------------------------- the datapath
+
+class IptablesDatapath(Datapath):
+    """kube-proxy iptables mode; subclasses pick the backend (``iptables-<backend>-restore``)."""
+
+    backend: ClassVar[str]
+
+    def _tool(self, verb: str) -> str:
+        return f"iptables-{self.backend}-{verb}"
+
+    def _save(self) -> dict[str, SavedTable]:
+        return parse_save(self.ctx.run([self._tool("save")]).stdout)
+
+    def _restore(self, text: str) -> None:
+        self.ctx.run([self._tool("restore"), "-w", "--noflush"], input=self._prepare(text))
+
+    def _prepare(self, text: str) -> str:
+        return text
+
+    def apply(self, desired: ServiceTable, changes: TableDiff) -> None:
+        cidr = self.ctx.pod_cidr
+        if not changes.full:
+            self._restore(render_partial(desired, changes, cidr))
+            return
+        saved = self._save()
+        present = {t: set(s.rules) for t, s in saved.items()}
+        missing = [j for j in JUMPS if j.save_line not in present.get(j.table, ())]
+        stale = [c for c in saved["nat"].chains if is_service_chain(c)] if "nat" in saved else []
+        self._restore(render_full(desired, cidr, stale_chains=stale, jumps=missing))
+
+    def cleanup(self) -> None:
+        text = render_cleanup(self._save())
+        if text:
+            self._restore(text)
+        self._applied = None
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["backend"] = self.backend
+        return d
+
+
+@register
+class IptablesLegacy(IptablesDatapath):
+    name = "iptables-legacy"
+    backend = "legacy"
+    features = ("iptables-legacy",)
+
+
+@register
+class IptablesNft(IptablesDatapath):
+    """On the nf_tables backend every restore starts each table with ``-Z`` (zero the counters).
+
+    iptables-nft 1.8.9 (Debian 12), with ``--noflush``, records every chain a restore line names in
+    a sorted linked list (``nft_cache_level_set`` → ``cache_chain_list_insert``), one linear scan
+    per line: 75 s of CPU for 5,000 services, hours for 20,000. A command naming no chain makes it
+    cache the whole table instead and skip that list; ``-Z`` is the only such command that changes
+    no rule (it resets packet counters, also those of other rules in nat/filter). With it: 20,000
+    services load in 14 s of CPU; adding one costs 5 s (11.6 s without)."""
+
+    name = "iptables-nft"
+    backend = "nft"
+    features = ("iptables-nft",)
+
+    def _prepare(self, text: str) -> str:
+        return zero_counters_first(text)
