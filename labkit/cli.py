@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_services)
 
     _add_measurement(sub)
+    from . import box  # `labkit box build|status|rm` (vagrant backend's VM box; light imports)
+
+    box.add_cli(sub)
     return p
 
 

@@ -1,0 +1,680 @@
+"""The ``vagrant`` backend: one VM per node (Debian's 6.1 kernel: ipvlan, IPVS, BPF), labkit inside each.
+
+How a lab is realised (``P`` = ``lk-<lab>``, ``h`` = 8 hex digits of a hash of the lab name):
+- **libvirtd / virtlogd** are started (``-d``) when nothing runs them (no service manager here) and
+  stopped by the ``down`` of the last lab that needed them, with the ``LIBVIRT_*`` iptables chains
+  libvirt adds to the host if they were not there before (``/run/labkit/.libvirt.json``).
+- **Networks**, both transient libvirt networks made by labkit (``virsh net-create``), never forwarded
+  or NATed: ``P.mgmt`` (bridge ``lkm<h>``, host-only, DHCP, no DNS: Vagrant's management network, the
+  way ``vagrant ssh`` and labkit reach the VMs; its /24 is picked from 192.168.100-199.0 where free)
+  and ``P.vpc`` (bridge ``lkv<h>``, no address, ports isolated from each other): the VPC. Every VM NIC
+  on it (primary ``eth0``, ENIs ``eni<k>``) can talk only to the VPC router, as in a cloud VPC.
+- **VPC router**: the namespace ``P.vpc`` on the host, joined to the VPC bridge by a veth (``lkr<h>``
+  on the bridge, ``vpc0`` inside). It owns the VPC gateway address, answers ARP for the whole VPC
+  (proxy ARP, ``proxy_arp_pvlan`` since everything arrives on one port), and holds the same route
+  table as the netns backend's router (:func:`labkit.topology.vpc_routes`): node pod subnets via node
+  primaries, ENI pod addresses via their ENI. So the two backends route alike, hop for hop.
+- **VMs**: ``vagrant up`` of ``vagrant/Vagrantfile`` with ``lab.json`` beside it, in
+  ``/run/labkit/<lab>/vagrant/``; libvirt domains ``P.<node>``, disks ``P.<node>.img`` in the default
+  pool. The driver is ``kvm`` only when KVM can run a guest here (probed once, cached), else ``qemu``
+  (TCG, 128 MiB translation cache). ``LABKIT_VM_DRIVER`` forces one.
+- **Inside each VM**: labkit's package, pyroute2 and the native helpers (built on the host: same
+  Debian 12 libc) are copied to ``/opt/labkit``; :mod:`labkit.agent` builds the node with the same
+  NodeWiring and datapath code as the netns backend, starts the in-pod servers and syncs the
+  datapath, and returns JSON (the node's kernel goes into the lab's meta).
+- **Transport**: ssh with the config ``vagrant ssh-config`` prints, one multiplexed master connection
+  per VM (``ControlPersist``), so a probe or ``labkit exec`` costs one channel, not a TCG handshake.
+  Pod commands run through the prebuilt ``lkexec`` (namespace + cgroup) under sudo.
+
+``down`` destroys the VMs (``vagrant destroy``, then any ``P.*`` domain and volume left), the networks,
+the router namespace, the ssh masters and the daemons it started; it works from the journal and the
+names alone, so it also cleans up after a SIGKILLed ``up``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import ipaddress
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .. import addressing, box, doctor, nsexec, topology
+from ..datapath import NodeContext, PodIface
+from ..datapath import get as get_datapath
+from ..errors import BackendError, LabStateError
+from ..spec import Spec
+from ..state import STATE_ROOT, LabState
+
+VM_ROOT = "/opt/labkit"
+VM_ENV = f"PYTHONPATH={VM_ROOT}/lib LABKIT_CACHE={VM_ROOT}/cache"
+AGENT = f"sudo env {VM_ENV} python3 -B -m labkit.agent"
+TB_CACHE_MIB = 128
+DAEMONS_FILE = STATE_ROOT / ".libvirt.json"
+LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
+LIBVIRT_CHAINS = {"filter": {"INPUT": ["LIBVIRT_INP"], "OUTPUT": ["LIBVIRT_OUT"],
+                             "FORWARD": ["LIBVIRT_FWX", "LIBVIRT_FWI", "LIBVIRT_FWO"]},
+                  "nat": {"POSTROUTING": ["LIBVIRT_PRT"]}, "mangle": {"POSTROUTING": ["LIBVIRT_PRT"]}}
+_daemon_lock = threading.Lock()
+
+
+# ================================================================ names
+
+class VmNames:
+    """Every name a vagrant lab uses on the host."""
+
+    def __init__(self, lab: str):
+        self.lab = lab
+        self.prefix = f"lk-{lab}"
+        h = hashlib.sha1(lab.encode()).hexdigest()[:8]
+        self.mgmt_net, self.vpc_net = f"{self.prefix}.mgmt", f"{self.prefix}.vpc"
+        self.mgmt_bridge, self.vpc_bridge, self.router_veth = f"lkm{h}", f"lkv{h}", f"lkr{h}"
+        self.router_ns = f"{self.prefix}.vpc"
+        self.domain_prefix = f"{self.prefix}."
+
+    def domain(self, node: str) -> str:
+        return f"{self.domain_prefix}{node}"
+
+    @staticmethod
+    def mac(node_index: int, nic: int) -> str:
+        """VPC NIC MACs: 52:54:00 (QEMU's OUI), 0x6c ('l'), node index, NIC index."""
+        return "52:54:00:6c:%02x:%02x" % (node_index & 0xFF, nic & 0xFF)
+
+
+def vagrant_dir(lab: str) -> Path:
+    return LabState(lab).dir / "vagrant"
+
+
+def vagrantfile_source() -> Path:
+    here = Path(__file__).resolve()
+    for cand in (here.parents[2] / "vagrant" / "Vagrantfile", here.parents[1] / "_vagrant" / "Vagrantfile"):
+        if cand.exists():
+            return cand
+    raise BackendError("vagrant/Vagrantfile not found next to the labkit package")
+
+
+# ================================================================ host commands
+
+def _run(argv: list[str], check: bool = True, timeout: float | None = 120, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+    if check and proc.returncode != 0:
+        raise BackendError(f"{' '.join(argv[:4])} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-800:]}")
+    return proc
+
+
+def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _run(["virsh", "-c", "qemu:///system", "-q", *args], check=check)
+
+
+# ================================================================ libvirtd / virtlogd
+
+def _pidfile(name: str) -> int | None:
+    try:
+        pid = int(Path(f"/run/{name}.pid").read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def _load_daemons() -> dict:
+    try:
+        return json.loads(DAEMONS_FILE.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"started": {}, "users": [], "chains_before": None}
+
+
+def _save_daemons(d: dict) -> None:
+    DAEMONS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = DAEMONS_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(d, indent=1))
+    tmp.replace(DAEMONS_FILE)
+
+
+def _libvirt_chains() -> list[str]:
+    found = []
+    for table in LIBVIRT_CHAINS:
+        proc = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True)
+        found += [f"{table}:{ln.split()[1]}" for ln in proc.stdout.splitlines() if ln.startswith("-N LIBVIRT_")]
+    return found
+
+
+def ensure_libvirtd(lab: str) -> None:
+    """Start virtlogd and libvirtd unless running; remember that we did and that ``lab`` uses them."""
+    with _daemon_lock:
+        d = _load_daemons()
+        if not LIBVIRT_SOCK.exists() or _pidfile("libvirtd") is None and not _libvirtd_answers():
+            d["chains_before"] = _libvirt_chains()
+            for name in ("virtlogd", "libvirtd"):
+                if _pidfile(name) is None:
+                    _run([shutil.which(name, path="/usr/sbin:/sbin:" + os.environ.get("PATH", "")) or name, "-d"])
+                    for _ in range(100):
+                        if _pidfile(name):
+                            break
+                        time.sleep(0.1)
+                    d["started"][name] = _pidfile(name)
+            for _ in range(300):
+                if LIBVIRT_SOCK.exists() and _libvirtd_answers():
+                    break
+                time.sleep(0.1)
+            else:
+                raise BackendError("libvirtd did not come up (no answer on /run/libvirt/libvirt-sock)")
+        if lab not in d["users"]:
+            d["users"].append(lab)
+        _save_daemons(d)
+
+
+def _libvirtd_answers() -> bool:
+    return subprocess.run(["virsh", "-c", "qemu:///system", "-q", "version"], capture_output=True,
+                          timeout=30).returncode == 0
+
+
+def release_libvirtd(lab: str) -> int:
+    """Forget ``lab``; stop the daemons labkit started once no lab and no domain needs them."""
+    with _daemon_lock:
+        d = _load_daemons()
+        d["users"] = [u for u in d["users"] if u != lab and LabState(u).exists]
+        stopped = 0
+        if not d["users"] and d["started"]:
+            domains = virsh("list", "--all", "--name", check=False).stdout.split() if LIBVIRT_SOCK.exists() else []
+            if not domains:
+                for name in ("libvirtd", "virtlogd"):
+                    pid = d["started"].get(name)
+                    if pid and _pidfile(name) == pid:
+                        os.kill(pid, signal.SIGTERM)
+                        for _ in range(100):
+                            try:
+                                os.kill(pid, 0)
+                            except ProcessLookupError:
+                                break
+                            time.sleep(0.1)
+                        stopped += 1
+                _remove_libvirt_chains(d.get("chains_before") or [])
+                d = {"started": {}, "users": [], "chains_before": None}
+        if d["users"] or d["started"]:
+            _save_daemons(d)
+        else:
+            DAEMONS_FILE.unlink(missing_ok=True)
+        return stopped
+
+
+def _remove_libvirt_chains(before: list[str]) -> None:
+    """libvirt leaves its LIBVIRT_* chains and the jumps to them in the host's tables: remove what
+    was not there before labkit started libvirtd."""
+    for table, hooks in LIBVIRT_CHAINS.items():
+        for builtin, chains in hooks.items():
+            for chain in chains:
+                if f"{table}:{chain}" in before:
+                    continue
+                for _ in range(10):
+                    if subprocess.run(["iptables", "-t", table, "-D", builtin, "-j", chain],
+                                      capture_output=True).returncode != 0:
+                        break
+        for chains in hooks.values():
+            for chain in chains:
+                if f"{table}:{chain}" not in before:
+                    subprocess.run(["iptables", "-t", table, "-F", chain], capture_output=True)
+                    subprocess.run(["iptables", "-t", table, "-X", chain], capture_output=True)
+
+
+# ================================================================ KVM or TCG
+
+def vm_driver() -> str:
+    """``kvm`` when KVM can run a Debian guest here, else ``qemu`` (TCG). Probed once, cached."""
+    forced = os.environ.get("LABKIT_VM_DRIVER")
+    if forced in ("kvm", "qemu"):
+        return forced
+    if not Path("/dev/kvm").exists():
+        return "qemu"
+    cache = box.cache_root() / "kvm-probe.json"
+    key = f"{os.uname().release} {os.uname().version}"
+    try:
+        saved = json.loads(cache.read_text())
+        if saved.get("kernel") == key:
+            return saved["driver"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        pass
+    driver = "kvm" if _kvm_runs_guest() else "qemu"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"kernel": key, "driver": driver}))
+    return driver
+
+
+def _kvm_runs_guest() -> bool:
+    """Start a paused KVM guest with the CPU model libvirt would use: PVM-only hosts fail at vCPU
+    setup (``failed to set MSR``); a KVM that works keeps running until killed."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        return False
+    try:
+        proc = subprocess.Popen([qemu, "-accel", "kvm", "-cpu", "host", "-m", "64", "-nodefaults", "-display",
+                                 "none", "-monitor", "none", "-serial", "none", "-S"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    except OSError:
+        return False
+    try:
+        proc.wait(timeout=3)
+        return False  # exited by itself: KVM refused
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return True
+
+
+# ================================================================ the backend
+
+class VagrantBackend:
+    name = "vagrant"
+
+    # ------------------------------------------------------------ names
+    def pod_netns(self, spec: Spec, pod: str) -> str:
+        spec.pod(pod)
+        return f"lk-{spec.name}.{pod}"
+
+    def pod_cgroup(self, spec: Spec, pod: str) -> Path:
+        node, _ = spec.pod(pod)
+        return Path("/sys/fs/cgroup") / f"lk-{spec.name}" / node.name / pod
+
+    # ------------------------------------------------------------ preflight
+    def preflight(self, spec: Spec) -> None:
+        doctor.require("root", "the vagrant backend")
+        for feature in ("vagrant", "qemu"):
+            doctor.require(feature, "the vagrant backend")
+        gem = list(Path("/usr/share/rubygems-integration/all/gems").glob("vagrant-libvirt-*"))
+        if not gem and not list((box.vagrant_home() / "gems").glob("*/gems/vagrant-libvirt-*")):
+            doctor.require("vagrant-libvirt", "the vagrant backend")
+        if shutil.which("libvirtd", path="/usr/sbin:/sbin:" + os.environ.get("PATH", "")) is None:
+            doctor.require("libvirtd", "the vagrant backend")
+        get_datapath(spec.datapath)  # a known name; its kernel features are checked inside the VM
+
+    # ------------------------------------------------------------ up
+    def up(self, spec: Spec, progress: bool = True, start_servers: bool = True) -> LabState:
+        self.preflight(spec)
+        say = print if progress else (lambda *a, **k: None)
+        the_box = box.build(log=say) if not box.box_for().ready() else box.box_for()
+        state = LabState(spec.name)
+        state.create(spec)
+        t0 = time.monotonic()
+        try:
+            info = self._build(spec, state, the_box, say, start_servers)
+        except BaseException as exc:
+            if os.environ.get("LABKIT_KEEP_FAILED"):
+                raise
+            log = vagrant_dir(spec.name) / "vagrant.log"
+            tail = log.read_text()[-1500:] if log.exists() else ""
+            self.down(spec.name)
+            if tail and isinstance(exc, BackendError):
+                raise BackendError(f"{exc}\n--- vagrant.log (tail) ---\n{tail}") from exc
+            raise
+        state.write_meta(status="ready", ready=time.time(), up_seconds=round(time.monotonic() - t0, 1), **info)
+        state.close()
+        return state
+
+    def _build(self, spec: Spec, state: LabState, the_box: box.Box, say, start_servers: bool) -> dict:
+        names = VmNames(spec.name)
+        plan = addressing.plan(spec)
+        vdir = vagrant_dir(spec.name)
+        vdir.mkdir(parents=True, exist_ok=True)
+        times = {}
+        t = time.monotonic()
+        state.record("libvirt-user", lab=spec.name)
+        ensure_libvirtd(spec.name)
+        mgmt = self._networks(spec, names, state)
+        self._router(spec, plan, names, state)
+        times["host"] = round(time.monotonic() - t, 1)
+        driver = vm_driver()
+        lab = self._lab_json(spec, names, the_box, mgmt, driver, vdir)
+        (vdir / "lab.json").write_text(json.dumps(lab, indent=1))
+        shutil.copyfile(vagrantfile_source(), vdir / "Vagrantfile")
+        with ThreadPoolExecutor(1) as pool:
+            payload = pool.submit(build_payload, spec, vdir / "payload")
+            say(f"vagrant up: {len(spec.nodes)} VM(s), driver {driver} …")
+            t = time.monotonic()
+            state.record("vagrant", dir=str(vdir))
+            self._vagrant(spec.name, ["up", "--provider", "libvirt", "--parallel"], timeout=1800)
+            times["vagrant_up"] = round(time.monotonic() - t, 1)
+            payload.result()
+        t = time.monotonic()
+        self._ssh_config(spec.name)
+        say(f"installing labkit in the VMs and building the nodes …")
+        with ThreadPoolExecutor(len(spec.nodes)) as pool:
+            results = list(pool.map(lambda n: self._build_node(spec, n, lab, start_servers), spec.nodes))
+        times["nodes"] = round(time.monotonic() - t, 1)
+        return {"driver": driver, "box": the_box.name, "management": mgmt, "times": times,
+                "kernels": {r["node"]: r["kernel"] for r in results}, "nodes": {r["node"]: r for r in results}}
+
+    # ------------------------------------------------------------ host side
+    def _networks(self, spec: Spec, names: VmNames, state: LabState) -> str:
+        mgmt = pick_mgmt_subnet(spec.name)
+        gw = mgmt.network_address + 1
+        state.record("libvirt-network", name=names.mgmt_net)
+        virsh_net_create(f"""<network>
+  <name>{names.mgmt_net}</name>
+  <bridge name='{names.mgmt_bridge}' stp='off' delay='0'/>
+  <dns enable='no'/>
+  <ip address='{gw}' netmask='{mgmt.netmask}'>
+    <dhcp><range start='{mgmt.network_address + 10}' end='{mgmt.network_address + 250}'/></dhcp>
+  </ip>
+</network>""")
+        state.record("libvirt-network", name=names.vpc_net)
+        virsh_net_create(f"""<network ipv6='no'>
+  <name>{names.vpc_net}</name>
+  <bridge name='{names.vpc_bridge}' stp='off' delay='0'/>
+  <port isolated='yes'/>
+</network>""")
+        return str(mgmt)
+
+    def _router(self, spec: Spec, plan: addressing.AddressPlan, names: VmNames, state: LabState) -> None:
+        router = topology.create_netns(names.router_ns, state.record)
+        host = nsexec.iproute(None)
+        try:
+            state.record("link", name=names.router_veth)
+            host.link("add", ifname=names.router_veth, kind="veth", peer={"ifname": "vpc0", "net_ns_fd": names.router_ns})
+            bridge = host.link_lookup(ifname=names.vpc_bridge)[0]
+            host.link("set", index=host.link_lookup(ifname=names.router_veth)[0], master=bridge, state="up")
+            router.sysctl({"net.ipv4.ip_forward": 1, "net.ipv4.conf.all.send_redirects": 0,
+                           "net.ipv4.conf.default.send_redirects": 0, "net.ipv4.conf.all.rp_filter": 0,
+                           "net.ipv4.conf.default.rp_filter": 0})
+            router.up("vpc0")
+            router.addr("vpc0", plan.vpc_gateway, plan.vpc.prefixlen)
+            router.sysctl({"net.ipv4.conf.vpc0.send_redirects": 0, "net.ipv4.conf.vpc0.proxy_arp": 1,
+                           "net.ipv4.conf.vpc0.proxy_arp_pvlan": 1, "net.ipv4.conf.vpc0.rp_filter": 0,
+                           "net.ipv4.neigh.vpc0.proxy_delay": 0})
+            for dst, via in topology.vpc_routes(plan):
+                if "gateway" in via:  # NIC and macvlan /32s are on the VPC subnet already
+                    router.route(dst, gateway=via["gateway"], oif=router.index("vpc0"))
+        finally:
+            host.close()
+            router.close()
+
+    def _lab_json(self, spec: Spec, names: VmNames, the_box: box.Box, mgmt: str, driver: str, vdir: Path) -> dict:
+        plan = addressing.plan(spec)
+        nodes = []
+        for i, node in enumerate(spec.nodes):
+            nics = [{"name": nic.ifname, "mac": VmNames.mac(i, nic.index)} for nic in plan.nodes[node.name].nics]
+            nodes.append({"name": node.name, "memory": node.memory, "cpus": node.cpus, "nics": nics})
+        return {"lab": spec.name, "prefix": names.prefix, "domain_prefix": names.domain_prefix,
+                "box": the_box.name, "kernel": str(the_box.kernel), "initrd": str(the_box.initrd),
+                "cmdline": the_box.recipe.cmdline, "driver": driver,
+                "tb_cache_mib": TB_CACHE_MIB if driver == "qemu" else 0,
+                "management": {"network": names.mgmt_net, "address": mgmt},
+                "vpc": {"network": names.vpc_net}, "serial_dir": str(vdir), "nodes": nodes}
+
+    def _vagrant(self, lab: str, args: list[str], timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+        vdir = vagrant_dir(lab)
+        with open(vdir / "vagrant.log", "a") as log:
+            log.write(f"\n$ vagrant {' '.join(args)}\n")
+            log.flush()
+            proc = subprocess.run(["vagrant", *args], cwd=vdir, env=box.vagrant_env(), stdout=log,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise BackendError(f"vagrant {' '.join(args)} exited {proc.returncode} (log: {vdir / 'vagrant.log'})")
+        return proc
+
+    def _ssh_config(self, lab: str) -> Path:
+        vdir = vagrant_dir(lab)
+        proc = subprocess.run(["vagrant", "ssh-config"], cwd=vdir, env=box.vagrant_env(), capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL, timeout=300)
+        if proc.returncode != 0:
+            raise BackendError(f"vagrant ssh-config failed: {proc.stderr.strip()[-500:]}")
+        cfg = vdir / "ssh_config"
+        cfg.write_text(proc.stdout + f"""
+Host *
+  ControlMaster auto
+  ControlPath {vdir}/cm-%n
+  ControlPersist 600
+  ServerAliveInterval 15
+  ConnectTimeout 30
+""")
+        return cfg
+
+    # ------------------------------------------------------------ inside the VMs
+    def ssh_argv(self, lab: str, node: str, command: str, tty: bool = False) -> list[str]:
+        cfg = vagrant_dir(lab) / "ssh_config"
+        if not cfg.exists():
+            raise LabStateError(f"lab {lab!r} has no ssh config (is it up? `labkit ls`)")
+        return ["ssh", "-F", str(cfg), "-t" if tty else "-T", node, command]
+
+    def node_run(self, lab: str, node: str, command: str, input: str | None = None, check: bool = True,
+                 timeout: float | None = 600) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.ssh_argv(lab, node, command), input=input, capture_output=True, text=True,
+                              timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            raise BackendError(f"on {node}: `{command[:120]}` exited {proc.returncode}: "
+                               f"{(proc.stderr or proc.stdout).strip()[-1500:]}")
+        return proc
+
+    def _build_node(self, spec: Spec, node, lab: dict, start_servers: bool) -> dict:
+        vdir = vagrant_dir(spec.name)
+        with open(vdir / "payload.tar", "rb") as f:
+            proc = subprocess.run(self.ssh_argv(spec.name, node.name, f"sudo rm -rf {VM_ROOT} && sudo mkdir -p "
+                                                f"{VM_ROOT} && sudo tar -C {VM_ROOT} -xf -"),
+                                  stdin=f, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise BackendError(f"copying labkit into {node.name} failed: {proc.stderr.strip()[-800:]}")
+        nics = next(n["nics"] for n in lab["nodes"] if n["name"] == node.name)
+        cmd = (f"{AGENT} build-node --spec {VM_ROOT}/spec.yaml --node {shlex.quote(node.name)} --nics "
+               + ",".join(f"{n['name']}={n['mac']}" for n in nics) + ("" if start_servers else " --no-servers"))
+        proc = self.node_run(spec.name, node.name, cmd, check=False, timeout=900)
+        try:
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (json.JSONDecodeError, IndexError):
+            raise BackendError(f"agent on {node.name} failed (exit {proc.returncode}): "
+                               f"{(proc.stderr + proc.stdout).strip()[-2000:]}") from None
+        if "error" in out:
+            raise BackendError(f"agent on {node.name}: {out['error']}\n{proc.stderr.strip()[-1500:]}")
+        return out
+
+    def pod_command(self, spec: Spec, pod: str, argv: list[str]) -> str:
+        """The remote shell command running ``argv`` in ``pod`` (its namespace and cgroup, as root).
+        ``argv[0] == sys.executable`` stands for labkit's own Python, which in the VM is python3."""
+        node, _ = spec.pod(pod)
+        if argv and argv[0] == sys.executable:
+            argv = ["python3", *argv[1:]]
+        lkexec = _native_name("lkexec")
+        if lkexec:
+            wrapped = [f"{VM_ROOT}/cache/bin/{lkexec}", "--cgroup", str(self.pod_cgroup(spec, pod)),
+                       "--netns", f"/run/netns/{self.pod_netns(spec, pod)}", "--", *argv]
+            return f"sudo env {VM_ENV} " + " ".join(shlex.quote(a) for a in wrapped)
+        return (f"{AGENT} pod-exec --lab {spec.name} --node {node.name} --pod {pod} -- "
+                + " ".join(shlex.quote(a) for a in argv))
+
+    def pod_spawn(self, spec: Spec, pod: str, argv: list[str], **popen) -> subprocess.Popen:
+        """Start ``argv`` in a pod of a VM; stdio as with :class:`subprocess.Popen` (a terminal on
+        inherited stdin gets a remote terminal too, for interactive ``labkit exec``)."""
+        node, _ = spec.pod(pod)
+        popen.pop("cpus", None)
+        tty = popen.get("stdin", subprocess.DEVNULL) is None and sys.stdin.isatty()
+        return subprocess.Popen(self.ssh_argv(spec.name, node.name, self.pod_command(spec, pod, argv), tty=tty),
+                                **popen)
+
+    def pod_run(self, spec: Spec, pod: str, argv: list[str], input=None, check: bool = True,
+                timeout: float | None = 300, text: bool = True, **_) -> subprocess.CompletedProcess:
+        """Run ``argv`` in a pod of a VM to completion, output captured (like :func:`nsexec.run`)."""
+        node, _ = spec.pod(pod)
+        proc = subprocess.run(self.ssh_argv(spec.name, node.name, self.pod_command(spec, pod, argv)), input=input,
+                              capture_output=True, text=text, timeout=timeout,
+                              stdin=subprocess.DEVNULL if input is None else None)
+        if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, argv, proc.stdout, proc.stderr)
+        return proc
+
+    def node_context(self, spec: Spec, node_name: str, plan: addressing.AddressPlan | None = None) -> NodeContext:
+        """The datapath's view of a node as seen from the host: ``run()`` goes over ssh into the VM."""
+        plan = plan or addressing.plan(spec)
+        node = next(n for n in spec.nodes if n.name == node_name)
+        pods = []
+        for pod in node.pods:
+            pp = plan.pods[pod.name]
+            host = "" if pod.mode in ("eni-ipvlan", "macvlan") else f"lx-{pod.name}"
+            pods.append(PodIface(pod.name, host, self.pod_netns(spec, pod.name), str(pp.ip), pod.mode))
+        return VmNodeContext(lab=spec.name, prefix=spec.prefix, node=node.name, netns=None, pod_cidr=spec.pod_cidr,
+                             service_cidr=spec.service_cidr, state_dir=Path(f"/run/labkit/{spec.name}/nodes/{node.name}"),
+                             cgroup=Path("/sys/fs/cgroup") / f"lk-{spec.name}" / node.name, pods=tuple(pods),
+                             node_ip=str(plan.nodes[node.name].primary.ip))
+
+    def sync(self, spec: Spec, node: str) -> dict:
+        """Program the datapath of ``node`` again from the spec copied into the VM."""
+        proc = self.node_run(spec.name, node, f"{AGENT} sync --spec {VM_ROOT}/spec.yaml --node {node}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    # ------------------------------------------------------------ down
+    def down(self, name: str) -> dict[str, int]:
+        state = LabState(name)
+        names = VmNames(name)
+        vdir = vagrant_dir(name)
+        counts = {"vms": 0, "volumes": 0, "networks": 0, "netns": 0, "ssh": 0, "daemons": 0}
+        # 1. ssh masters (their sockets are in the state folder)
+        for sock in vdir.glob("cm-*") if vdir.exists() else []:
+            subprocess.run(["ssh", "-F", str(vdir / "ssh_config"), "-O", "exit", sock.name[3:]],
+                           capture_output=True, timeout=30)
+            counts["ssh"] += 1
+        libvirt_up = LIBVIRT_SOCK.exists() and _libvirtd_answers()
+        # 2. VMs: vagrant first (it also cleans its own records), then by name whatever is left
+        if (vdir / "Vagrantfile").exists() and (vdir / "lab.json").exists() and libvirt_up:
+            self._vagrant(name, ["destroy", "-f"], timeout=600, check=False)
+        if libvirt_up:
+            for dom in virsh("list", "--all", "--name", check=False).stdout.split():
+                if dom.startswith(names.domain_prefix):
+                    virsh("destroy", dom, check=False)
+                    virsh("undefine", dom, "--nvram", check=False)
+                    counts["vms"] += 1
+            vols = virsh("vol-list", "default", check=False).stdout.splitlines()
+            for line in vols:
+                vol = line.split()[0] if line.split() else ""
+                if vol.startswith(names.domain_prefix):
+                    virsh("vol-delete", "--pool", "default", vol, check=False)
+                    counts["volumes"] += 1
+            for net in (names.mgmt_net, names.vpc_net):
+                if virsh("net-info", net, check=False).returncode == 0:
+                    virsh("net-destroy", net, check=False)
+                    virsh("net-undefine", net, check=False)
+                    counts["networks"] += 1
+        counts["vms"] = max(counts["vms"], _count_vagrant_machines(vdir))
+        # 3. the router namespace (its veth on the VPC bridge goes with it)
+        if nsexec.remove_netns(names.router_ns):
+            counts["netns"] += 1
+        _delete_link(names.router_veth)
+        # 4. daemons we started, if no other lab needs them
+        if any(o.get("kind") == "libvirt-user" for o in state.objects()) or name in _load_daemons()["users"]:
+            state.remove()
+            counts["daemons"] = release_libvirtd(name)
+        state.remove()
+        return counts
+
+
+class VmNodeContext(NodeContext):
+    """A node of a vagrant lab, seen from the host: commands run inside the VM over ssh."""
+
+    def run(self, argv, input=None, check=True, timeout=600):
+        backend = VagrantBackend()
+        cmd = "sudo " + " ".join(shlex.quote(str(a)) for a in argv)
+        proc = backend.node_run(self.lab, self.node, cmd, input=input, check=False, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, list(argv), proc.stdout, proc.stderr)
+        return proc
+
+
+def _count_vagrant_machines(vdir: Path) -> int:
+    machines = vdir / ".vagrant" / "machines"
+    return sum(1 for m in machines.glob("*/libvirt/id")) if machines.exists() else 0
+
+
+def _delete_link(name: str) -> None:
+    ipr = nsexec.iproute(None)
+    try:
+        idx = ipr.link_lookup(ifname=name)
+        if idx:
+            try:
+                ipr.link("del", index=idx[0])
+            except NetlinkError as exc:
+                if exc.code != errno.ENODEV:  # gone with its peer's namespace meanwhile
+                    raise
+    finally:
+        ipr.close()
+
+
+def virsh_net_create(xml: str) -> None:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".xml", delete=False) as f:
+        f.write(xml)
+    try:
+        virsh("net-create", f.name)
+    finally:
+        os.unlink(f.name)
+
+
+def pick_mgmt_subnet(lab: str) -> ipaddress.IPv4Network:
+    """A free /24 in 192.168.100-199.0 for a lab's management network (the hash of its name first)."""
+    used = []
+    proc = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        tok = line.split()[0] if line.split() else ""
+        try:
+            used.append(ipaddress.IPv4Network(tok if "/" in tok else f"{tok}/32", strict=False))
+        except ValueError:
+            pass
+    start = int(hashlib.sha1(lab.encode()).hexdigest(), 16) % 100
+    for k in range(100):
+        net = ipaddress.IPv4Network(f"192.168.{100 + (start + k) % 100}.0/24")
+        if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
+            return net
+    raise BackendError("no free /24 in 192.168.100.0-192.168.199.0 for the management network")
+
+
+# ================================================================ payload
+
+def _native_name(prog: str) -> str | None:
+    """File name of a native helper as built on the host (``<prog>-<hash>``), the same in the VM."""
+    from .. import native
+
+    if prog not in getattr(native, "PROGRAMS", ()):
+        return None
+    return native.binary(prog).name
+
+
+def build_payload(spec: Spec, dest: Path) -> Path:
+    """``payload.tar``: labkit's package (with ``_bpf``), pyroute2, prebuilt natives, the spec."""
+    import pyroute2
+
+    from .. import native
+
+    pkg = Path(__file__).resolve().parents[1]
+    if dest.exists():
+        shutil.rmtree(dest)
+    lib = dest / "lib"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(pkg, lib / "labkit", ignore=ignore)
+    bpf = pkg.parent / "bpf"
+    if bpf.is_dir() and not (lib / "labkit" / "_bpf").exists():
+        shutil.copytree(bpf, lib / "labkit" / "_bpf", ignore=ignore)
+    shutil.copytree(Path(pyroute2.__file__).parent, lib / "pyroute2", ignore=ignore)
+    bindir = dest / "cache" / "bin"
+    bindir.mkdir(parents=True)
+    for prog in getattr(native, "PROGRAMS", ()):
+        shutil.copy2(native.binary(prog), bindir)
+    (dest / "spec.yaml").write_text(spec.to_yaml())
+    if sys.version_info[:2] == (3, 11):  # the box's python3: ship bytecode, TCG compiles slowly
+        import compileall
+
+        compileall.compile_dir(str(lib), quiet=1, workers=1)
+    tar_path = dest.parent / "payload.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(dest, arcname=".")
+    return tar_path
+
+
+__all__ = ["VagrantBackend", "VmNames", "VmNodeContext", "build_payload", "vm_driver", "pick_mgmt_subnet"]

@@ -1,0 +1,470 @@
+"""The VM box: a Debian 12 libvirt box built here from Debian packages only (``labkit box build``).
+
+No image is downloaded from anywhere but the Debian mirror the host's apt sources name:
+``debootstrap --variant=minbase`` makes a root file system with Debian's kernel and the tools a lab
+node runs (iproute2, kmod, iptables, nftables, ipvsadm, ipset, bpftool, iperf3, python3 + yaml,
+openssh-server, sudo; bcc with ``--with-bcc``), the ``vagrant`` user gets Vagrant's insecure key and
+password-less sudo, and the tree becomes one ext4 file system on the whole disk (``/dev/vda``, no
+partition table, no boot loader) in a qcow2 image. The VM boots Debian's kernel and initrd directly
+(libvirt ``<kernel>``/``<initrd>``), which is both the fastest boot under QEMU TCG and the simplest
+image.
+
+Inside the box, the first NIC (Vagrant's management NIC, the one ``vagrant ssh`` uses) is renamed
+``mgmt0`` by a udev rule and gets DHCP from systemd-networkd with no default route and no DNS, so the
+names ``eth0`` / ``eni<k>`` and the routing table stay free for the lab (:mod:`labkit.agent` renames
+the VPC NICs by MAC address).
+
+Cache (``$LABKIT_CACHE`` or ``~/.cache/labkit``)::
+
+    boxes/<key>/recipe.json        the recipe; <key> = hash of the recipe (packages, suite, script)
+    boxes/<key>/vmlinuz, initrd.img
+    boxes/<key>/build.log
+    boxes/debs/                    debootstrap's .deb cache: a rebuild downloads nothing new
+    vagrant.d/                     VAGRANT_HOME: the box as Vagrant knows it (labkit/debian12-<key>)
+
+libvirt must read the kernel as its qemu user, so the kernel and initrd are also copied to
+``/var/lib/libvirt/boot/labkit-<key>/``. vagrant-libvirt uploads the image once into libvirt's
+``default`` pool as ``labkit-VAGRANTSLASH-debian12-<key>_vagrant_box_image_0_box.img``, the base of
+every VM's copy-on-write disk; it belongs to the box, not to a lab, and ``labkit box rm`` removes it
+with the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import LabkitError, MissingFeature
+
+SUITE = "bookworm"
+BOX_PREFIX = "labkit/debian12"
+LIBVIRT_BOOT = Path("/var/lib/libvirt/boot")
+DISK_GB = 4
+CMDLINE = "root=/dev/vda rw console=ttyS0 net.ifnames=0 mitigations=off quiet"
+SCRIPT_VERSION = 4  # bump when the rootfs configuration below changes: it is part of the cache key
+
+PACKAGES = (
+    "systemd-sysv", "udev", "dbus", "linux-image-amd64", "openssh-server", "sudo", "procps",
+    "python3", "python3-yaml", "iproute2", "kmod", "iptables", "nftables", "ipvsadm", "ipset",
+    "bpftool", "iperf3", "iputils-ping", "ethtool", "tcpdump", "conntrack",
+)
+BCC_PACKAGES = ("python3-bpfcc", "linux-headers-amd64")
+INSECURE_KEY_GLOB = "/usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub"
+_INSECURE_PUB = ("ssh-rsa AAAAB3NzaC1yc2EAAAABIwAAAQEA6NF8iallvQVp22WDkTkyrtvp9eWW6A8YVr+kz4TjGYe7gHzIw+niNltGEFHzD"
+                 "8+v1I2YJ6oXevct1YeS0o9HZyN1Q9qgCgzUFtdOKLv6IedplqoPkcmF0aYet2PkEDo3MlTBckFXPITAMzF8dJSIFo9D8H"
+                 "fdOV0IAdx4O7PtixWKn5y2hMNG0zQPyUecp4pzC6kivAIhyfHilFR61RGL+GPXQ2MWZWFYbAGjyiYJnAmCP3NOTd0jMZEn"
+                 "DkbUvxhMmBYSdETk1rRgm+R4LOzFUGaHqHDLKLX+FIPKcF96hrucXzcWyLbIbEgE98OHlnVYCzRdK8jlqm8tehUc9c9W"
+                 "hQ== vagrant insecure public key")
+
+
+def cache_root() -> Path:
+    root = os.environ.get("LABKIT_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "labkit"
+
+
+def vagrant_home() -> Path:
+    """VAGRANT_HOME for everything labkit runs: its boxes stay out of the user's own ~/.vagrant.d."""
+    return cache_root() / "vagrant.d"
+
+
+@dataclass(frozen=True)
+class BoxRecipe:
+    """What goes into a box. Its hash names the box, so a changed recipe is a new box."""
+
+    suite: str = SUITE
+    packages: tuple[str, ...] = PACKAGES
+    with_bcc: bool = False
+    disk_gb: int = DISK_GB
+    cmdline: str = CMDLINE
+    script: int = SCRIPT_VERSION
+    extra: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def all_packages(self) -> tuple[str, ...]:
+        return self.packages + (BCC_PACKAGES if self.with_bcc else ()) + self.extra
+
+    @property
+    def key(self) -> str:
+        data = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(data).hexdigest()[:10]
+
+    @property
+    def box_name(self) -> str:
+        return f"{BOX_PREFIX}-{self.key}"
+
+
+@dataclass(frozen=True)
+class Box:
+    """A built box: where its pieces are."""
+
+    recipe: BoxRecipe
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.recipe.box_name
+
+    @property
+    def kernel(self) -> Path:
+        return LIBVIRT_BOOT / f"labkit-{self.recipe.key}" / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return LIBVIRT_BOOT / f"labkit-{self.recipe.key}" / "initrd.img"
+
+    @property
+    def vagrant_dir(self) -> Path:
+        return vagrant_home() / "boxes" / self.name.replace("/", "-VAGRANTSLASH-")
+
+    @property
+    def libvirt_volume(self) -> str:
+        return f"{self.name.replace('/', '-VAGRANTSLASH-')}_vagrant_box_image_0_box.img"
+
+    def ready(self) -> bool:
+        return self.vagrant_dir.is_dir() and self.kernel.exists() and self.initrd.exists()
+
+    def info(self) -> dict:
+        meta = {}
+        try:
+            meta = json.loads((self.dir / "recipe.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+        return {"name": self.name, "key": self.recipe.key, "ready": self.ready(), "dir": str(self.dir),
+                "kernel": meta.get("kernel_version", ""), "size_mb": meta.get("image_mb"),
+                "built": meta.get("built"), "build_seconds": meta.get("build_seconds"),
+                "with_bcc": self.recipe.with_bcc}
+
+
+def box_for(recipe: BoxRecipe | None = None) -> Box:
+    recipe = recipe or BoxRecipe()
+    return Box(recipe, cache_root() / "boxes" / recipe.key)
+
+
+# ================================================================ environment
+
+def vagrant_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["VAGRANT_HOME"] = str(vagrant_home())
+    env["VAGRANT_DEFAULT_PROVIDER"] = env.get("VAGRANT_DEFAULT_PROVIDER", "libvirt")
+    env["VAGRANT_CHECKPOINT_DISABLE"] = "1"  # no phoning home for version checks
+    env["VAGRANT_BOX_UPDATE_CHECK_DISABLE"] = "1"
+    env["VAGRANT_NO_COLOR"] = "1"
+    env["LIBVIRT_DEFAULT_URI"] = "qemu:///system"
+    return env
+
+
+def debian_mirror() -> str:
+    """The Debian mirror the host's apt sources name (deb822 ``URIs:`` or a one-line ``deb`` entry)."""
+    candidates = sorted(Path("/etc/apt/sources.list.d").glob("*.sources")) + [Path("/etc/apt/sources.list")]
+    for path in candidates:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for stanza in re.split(r"\n\s*\n", text):
+            if "Suites:" in stanza and re.search(rf"Suites:.*\b{SUITE}\b", stanza) and "security" not in stanza:
+                m = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
+                if m and "debian" in m.group(1):
+                    return m.group(1)
+        for line in text.splitlines():
+            m = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+" + SUITE + r"\s", line.strip())
+            if m and "security" not in m.group(1):
+                return m.group(1)
+    raise LabkitError("no Debian bookworm mirror in /etc/apt/sources.list{,.d}: labkit builds its box from it")
+
+
+def _need(tool: str, package: str) -> str:
+    path = shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if path is None:
+        raise MissingFeature(tool, "labkit box build", f"apt-get install {package}")
+    return path
+
+
+def insecure_public_key() -> str:
+    import glob
+
+    for path in sorted(glob.glob(INSECURE_KEY_GLOB)):
+        return Path(path).read_text().strip()
+    return _INSECURE_PUB
+
+
+# ================================================================ build
+
+_NETWORK_UNIT = """[Match]
+Name=mgmt0
+
+[Network]
+DHCP=ipv4
+LinkLocalAddressing=no
+IPv6AcceptRA=no
+
+[DHCPv4]
+UseDNS=no
+UseRoutes=no
+UseGateway=no
+UseHostname=no
+ClientIdentifier=mac
+"""
+# The management NIC is the first one (vagrant-libvirt and VirtualBox both put it first).
+_UDEV_RULE = 'SUBSYSTEM=="net", ACTION=="add", KERNEL=="eth0", NAME="mgmt0"\n'
+_SUDOERS = "vagrant ALL=(ALL) NOPASSWD: ALL\nDefaults:vagrant !requiretty\n"
+_SSHD = "UseDNS no\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n"
+_MASK = ("systemd-timesyncd.service", "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
+         "e2scrub_reap.service", "fstrim.timer", "systemd-networkd-wait-online.service", "getty-static.service")
+
+
+def build(recipe: BoxRecipe | None = None, force: bool = False, log=print) -> Box:
+    """Build (or find cached) the box of ``recipe`` and register it with Vagrant. Idempotent."""
+    box = box_for(recipe)
+    if box.ready() and not force:
+        log(f"box {box.name} is cached ({box.dir})")
+        return box
+    if os.geteuid() != 0:
+        raise LabkitError("labkit box build needs root (debootstrap, chroot)")
+    debootstrap = _need("debootstrap", "debootstrap")
+    _need("qemu-img", "qemu-utils")
+    _need("mkfs.ext4", "e2fsprogs")
+    vagrant = _need("vagrant", "vagrant vagrant-libvirt")
+    t0 = time.monotonic()
+    box.dir.mkdir(parents=True, exist_ok=True)
+    debs = cache_root() / "boxes" / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    logf = box.dir / "build.log"
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=box.dir))
+    try:
+        rootfs = work / "rootfs"
+        mirror = debian_mirror()
+        log(f"debootstrap {box.recipe.suite} from {mirror} ({len(box.recipe.all_packages)} packages) …")
+        with open(logf, "w") as out:
+            subprocess.run([debootstrap, "--variant=minbase", f"--cache-dir={debs}",
+                            "--include=" + ",".join(box.recipe.all_packages), box.recipe.suite, str(rootfs), mirror],
+                           stdout=out, stderr=subprocess.STDOUT, check=True, stdin=subprocess.DEVNULL)
+        log(f"  rootfs done in {time.monotonic() - t0:.0f} s; configuring")
+        kver = _configure(rootfs)
+        boot = box.kernel.parent
+        boot.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(rootfs / "boot" / f"vmlinuz-{kver}", box.dir / "vmlinuz")
+        shutil.copyfile(rootfs / "boot" / f"initrd.img-{kver}", box.dir / "initrd.img")
+        img = work / "box.img"
+        _make_image(rootfs, img, box.recipe.disk_gb, work, logf)
+        image_mb = img.stat().st_size // 2**20
+        log(f"  image {image_mb} MiB at {time.monotonic() - t0:.0f} s; adding to Vagrant as {box.name}")
+        boxfile = work / "labkit.box"
+        _pack(boxfile, img, box)
+        img.unlink()
+        env = vagrant_env()
+        subprocess.run([vagrant, "box", "add", "--force", "--name", box.name, str(boxfile)], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        for name in ("vmlinuz", "initrd.img"):
+            shutil.copyfile(box.dir / name, boot / name)
+        (box.dir / "recipe.json").write_text(json.dumps(
+            {**asdict(box.recipe), "name": box.name, "kernel_version": kver, "image_mb": image_mb, "mirror": mirror,
+             "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": round(time.monotonic() - t0, 1)},
+            indent=1))
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or "").strip()[-800:] if isinstance(exc.stderr, str) else ""
+        raise LabkitError(f"box build failed: {' '.join(map(str, exc.cmd[:3]))} … exited {exc.returncode}; "
+                          f"{detail or f'see {logf}'}") from None
+    finally:
+        _safe_rmtree(work)
+    log(f"box {box.name} ready in {time.monotonic() - t0:.0f} s")
+    return box
+
+
+def _configure(root: Path) -> str:
+    """Make the debootstrapped tree a bootable, ssh-able lab node. Returns the kernel version."""
+    (root / "etc/fstab").write_text("/dev/vda / ext4 defaults,noatime 0 1\n")
+    (root / "etc/hostname").write_text("labkit\n")
+    # every VM of the box must get its own machine-id (DHCP DUIDs and leases derive from it)
+    (root / "etc/machine-id").write_text("")
+    (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
+    (root / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 labkit\n")
+    (root / "etc/udev/rules.d/70-labkit-mgmt.rules").write_text(_UDEV_RULE)
+    netdir = root / "etc/systemd/network"
+    netdir.mkdir(parents=True, exist_ok=True)
+    (netdir / "10-labkit-mgmt.network").write_text(_NETWORK_UNIT)
+    (root / "etc/sudoers.d/vagrant").write_text(_SUDOERS)
+    os.chmod(root / "etc/sudoers.d/vagrant", 0o440)
+    (root / "etc/ssh/sshd_config.d").mkdir(parents=True, exist_ok=True)
+    (root / "etc/ssh/sshd_config.d/labkit.conf").write_text(_SSHD)
+    (root / "etc/modules-load.d").mkdir(parents=True, exist_ok=True)
+    (root / "etc/modules-load.d/labkit.conf").write_text("ipvlan\nip_vs\nbr_netfilter\nvxlan\n")
+    script = f"""set -e
+useradd -m -s /bin/bash -U vagrant
+install -d -m 700 -o vagrant -g vagrant /home/vagrant/.ssh
+install -d -m 700 /root/.ssh
+systemctl enable systemd-networkd.service >/dev/null 2>&1
+systemctl mask {' '.join(_MASK)} >/dev/null 2>&1 || true
+"""
+    subprocess.run(["chroot", str(root), "/bin/sh", "-c", script], check=True, stdin=subprocess.DEVNULL,
+                   capture_output=True)
+    key = insecure_public_key() + "\n"
+    for home, owner in ((root / "home/vagrant", "vagrant"), (root / "root", "root")):
+        path = home / ".ssh/authorized_keys"
+        path.write_text(key)
+        os.chmod(path, 0o600)
+    uid = _passwd_ids(root, "vagrant")
+    os.chown(root / "home/vagrant/.ssh/authorized_keys", *uid)
+    for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for p in (root / junk).glob("*"):
+            if p.is_file():
+                p.unlink()
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise LabkitError("the box has no kernel in /boot (linux-image-amd64 did not install)")
+    return kernels[-1].name[len("vmlinuz-"):]
+
+
+def _mounts_under(path: Path) -> list[str]:
+    base = str(path.resolve())
+    with open("/proc/self/mounts") as f:
+        mnts = [line.split()[1].replace("\\040", " ") for line in f]
+    return sorted((m for m in mnts if m == base or m.startswith(base + "/")), key=len, reverse=True)
+
+
+def _safe_rmtree(path: Path) -> None:
+    """rmtree that first detaches whatever debootstrap left mounted inside (proc, sys, dev binds)
+    and refuses to go on if a mount remains: deleting through a bind mount of /dev would be ruinous."""
+    if not path.exists():
+        return
+    for mnt in _mounts_under(path):
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+    left = _mounts_under(path)
+    if left:
+        raise LabkitError(f"not removing {path}: still mounted inside: {', '.join(left)}")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _passwd_ids(root: Path, user: str) -> tuple[int, int]:
+    for line in (root / "etc/passwd").read_text().splitlines():
+        parts = line.split(":")
+        if parts[0] == user:
+            return int(parts[2]), int(parts[3])
+    raise LabkitError(f"no user {user} in the box")
+
+
+def _make_image(rootfs: Path, img: Path, disk_gb: int, work: Path, logf: Path) -> None:
+    raw = work / "root.ext4"
+    with open(raw, "wb") as f:
+        f.truncate(disk_gb * 2**30)
+    with open(logf, "a") as out:
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "labkit", "-d", str(rootfs), str(raw)], check=True,
+                       stdout=out, stderr=subprocess.STDOUT)
+        _safe_rmtree(rootfs)
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(img)], check=True,
+                       stdout=out, stderr=subprocess.STDOUT)
+    raw.unlink()
+
+
+def _pack(boxfile: Path, img: Path, box: Box) -> None:
+    """A Vagrant libvirt box: box.img, metadata.json and a Vagrantfile with the box's defaults."""
+    meta = json.dumps({"provider": "libvirt", "format": "qcow2", "virtual_size": box.recipe.disk_gb})
+    vf = f"""# labkit box {box.name}: Debian's kernel booted directly (no boot loader in the image)
+Vagrant.configure("2") do |config|
+  config.vm.synced_folder ".", "/vagrant", disabled: true
+  config.ssh.insert_key = false
+  config.vm.provider :libvirt do |lv|
+    lv.disk_bus = "virtio"
+    lv.kernel = "{box.kernel}"
+    lv.initrd = "{box.initrd}"
+    lv.cmd_line = "{box.recipe.cmdline}"
+  end
+end
+"""
+    with tarfile.open(boxfile, "w") as tar:
+        for name, data in (("metadata.json", meta), ("Vagrantfile", vf)):
+            f = boxfile.parent / name
+            f.write_text(data)
+            tar.add(f, arcname=name)
+        tar.add(img, arcname="box.img")
+
+
+# ================================================================ remove, status
+
+def remove(recipe: BoxRecipe | None = None, log=print) -> dict[str, int]:
+    """Remove a box everywhere: Vagrant's copy, libvirt's base volume, the kernel, the cache folder."""
+    box = box_for(recipe)
+    counts = {"vagrant_boxes": 0, "volumes": 0, "files": 0}
+    if shutil.which("vagrant") and box.vagrant_dir.exists():
+        subprocess.run(["vagrant", "box", "remove", "--force", "--all", box.name], env=vagrant_env(),
+                       capture_output=True, stdin=subprocess.DEVNULL)
+        shutil.rmtree(box.vagrant_dir, ignore_errors=True)
+        counts["vagrant_boxes"] += 1
+    if shutil.which("virsh") and Path("/run/libvirt/libvirt-sock").exists():
+        proc = subprocess.run(["virsh", "-q", "vol-delete", "--pool", "default", box.libvirt_volume],
+                              capture_output=True, text=True)
+        counts["volumes"] += proc.returncode == 0
+    for path in (box.kernel.parent, box.dir):
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            counts["files"] += 1
+    log(f"box {box.name} removed: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return counts
+
+
+def status(recipe: BoxRecipe | None = None) -> dict:
+    return box_for(recipe).info()
+
+
+def doctor_row() -> tuple[str, str, str]:
+    """(status, detail, fix) for `labkit doctor`'s ``box`` row."""
+    info = status()
+    if info["ready"]:
+        extra = f", {info['size_mb']} MiB" if info.get("size_mb") else ""
+        return "ok", f"{info['name']} (kernel {info['kernel'] or '?'}{extra})", ""
+    return "warn", f"box {info['name']} not built yet", "labkit box build (debootstrap from the apt mirror, ~3 min)"
+
+
+# ================================================================ CLI
+
+def add_cli(subparsers) -> None:
+    """``labkit box build|status|rm``."""
+    p = subparsers.add_parser("box", help="the Debian VM box of the vagrant backend: build, status, rm")
+    sub = p.add_subparsers(dest="box_command", metavar="ACTION", required=True)
+    b = sub.add_parser("build", help="build the box from the host's Debian mirror (cached)")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.add_argument("--with-bcc", action="store_true", help="add bcc and kernel headers (ebpf datapaths in VMs)")
+    b.set_defaults(fn=_cmd_build)
+    s = sub.add_parser("status", help="is the box built, where, which kernel")
+    s.add_argument("--with-bcc", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_status)
+    r = sub.add_parser("rm", help="remove the box (Vagrant's copy, libvirt's base volume, cache)")
+    r.add_argument("--with-bcc", action="store_true")
+    r.set_defaults(fn=_cmd_rm)
+
+
+def _recipe(args) -> BoxRecipe:
+    return BoxRecipe(with_bcc=bool(getattr(args, "with_bcc", False)))
+
+
+def _cmd_build(args) -> int:
+    build(_recipe(args), force=args.force)
+    return 0
+
+
+def _cmd_status(args) -> int:
+    info = status(_recipe(args))
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        for k, v in info.items():
+            print(f"{k:14} {v}")
+    return 0 if info["ready"] else 1
+
+
+def _cmd_rm(args) -> int:
+    remove(_recipe(args))
+    return 0
+
+
+__all__ = ["Box", "BoxRecipe", "box_for", "build", "remove", "status", "add_cli", "vagrant_env", "debian_mirror"]
