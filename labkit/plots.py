@@ -127,6 +127,9 @@ def latency_vs_services(source, metric: str = "crr", position: str | Sequence[st
     fig.update_layout(title=title or default_title, xaxis_title="services",
                       yaxis_title=f"{what} relative to fewest services" if relative else f"{what} (µs)",
                       template=TEMPLATE, legend_title="datapath" + (" / published" if anchors else ""))
+    if anchors:  # long source names: a legend under the plot leaves the plot its width
+        fig.update_layout(legend={"orientation": "h", "yanchor": "top", "y": -0.18, "xanchor": "left", "x": 0},
+                          height=640)
     if log_x:
         fig.update_xaxes(type="log")
     fig.update_yaxes(rangemode="tozero")

@@ -15,6 +15,13 @@ being measured finishes first, so a stop takes at most one point (about a second
 - :class:`ServiceScalePanel`: datapaths, services, positions, pod mode, repeats, samples.
 - :class:`PodModesPanel`: pod modes, metrics, repeats, samples.
 - :func:`panel`: both, as tabs.
+- :func:`run_blocking`: call a labkit function from a notebook cell (see below).
+
+Jupyter runs every cell inside the kernel's running asyncio loop, and pyroute2's synchronous API
+(which builds labs) refuses to start there ("This event loop is already running").
+:func:`run_blocking` runs the call in a short-lived thread, which has no loop, and returns its
+result; outside a running loop it simply calls the function. The panels' worker threads need
+nothing of the kind.
 """
 
 from __future__ import annotations
@@ -32,6 +39,39 @@ import plotly.graph_objects as go
 
 from . import plots
 from .experiments import pod_modes, service_scale
+
+
+def run_blocking(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)``, in a worker thread when this thread runs an asyncio loop (Jupyter).
+    Exceptions are re-raised here; an interrupt of the cell waits for the call (a lab half built
+    would otherwise be left behind) and is then raised."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn(*args, **kwargs)
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=call, name=f"labkit-{getattr(fn, '__name__', 'call')}", daemon=True)
+    worker.start()
+    interrupted = None
+    while worker.is_alive():
+        try:
+            worker.join(0.2)
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if "error" in box:
+        raise box["error"]
+    if interrupted is not None:
+        raise interrupted
+    return box.get("value")
 
 
 class Cancelled(KeyboardInterrupt):
@@ -329,4 +369,4 @@ def panel(service_params=None, modes_params=None) -> W.Tab:
     return tab
 
 
-__all__ = ["Cancelled", "RunPanel", "ServiceScalePanel", "PodModesPanel", "panel"]
+__all__ = ["run_blocking", "Cancelled", "RunPanel", "ServiceScalePanel", "PodModesPanel", "panel"]
