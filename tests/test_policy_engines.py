@@ -246,3 +246,44 @@ def test_unknown_engine_and_preflight():
     pols = expand(load_spec(SMALL_SPEC.format(name="x", engine="ebpf")).policies)
     assert [p.name for p in pols] == ["deny-b"]
     assert dataclasses.is_dataclass(pols[0])
+
+
+# ---------------------------------------------------------------- experiment and notebook
+
+@pytest.mark.root
+@pytest.mark.timeout(240)
+def test_policy_scale_experiment_shape(tmp_path, monkeypatch):
+    from labkit import plots
+    from labkit.experiments import EXPERIMENTS, policy_scale
+
+    monkeypatch.setenv("LABKIT_RESULTS", str(tmp_path))
+    assert "policy-scale" in EXPERIMENTS
+    params = policy_scale.PolicyScaleParams(services=[0, 50], metrics=["crr"], repeats=1, samples=200,
+                                            warmup=20, updates=1)
+    run = policy_scale.run(params, progress=False)
+    pts = run.points()
+    assert run.manifest()["status"] == "complete"
+    for eng in ENGINES:
+        mine = pts[pts.datapath == eng]
+        assert set(mine[mine.metric == "crr"]["services"]) == {0, 50}
+        assert (mine[mine.metric == "crr"]["errors"] == 0).all()
+        assert len(mine[mine.metric == "load"]) == 2 and len(mine[mine.metric == "update"]) == 1
+    fig = plots.policy_scale(run)
+    assert {t.name for t in fig.data} >= {"iptables crr", "ebpf crr", "iptables load", "ebpf update"}
+    assert not [n for n in nsexec.list_netns("lk-ps") if run.run_id[-4:] in n]  # labs gone
+
+
+@pytest.mark.root
+@pytest.mark.timeout(300)
+def test_notebook_runs_with_papermill(tmp_path, monkeypatch):
+    pm = pytest.importorskip("papermill")
+    monkeypatch.setenv("LABKIT_RESULTS", str(tmp_path / "results"))
+    nb = Path(__file__).resolve().parents[1] / "notebooks" / "04-network-policy.ipynb"
+    out = tmp_path / "out.ipynb"
+    pm.execute_notebook(str(nb), str(out), parameters={"policies": [0, 20], "samples": 200, "warmup": 20,
+                                                       "repeats": 1}, kernel_name="python3", progress_bar=False,
+                        cwd=str(nb.parent))
+    text = out.read_text()
+    assert "identical matrices for both engines: True" in text
+    for engine in ENGINES:
+        assert f"{engine}: 40/40 as the model expects" in text
