@@ -547,6 +547,13 @@ def _kvm(p: _Probe) -> _Result:
     return _ok(f"/dev/kvm present, but KVM here may not run Debian kernels; {tcg}")
 
 
+@_check("box", "vm")
+def _box(p: _Probe) -> _Result:
+    from labkit import box
+
+    return _Result(*box.doctor_row())
+
+
 # ------------------------------------------------------------------ public API
 
 FEATURES = tuple(_CHECKS)

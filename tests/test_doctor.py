@@ -25,7 +25,7 @@ CONTRACT = {
     "root", "netns", "veth", "macvlan", "ipvlan", "vxlan", "bridge", "br_netfilter", "ip_vs",
     "iptables-legacy", "iptables-nft", "nftables", "ipset", "bpf", "bpf-jit", "cgroup2", "btf", "bcc",
     "bcc-compile", "kernel-headers", "tc-clsact", "ipvsadm", "iperf3", "sockperf", "gcc", "vagrant",
-    "vagrant-libvirt", "libvirtd", "qemu", "kvm",
+    "vagrant-libvirt", "libvirtd", "qemu", "kvm", "box",
 }
 PROBE_LINKS = {"lkdoc-low0", "lkdoc-low1", "lkdoc-veth", "lkdoc-vethp", "lkdoc-macvlan",
                "lkdoc-ipvlan", "lkdoc-vxlan", "lkdoc-bridge"}

@@ -145,9 +145,11 @@ def _save_daemons(d: dict) -> None:
 
 def _libvirt_chains() -> list[str]:
     found = []
-    for table in LIBVIRT_CHAINS:
-        proc = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True)
-        found += [f"{table}:{ln.split()[1]}" for ln in proc.stdout.splitlines() if ln.startswith("-N LIBVIRT_")]
+    for tool in ("iptables", "ip6tables"):
+        for table in LIBVIRT_CHAINS:
+            proc = subprocess.run([tool, "-t", table, "-S"], capture_output=True, text=True)
+            found += [f"{tool}:{table}:{ln.split()[1]}" for ln in proc.stdout.splitlines()
+                      if ln.startswith("-N LIBVIRT_")]
     return found
 
 
@@ -211,22 +213,19 @@ def release_libvirtd(lab: str) -> int:
 
 
 def _remove_libvirt_chains(before: list[str]) -> None:
-    """libvirt leaves its LIBVIRT_* chains and the jumps to them in the host's tables: remove what
-    was not there before labkit started libvirtd."""
-    for table, hooks in LIBVIRT_CHAINS.items():
-        for builtin, chains in hooks.items():
-            for chain in chains:
-                if f"{table}:{chain}" in before:
-                    continue
-                for _ in range(10):
-                    if subprocess.run(["iptables", "-t", table, "-D", builtin, "-j", chain],
-                                      capture_output=True).returncode != 0:
-                        break
-        for chains in hooks.values():
-            for chain in chains:
-                if f"{table}:{chain}" not in before:
-                    subprocess.run(["iptables", "-t", table, "-F", chain], capture_output=True)
-                    subprocess.run(["iptables", "-t", table, "-X", chain], capture_output=True)
+    """libvirt leaves its LIBVIRT_* chains and the jumps to them in the host's tables (IPv4 and
+    IPv6): remove those that were not there before labkit started libvirtd."""
+    for tool in ("iptables", "ip6tables"):
+        for table, hooks in LIBVIRT_CHAINS.items():
+            ours = [c for cs in hooks.values() for c in cs if f"{tool}:{table}:{c}" not in before]
+            for builtin, chains in hooks.items():
+                for chain in chains:
+                    while chain in ours and subprocess.run([tool, "-t", table, "-D", builtin, "-j", chain],
+                                                           capture_output=True).returncode == 0:
+                        pass
+            for chain in ours:
+                subprocess.run([tool, "-t", table, "-F", chain], capture_output=True)
+                subprocess.run([tool, "-t", table, "-X", chain], capture_output=True)
 
 
 # ================================================================ KVM or TCG
@@ -273,6 +272,11 @@ def _kvm_runs_guest() -> bool:
         return True
 
 
+def box_recipe(spec: Spec) -> box.BoxRecipe:
+    """The box a lab needs: with bcc (and kernel headers) for the eBPF datapaths, else the small one."""
+    return box.BoxRecipe(with_bcc=spec.datapath in ("ebpf", "ebpf-tc") or bool(os.environ.get("LABKIT_BOX_BCC")))
+
+
 # ================================================================ the backend
 
 class VagrantBackend:
@@ -303,7 +307,8 @@ class VagrantBackend:
     def up(self, spec: Spec, progress: bool = True, start_servers: bool = True) -> LabState:
         self.preflight(spec)
         say = print if progress else (lambda *a, **k: None)
-        the_box = box.build(log=say) if not box.box_for().ready() else box.box_for()
+        recipe = box_recipe(spec)
+        the_box = box.build(recipe, log=say) if not box.box_for(recipe).ready() else box.box_for(recipe)
         state = LabState(spec.name)
         state.create(spec)
         t0 = time.monotonic()
@@ -543,6 +548,7 @@ Host *
             counts["ssh"] += 1
         libvirt_up = LIBVIRT_SOCK.exists() and _libvirtd_answers()
         # 2. VMs: vagrant first (it also cleans its own records), then by name whatever is left
+        counts["vms"] = _count_vagrant_machines(vdir)
         if (vdir / "Vagrantfile").exists() and (vdir / "lab.json").exists() and libvirt_up:
             self._vagrant(name, ["destroy", "-f"], timeout=600, check=False)
         if libvirt_up:
@@ -562,7 +568,6 @@ Host *
                     virsh("net-destroy", net, check=False)
                     virsh("net-undefine", net, check=False)
                     counts["networks"] += 1
-        counts["vms"] = max(counts["vms"], _count_vagrant_machines(vdir))
         # 3. the router namespace (its veth on the VPC bridge goes with it)
         if nsexec.remove_netns(names.router_ns):
             counts["netns"] += 1
