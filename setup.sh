@@ -23,7 +23,9 @@ START=$SECONDS
 PACKAGES=(python3-bpfcc bpfcc-tools "linux-headers-$ARCH" iptables nftables ipvsadm ipset iproute2
           iperf3 sockperf gcc make bpftool util-linux procps
           # the vagrant backend (VMs under QEMU, box built offline by debootstrap): labkit/box.py
-          vagrant vagrant-libvirt libvirt-daemon-system qemu-system-x86 qemu-utils debootstrap)
+          vagrant vagrant-libvirt libvirt-daemon-system qemu-system-x86 qemu-utils debootstrap
+          # figure export (kaleido) and the browser test (Playwright) drive Debian's Chromium: no download
+          chromium)
 OPTIONAL_PACKAGES=(kmod)  # modprobe: useless on a kernel without modules, wanted in the VMs
 
 step() { printf 'setup: %s\n' "$*"; }

@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_services)
 
     _add_measurement(sub)
+    _add_sweep(sub)
     from . import box  # `labkit box build|status|rm` (vagrant backend's VM box; light imports)
 
     box.add_cli(sub)
@@ -272,7 +273,21 @@ def _add_measurement(sub) -> None:
 
     rep = sub.add_parser("report", help="(re)write the HTML report of a run")
     rep.add_argument("run")
+    rep.add_argument("--images", action="store_true", help="also write every figure as PNG and SVG (kaleido)")
     rep.set_defaults(fn=_lazy("labkit.report", "cli_report"))
+
+
+def _add_sweep(sub) -> None:
+    w = sub.add_parser("sweep", help="run a notebook over a parameter grid with papermill")
+    w.add_argument("notebook", help="e.g. notebooks/03-service-scale.ipynb")
+    w.add_argument("-p", "--param", action="append", metavar="NAME=V1,V2",
+                   help="grid values (YAML; commas inside [...] belong to the value); repeat for more names")
+    w.add_argument("-o", "--out", help="folder for the output notebooks (default results/sweeps/<time>-<name>)")
+    w.add_argument("--results", help="results store the runs go to (default $LABKIT_RESULTS or ./results)")
+    w.add_argument("--kernel", help="Jupyter kernel name (default: the notebook's)")
+    w.add_argument("--keep-going", action="store_true", help="run the remaining combinations after a failure")
+    w.add_argument("--dry-run", action="store_true", help="print the combinations and stop")
+    w.set_defaults(fn=_lazy("labkit.sweep", "cli_sweep"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -419,6 +419,7 @@ def figures(source, anchors: bool = True, log_x: bool = False) -> dict[str, go.F
     present = set(points["position"].dropna())
     order = [p for p in ("first", "middle", "last") if p in present]
     main = next((p for p in ("last", "middle", "first", "random", "pod") if p in present), "last")
+    anchors = anchors and experiment == "service-scale"  # nothing was published for the others
     for metric in ("crr", "rr"):
         if not ((points["metric"] == metric) & points["p50_us"].notna()).any():
             continue

@@ -69,33 +69,44 @@ def summary_text(run: Run, metric: str = "crr") -> str:
     return "\n".join(lines)
 
 
-def write_report(run: Run, path: Path | None = None) -> Path:
+def write_report(run: Run, path: Path | None = None, images: bool = False) -> Path:
+    """The run's self-contained HTML page (plotly.js inlined once): summary, every figure of
+    :func:`labkit.plots.figures` (with the published overlays), the published figures' sources and
+    caveats, and the parameters. ``images``: also write each figure as PNG and SVG into
+    ``<run>/figures/`` (kaleido with the system's Chromium)."""
+    import html as htmlmod
+
+    from . import anchors
+
     points = run.points()
     m = run.manifest()
-    pos = _pick_position(points)
-    if m["experiment"] == "pod-modes":
-        figs = [plots.mode_bars(points, metric) for metric in ("crr", "rr", "udp_rr", "bandwidth")
-                if (points["metric"] == metric).any()]
-    else:
-        figs = [plots.latency_vs_services(points, "crr", pos)]
-    if m["experiment"] != "pod-modes" and (points["position"] == "first").any() and pos != "first":
-        figs.append(plots.latency_vs_services(points, "crr", "first"))
-    for metric in ("load", "update"):
-        if m["experiment"] != "pod-modes" and (points["metric"] == metric).any():
-            figs.append(plots.cost_vs_services(points, metric))
-    parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
+    figs = plots.figures(run) if not points.empty else {}
+    parts = [f"<h2 id='{name}'>{name}</h2>" + f.to_html(full_html=False, include_plotlyjs=(i == 0))
+             for i, (name, f) in enumerate(figs.items())]
+    used = [a for a in anchors.ANCHORS.values()
+            if any(a.short in (t.name or "") for f in figs.values() for t in f.data)]
+    sources = "".join(f"<li><b>{htmlmod.escape(a.short)}</b> — {htmlmod.escape(a.title)} ({htmlmod.escape(a.unit)}). "
+                      f"Source: {htmlmod.escape(a.source)}. Caveats: {htmlmod.escape(a.caveats)}</li>" for a in used)
     mach = m["machine"]
     head = (f"<h1>labkit {m['experiment']} — run {m['run_id']}</h1>"
             f"<p>kernel {mach['kernel']}, {mach['cpu_model']} × {mach['cpu_count']}, labkit "
-            f"{m['labkit']['version']} ({m['labkit']['git']}); {m['started']} → {m.get('ended')}</p>"
-            f"<pre>{summary_text(run)}</pre>")
+            f"{m['labkit']['version']} ({m['labkit']['git']}); {m['started']} → {m.get('ended')} ({m['status']})</p>"
+            f"<pre>{htmlmod.escape(summary_text(run))}</pre>"
+            f"<p>figures: {' · '.join(f'<a href=#{n}>{n}</a>' for n in figs)}</p>")
+    tail = (f"<h2>published figures drawn here</h2><p>Dotted traces with open diamonds; normalised as their "
+            f"legend says (only shapes compare across machines).</p><ul>{sources}</ul>" if used else "")
     path = path or run.path / "report.html"
     path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{m['run_id']}</title></head>"
                     f"<body style='font-family:sans-serif;max-width:1100px;margin:auto'>{head}{''.join(parts)}"
-                    f"<h2>parameters</h2><pre>{m['params']}</pre></body></html>")
+                    f"{tail}<h2>parameters</h2><pre>{htmlmod.escape(str(m['params']))}</pre></body></html>")
+    if images and figs:
+        plots.export(figs, run.path / "figures")
     return path
 
 
 def cli_report(args) -> int:
-    print(write_report(Run.open(args.run)))
+    run = Run.open(args.run)
+    print(write_report(run, images=getattr(args, "images", False)))
+    if getattr(args, "images", False):
+        print(f"figures: {run.path / 'figures'}/*.png, *.svg")
     return 0
