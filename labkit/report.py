@@ -44,11 +44,14 @@ def summary_text(run: Run, metric: str = "crr") -> str:
                 + table.round(2).to_string())
     pos = _pick_position(points)
     table = summary_frame(run, metric)
-    lines = [f"{metric.upper()} p50 in µs to the {pos} service (median of repeats), by number of services:"]
+    policy = run.manifest()["experiment"] == "policy-scale"
+    unit, who = ("policies", "engine") if policy else ("services", "datapath")
+    target = f"the server the {pos} policy admits" if policy else f"the {pos} service"
+    lines = [f"{metric.upper()} p50 in µs to {target} (median of repeats), by number of {unit}:"]
     if table.empty:
         return lines[0] + " none"
     ns = list(table.columns)
-    lines.append("datapath".ljust(16) + "".join(f"{n:>10}" for n in ns) + f"{'ratio':>10}  (N={ns[-1]} / N={ns[0]})")
+    lines.append(who.ljust(16) + "".join(f"{n:>10}" for n in ns) + f"{'ratio':>10}  (N={ns[-1]} / N={ns[0]})")
     for dp, row in table.iterrows():
         ratio = row[ns[-1]] / row[ns[0]] if row[ns[0]] else float("nan")
         lines.append(dp.ljust(16) + "".join(f"{row[n]:>10.1f}" for n in ns) + f"{ratio:>9.2f}x")
