@@ -240,8 +240,9 @@ def build(recipe: BoxRecipe | None = None, force: bool = False, log=print) -> Bo
     debs.mkdir(parents=True, exist_ok=True)
     logf = box.dir / "build.log"
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=box.dir))
+    fast = _tmpfs_dir()
     try:
-        rootfs = work / "rootfs"
+        rootfs = (fast or work) / "rootfs"
         mirror = debian_mirror()
         log(f"debootstrap {box.recipe.suite} from {mirror} ({len(box.recipe.all_packages)} packages) …")
         with open(logf, "w") as out:
@@ -276,8 +277,27 @@ def build(recipe: BoxRecipe | None = None, force: bool = False, log=print) -> Bo
                           f"{detail or f'see {logf}'}") from None
     finally:
         _safe_rmtree(work)
+        if fast:
+            _safe_rmtree(fast)
     log(f"box {box.name} ready in {time.monotonic() - t0:.0f} s")
     return box
+
+
+def _tmpfs_dir(need_gb: float = 3.0) -> Path | None:
+    """A scratch folder in /dev/shm when it has room: dpkg fsyncs every file it unpacks, which on a
+    busy disk is most of debootstrap's time; in RAM it costs nothing (the tree is ~1.2 GB)."""
+    shm = Path("/dev/shm")
+    try:
+        st = os.statvfs(shm)
+    except OSError:
+        return None
+    if st.f_bavail * st.f_frsize < need_gb * 2**30:
+        return None
+    with open("/proc/self/mounts") as f:
+        opts = [ln.split()[3] for ln in f if ln.split()[1:2] == [str(shm)]]
+    if not opts or any(bad in opts[-1].split(",") for bad in ("noexec", "nodev")):
+        return None  # the chroot must exec and open device nodes
+    return Path(tempfile.mkdtemp(prefix="labkit-box-", dir=shm))
 
 
 def _configure(root: Path) -> str:
