@@ -24,7 +24,7 @@ Cache (``$LABKIT_CACHE`` or ``~/.cache/labkit``)::
 
 libvirt must read the kernel as its qemu user, so the kernel and initrd are also copied to
 ``/var/lib/libvirt/boot/labkit-<key>/``. vagrant-libvirt uploads the image once into libvirt's
-``default`` pool as ``labkit-VAGRANTSLASH-debian12-<key>_vagrant_box_image_0_box.img``, the base of
+``default`` pool as ``labkit-VAGRANTSLASH-debian12-<key>_vagrant_box_image_0_<stamp>_box.img``, the base of
 every VM's copy-on-write disk; it belongs to the box, not to a lab, and ``labkit box rm`` removes it
 with the rest.
 """
@@ -48,6 +48,7 @@ from .errors import LabkitError, MissingFeature
 SUITE = "bookworm"
 BOX_PREFIX = "labkit/debian12"
 LIBVIRT_BOOT = Path("/var/lib/libvirt/boot")
+LIBVIRT_IMAGES = Path("/var/lib/libvirt/images")  # libvirt's default pool, as vagrant-libvirt makes it
 DISK_GB = 4
 CMDLINE = "root=/dev/vda rw console=ttyS0 net.ifnames=0 mitigations=off quiet"
 SCRIPT_VERSION = 4  # bump when the rootfs configuration below changes: it is part of the cache key
@@ -126,8 +127,9 @@ class Box:
         return vagrant_home() / "boxes" / self.name.replace("/", "-VAGRANTSLASH-")
 
     @property
-    def libvirt_volume(self) -> str:
-        return f"{self.name.replace('/', '-VAGRANTSLASH-')}_vagrant_box_image_0_box.img"
+    def libvirt_volume_prefix(self) -> str:
+        """vagrant-libvirt names the uploaded image ``<box>_vagrant_box_image_<version>_<stamp>_box.img``."""
+        return f"{self.name.replace('/', '-VAGRANTSLASH-')}_vagrant_box_image_"
 
     def ready(self) -> bool:
         return self.vagrant_dir.is_dir() and self.kernel.exists() and self.initrd.exists()
@@ -420,9 +422,15 @@ def remove(recipe: BoxRecipe | None = None, log=print) -> dict[str, int]:
         shutil.rmtree(box.vagrant_dir, ignore_errors=True)
         counts["vagrant_boxes"] += 1
     if shutil.which("virsh") and Path("/run/libvirt/libvirt-sock").exists():
-        proc = subprocess.run(["virsh", "-q", "vol-delete", "--pool", "default", box.libvirt_volume],
-                              capture_output=True, text=True)
-        counts["volumes"] += proc.returncode == 0
+        vols = subprocess.run(["virsh", "-q", "vol-list", "default"], capture_output=True, text=True).stdout
+        for vol in (ln.split()[0] for ln in vols.splitlines() if ln.split()):
+            if vol.startswith(box.libvirt_volume_prefix):
+                proc = subprocess.run(["virsh", "-q", "vol-delete", "--pool", "default", vol], capture_output=True)
+                counts["volumes"] += proc.returncode == 0
+    # libvirtd not running (labkit starts it only for labs): the default pool is a plain folder
+    for img in LIBVIRT_IMAGES.glob(box.libvirt_volume_prefix + "*"):
+        img.unlink()
+        counts["volumes"] += 1
     for path in (box.kernel.parent, box.dir):
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
