@@ -147,7 +147,7 @@ def vmdemo():
     """The issue's acceptance lab, up once for the module's VM tests; always torn down."""
     from labkit import lab as labmod
 
-    spec = load_spec(VMDEMO)
+    spec = load_spec({**load_spec(VMDEMO).to_dict(), "name": "tvmdemo"})  # never a user's own vmdemo
     daemons_before = vg._load_daemons()["started"] if vg.DAEMONS_FILE.exists() else {}
     libvirt_running = vg.LIBVIRT_SOCK.exists()
     labmod.down(spec.name) if vg.LabState(spec.name).exists else None
@@ -158,7 +158,7 @@ def vmdemo():
         yield lb
     finally:
         counts = labmod.down(spec.name)
-        print(f"vmdemo down: {counts}")
+        print(f"{spec.name} down: {counts}")
     left = _host_leftovers(spec.name)
     assert not left, f"down left {left}"
     if not libvirt_running and not daemons_before:
@@ -186,8 +186,8 @@ def test_box_builds_offline_and_doctor_reports_it():
 @pytest.mark.slow
 @vm
 def test_vmdemo_check_passes_across_vms(vmdemo):
-    print(f"vmdemo up in {vmdemo.up_seconds:.0f} s")
-    meta = vg.LabState("vmdemo").meta()
+    print(f"{vmdemo.name} up in {vmdemo.up_seconds:.0f} s")
+    meta = vg.LabState(vmdemo.name).meta()
     assert set(meta["kernels"]) == {"node1", "node2"}
     assert all(k != os.uname().release for k in meta["kernels"].values()), "pods must run on the VMs' kernel"
     results = vmdemo.check()
@@ -212,9 +212,9 @@ def test_vmdemo_exec_and_ipvs_inside_the_vm(vmdemo):
     table = ctx.run(["ipvsadm", "-Ln"]).stdout
     svc = next(iter(vmdemo.services()))
     assert f"{svc.cluster_ip}:{svc.port}" in table and table.count("Masq") == 3
-    proc = subprocess.run([str(ROOT / ".venv/bin/labkit"), "exec", "vmdemo", "cli-0", "--", "uname", "-r"],
+    proc = subprocess.run([str(ROOT / ".venv/bin/labkit"), "exec", vmdemo.name, "cli-0", "--", "uname", "-r"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == vg.LabState("vmdemo").meta()["kernels"]["node1"]
+    assert proc.returncode == 0 and proc.stdout.strip() == vg.LabState(vmdemo.name).meta()["kernels"]["node1"]
 
 
 @pytest.mark.vm
