@@ -255,7 +255,7 @@ class RunPanel:
                     self.figure.add_trace(t)
             self.figure.update_layout(title=new.layout.title, xaxis_title=new.layout.xaxis.title.text,
                                       yaxis_title=new.layout.yaxis.title.text, barmode=new.layout.barmode,
-                                      xaxis_type=new.layout.xaxis.type)
+                                      xaxis_type=new.layout.xaxis.type, yaxis_rangemode=new.layout.yaxis.rangemode)
 
 
 def _html(obj) -> str:
@@ -279,7 +279,7 @@ class ServiceScalePanel(RunPanel):
         known = _registered_datapaths()
         self.datapaths = W.SelectMultiple(options=known, value=[d for d in p.datapaths if d in known],
                                           description="datapaths", rows=min(6, len(known)), style=style)
-        self.services = W.Text(value=",".join(map(str, p.services)), description="services",
+        self.services = W.Text(value=", ".join(map(str, p.services)), description="services",
                                placeholder="e.g. 1,1000,5000", style=style)
         self.positions = W.SelectMultiple(options=list(service_scale.POSITIONS), value=list(p.positions),
                                           description="positions", rows=5, style=style)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -143,7 +144,7 @@ def test_service_scale_notebook_in_jupyterlab(jupyter, tmp_path):
                 expect(panel.get_by_text(label, exact=True).first).to_be_visible()
             _shot(panel, "browser-panel-before-run.png")
             panel.get_by_role("button", name="Run").click()
-            expect(panel.get_by_text("point ", exact=False).first).to_be_visible(timeout=60_000)
+            expect(panel.get_by_text(re.compile(r"point \d+/\d+: .*metric crr")).first).to_be_visible(timeout=60_000)
             _shot(panel, "browser-panel-running.png")
             expect(panel.get_by_text("done", exact=False).first).to_be_visible(timeout=180_000)
             live = panel.locator(".js-plotly-plot")

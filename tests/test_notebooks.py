@@ -172,7 +172,7 @@ def test_panel_stop_leaves_no_lab(tmp_path, monkeypatch):
     dps = _datapaths(["iptables-nft", "ebpf"])
     panel = widgets.ServiceScalePanel(ServiceScaleParams(datapaths=dps, services=[1, 200], positions=["first", "last"],
                                                          repeats=3, samples=200, warmup=20, updates=1))
-    panel.widget  # built as in a notebook
+    _ = panel.widget  # built as in a notebook
     panel.start()
     deadline = time.monotonic() + 120
     while len(panel.rows) < 3 and panel.running and time.monotonic() < deadline:
