@@ -161,8 +161,8 @@ COMMIT
 COMMIT
 """
     assert ipt.render_cleanup(ipt.parse_save(save)) == """*nat
-:KUBE-SERVICES - [0:0]
 :KUBE-SVC-AAAA - [0:0]
+:KUBE-SERVICES - [0:0]
 -D PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
 -D MINE -j KUBE-SVC-AAAA
 -X KUBE-SERVICES

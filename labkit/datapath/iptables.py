@@ -45,6 +45,7 @@ topology, ``KUBE-PROXY-CANARY`` (flush detection) and kubelet's ``KUBE-FIREWALL`
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -60,6 +61,7 @@ SERVICES, EXTERNAL, FORWARD, NODEPORTS = "KUBE-SERVICES", "KUBE-EXTERNAL-SERVICE
 FIREWALL, POSTROUTING, MARK_MASQ = "KUBE-PROXY-FIREWALL", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"
 FILTER_CHAINS = (SERVICES, EXTERNAL, FORWARD, NODEPORTS, FIREWALL)
 NAT_CHAINS = (SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ)
+XT_TABLES = ("filter", "nat", "mangle", "raw", "security")
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-SEP-", "KUBE-FW-", "KUBE-EXT-")  # isServiceChainName
 
 
@@ -187,6 +189,14 @@ def _decl(chain: str) -> str:
     return f":{chain} - [0:0]"
 
 
+def _decls(chains: Iterable[str]) -> list[str]:
+    """Chain declarations in descending name order. libiptc keeps user chains sorted and inserts
+    a new one with a linear walk from its chain index, unless the name sorts before every chain it
+    has: in this order each insert is O(1). Measured: iptables-legacy-restore of 20,000 services
+    takes 4.1-4.7 s of CPU instead of 6.5-7.0 s (the order of declarations means nothing else)."""
+    return [_decl(c) for c in sorted(set(chains), reverse=True)]
+
+
 def is_large(table: ServiceTable) -> bool:
     return sum(len(sp.endpoints) for sp in table) > LARGE_CLUSTER_ENDPOINTS
 
@@ -198,7 +208,7 @@ _NODEPORTS_LAST = (f'-A {SERVICES} -m comment --comment "kubernetes service node
 
 
 def _filter_table(table: ServiceTable, jumps: Iterable[Jump]) -> list[str]:
-    out = ["*filter", *(_decl(c) for c in FILTER_CHAINS)]
+    out = ["*filter", *_decls(FILTER_CHAINS)]
     out += [f"-I {j.src} 1 {j.spec}" for j in jumps if j.table == "filter"]
     out += [services_rule(sp) for sp in table if not sp.endpoints]
     out += [
@@ -217,7 +227,7 @@ def _nat_table(table: ServiceTable, cluster_cidr: str, synced: Iterable[ServiceP
     synced = [sp for sp in synced if sp.endpoints]
     delete = list(delete)
     chains = [c for sp in synced for c in service_chains(sp)]
-    out = ["*nat", *(_decl(c) for c in (*NAT_CHAINS, *chains, *delete))]
+    out = ["*nat", *_decls([*NAT_CHAINS, *chains, *delete])]
     out += [f"-I {j.src} 1 {j.spec}" for j in jumps if j.table == "nat"]
     out += [
         f"-A {POSTROUTING} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
@@ -297,7 +307,7 @@ def render_cleanup(saved: dict[str, SavedTable]) -> str:
         unlink = [r for r in t.rules if not r.split()[1].startswith("KUBE-") and " -j KUBE-" in r]
         if not ours and not unlink:
             continue
-        out += [f"*{name}", *(_decl(c) for c in ours), *("-D" + r[2:] for r in unlink)]
+        out += [f"*{name}", *_decls(ours), *("-D" + r[2:] for r in unlink)]
         out += [f"-X {c}" for c in ours] + ["COMMIT"]
     return "\n".join(out) + "\n" if out else ""
 
@@ -313,6 +323,8 @@ class IptablesDatapath(Datapath):
         return f"iptables-{self.backend}-{verb}"
 
     def _save(self) -> dict[str, SavedTable]:
+        """The chains of every table and the rules of the chains that are not ours (all a full
+        sync and a cleanup look at)."""
         return parse_save(self.ctx.run([self._tool("save")]).stdout)
 
     def _restore(self, text: str) -> None:
@@ -360,7 +372,13 @@ class IptablesNft(IptablesDatapath):
     per line: 75 s of CPU for 5,000 services, hours for 20,000. A command naming no chain makes it
     cache the whole table instead and skip that list; ``-Z`` is the only such command that changes
     no rule (it resets packet counters, also those of other rules in nat/filter). With it: 20,000
-    services load in 14 s of CPU; adding one costs 5 s (11.6 s without)."""
+    services load in 14 s of CPU; adding one costs 5 s (11.6 s without).
+
+    ``iptables-nft-save`` is not used: with 20,000 services it overflows the default 8 MiB stack
+    (SIGSEGV) and, given a bigger one, takes 105 s of CPU (4.8 s at 5,000: quadratic). The chain
+    names come from ``nft -j list chains`` (1.1 s at 20,000) and the rules of the chains that are
+    not ours from ``iptables-nft -t <table> -S <chain>`` (milliseconds each): that is all a full
+    sync and a cleanup read."""
 
     name = "iptables-nft"
     backend = "nft"
@@ -368,3 +386,17 @@ class IptablesNft(IptablesDatapath):
 
     def _prepare(self, text: str) -> str:
         return zero_counters_first(text)
+
+    def _save(self) -> dict[str, SavedTable]:
+        listed = json.loads(self.ctx.run(["nft", "-j", "list", "chains"]).stdout or '{"nftables": []}')
+        saved: dict[str, SavedTable] = {}
+        for item in listed["nftables"]:
+            chain = item.get("chain")
+            if chain and chain["family"] == "ip" and chain["table"] in XT_TABLES:
+                saved.setdefault(chain["table"], SavedTable([], [])).chains.append(chain["name"])
+        for table, t in saved.items():
+            for chain in t.chains:
+                if not chain.startswith("KUBE-"):
+                    listing = self.ctx.run(["iptables-nft", "-w", "-t", table, "-S", chain]).stdout
+                    t.rules += [ln for ln in listing.splitlines() if ln.startswith("-A ")]
+        return saved
