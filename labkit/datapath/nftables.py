@@ -20,26 +20,31 @@ Shape, as kube-proxy writes it for ClusterIP services (cluster CIDR set, masquer
 
 Endpoint selection — the one deliberate difference. kube-proxy writes one rule
 ``numgen random mod N vmap { 0 : goto endpoint-…, … }``: an anonymous set per service. Measured here
-(6.18, 2 vCPUs, a shared machine; ``perf`` on ``nft -f`` in a throwaway netns):
-  * one transaction with 20,000 such services takes 155-280 s; ``__nft_set_trans_bind`` walks the
-    whole transaction for every anonymous set bound (quadratic in one transaction);
-  * 20 transactions of 1,000 still took 105-121 s (39.5 s on a quieter day): every new set walks
-    the table's list of sets three times (``nf_tables_newset``'s name lookup, the ``__map%d`` name
-    allocation with sscanf, ``nft_set_lookup_global`` for the rule) — 60 % of kernel time at 20k.
-    The kernel keeps sets in a plain list, so any layout with one set per service is quadratic:
-    named per-service maps (``vmap @svc-map``) took 92 s;
-  * one shared map keyed by ``numgen … offset`` is quadratic the other way: every element added is
-    validated against every rule bound to the map (``nft_add_set_elem``, ``nft_rhash_walk``): 155 s.
+(6.18, 2 vCPUs, a machine shared with other work; ``time`` and ``perf`` on ``nft -f`` of generated
+files in a throwaway netns; 3 endpoints per service):
+  * in one transaction the time grows faster than the square: 1.3 s for 2,000 services, 9.1 s for
+    4,000 (the prototype notes give 180-284 s for 20,000); ``__nft_set_trans_bind`` walks the
+    whole transaction for every anonymous set it binds (42 % of the time at 4,000);
+  * 20 transactions of 1,000 still took 105-121 s (the prototype notes: 39.5 s on a quieter day),
+    the last ones 14 s each: every new set walks the table's whole list of sets three times
+    (``nf_tables_newset``'s name lookup and its ``__map%d`` name allocation with sscanf,
+    ``nft_set_lookup_global`` for the rule) — 80 % of the time at 20,000. The kernel keeps sets in
+    a plain list, so any layout with one set per service is quadratic: named per-service maps
+    (``vmap @svc-map``, 20 x 1,000) took 92 s;
+  * one shared map keyed by ``numgen … offset`` is quadratic the other way: each element added is
+    validated against every rule bound to the map (``nft_add_set_elem``, ``nft_rhash_walk`` at
+    bind): 155 s in one transaction;
   * with no per-service set at all — one rule per endpoint, ``numgen random mod (N-i) == 0 goto
     endpoint-…`` and an unconditional ``goto`` for the last, i.e. kube-proxy's iptables
     ``--probability 1/(N-i)`` cascade in nft — 20,000 services load in ONE transaction in 9.5 s
-    (13.6 s with the machine busy), linear.
-So the default selection is that cascade (``selection="rules"``). What depends on the number of
-services — the ``service-ips`` hash lookup, the chain per service and per endpoint, every other
-rule — is kube-proxy's; per connection the kernel evaluates up to N-1 ``numgen``/``cmp`` pairs
-instead of one ``numgen`` and a lookup in an N-element set (N = endpoints of that service).
-``nftables-vmap`` registers kube-proxy's exact rule (``selection="vmap"``) for fidelity checks at
-small N; it loads in quadratic time (about 100 s at 20,000).
+    (13.6 s with the machine busy), linearly.
+So the default selection is that cascade (``selection="rules"``). Everything that depends on the
+number of services — the ``service-ips`` hash lookup, a chain per service and per endpoint, every
+other rule — is kube-proxy's; per new connection the kernel evaluates up to N-1 ``numgen``/``cmp``
+pairs instead of one ``numgen`` and a lookup in an N-element set (N = endpoints of that service,
+independent of the number of services). ``nftables-vmap`` registers kube-proxy's exact rule
+(``selection="vmap"``) for fidelity checks at small N; it loads in super-quadratic time (minutes
+at 20,000).
 
 Transactions. A full sync is ONE ``nft -f`` transaction that replaces the table (``add table`` +
 ``delete table`` + one ``table ip kube-proxy { … }`` block holding everything, sets declared once
@@ -47,15 +52,18 @@ with all their elements), so a failure leaves the previous rules untouched; kube
 flushes its maps and re-adds, with the same end state. (The block form costs 20 % less nft CPU
 than one command per object: 3.2 s instead of 4.0 s of user time for 20,000 services, plus ~4 s
 in the kernel.) A partial sync writes objects as declarations (``add chain X { rule ; rule ; }``,
-``add map M { …; elements = { … } ; }``) rather than ``add rule``/``add element`` lines: nft 1.0.6 (Debian 12) dumps every chain of the ruleset before
-running any ``add rule``/``add element``/``delete`` command — 0.8-1.3 s with 80,000 chains, from
-``nf_tables_dump_chains`` restarting its walk per netlink message — but not before a declaration
-(measured: adding one service at 20,000 takes 0.03-0.06 s this way, ~1 s the other). A partial sync
-adds the chains and elements of new services, flushes and rewrites the chains of changed ones, and
-deletes elements, then flushes and deletes the chains, of removed ones — in that order, in one
-transaction (deleting a chain in the transaction that drops its last reference works on the 6.x
-kernels used here; kube-proxy defers it to support kernels before 6.2). Deletions pay nft's chain
-dump (~1 s at 20,000 services); additions and endpoint changes do not.
+``add map M { …; elements = { … } ; }``) rather than ``add rule``/``add element`` lines:
+nft 1.0.6 (Debian 12) dumps every chain of the ruleset before running any ``add rule``,
+``add element`` or ``delete`` command — 0.8-1.3 s with 80,000 chains, from ``nf_tables_dump_chains``
+restarting its walk per netlink message — but not before a declaration (measured: adding one
+service at 20,000 takes 0.03-0.06 s this way, ~1 s the other). A partial sync adds the chains and
+elements of new services, flushes and rewrites the chains of changed ones, and deletes elements,
+then flushes and deletes the chains, of removed ones — in that order, in one transaction.
+Deleting a chain in the transaction that drops its last reference works on this 6.18 kernel;
+kube-proxy defers it by a second because kernels before 6.2 may still count the reference (not
+tried on the VMs' 6.1 kernel: should it fail there, the sync raises and the next one is full,
+which replaces the table). Deletions pay nft's chain dump (~1 s at 20,000 services); additions and
+endpoint changes do not.
 """
 
 from __future__ import annotations
