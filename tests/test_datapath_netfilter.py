@@ -278,7 +278,7 @@ def test_cleanup_leaves_nothing_but_foreign_rules(topo, dp):
 @pytest.mark.slow
 def test_twenty_thousand_services(topo, dp):
     if topo.datapath == "nftables-vmap":
-        pytest.skip("kube-proxy's vmap selection loads in quadratic time (~100 s at 20,000): see nftables.py")
+        pytest.skip("kube-proxy's vmap selection loads in super-quadratic time (minutes at 20,000): see nftables.py")
     n = 20_000
     eps = topo.endpoints(*BACKENDS)
     table = ServiceTable.of(ServicePort("bulk", f"svc-{k}", "", "TCP", vip(k), PORT, eps) for k in range(n))
@@ -294,3 +294,45 @@ def test_twenty_thousand_services(topo, dp):
     assert not result.full
     assert topo.who(vip(n), 3).counts == {"be1": 3}
     print(f"\n{topo.datapath}: load {n} services {load:.1f} s, add one {result.seconds:.2f} s")
+
+
+# ---------------------------------------------------------------- IPVS (no ip_vs here)
+
+def test_ipvs_preflight_points_to_the_vm_backend():
+    from labkit import doctor
+    from labkit.errors import MissingFeature
+
+    if doctor.has("ip_vs"):
+        pytest.skip("this kernel has ip_vs: the IPVS datapath runs here")
+    with pytest.raises(MissingFeature) as err:
+        get("ipvs").preflight()
+    assert err.value.feature == "ip_vs" and "VM backend" in err.value.fix
+
+
+def test_ipvs_ipset_and_iptables_input_loads_on_this_kernel():
+    """The parts of IPVS mode that do not need ip_vs: its ipsets and iptables rules load, match the
+    sets by name, and are removed again (kernel tests of IPVS itself run in the VM lab)."""
+    from labkit.datapath import ipvs
+
+    ns = f"{PREFIX}-ipvs"
+    nsexec.create_netns(ns)
+    try:
+        eps = (Endpoint("10.244.1.2", TARGET), Endpoint("10.244.2.2", TARGET))
+        t1 = ServiceTable.of([svc("web", vip(0), eps), svc("none", vip(1), ())])
+        t2 = t1.without("default/none")
+        nsexec.run(["ipset", "restore"], ns, input=ipvs.render_ipset(t1))
+        nsexec.run(["ipset", "restore"], ns, input=ipvs.render_ipset(t2, t1))
+        nsexec.run(["iptables-legacy-restore", "-w", "--noflush"], ns, input=ipvs.render_iptables(t2, CLUSTER_CIDR))
+        members = nsexec.run(["ipset", "list", "KUBE-CLUSTER-IP"], ns).stdout
+        assert f"{vip(0)},tcp:80" in members and vip(1) not in members
+        saved = nsexec.run(["iptables-legacy-save"], ns).stdout
+        assert "--match-set KUBE-CLUSTER-IP dst,dst -j KUBE-MARK-MASQ" in saved
+        assert all(j.save_line in saved for j in ipvs.JUMPS)
+        cleanup = ipt_mod.render_cleanup(ipt_mod.parse_save(saved))
+        nsexec.run(["iptables-legacy-restore", "-w", "--noflush"], ns, input=cleanup)
+        for name in ipvs.IPSETS:  # unreferenced now
+            nsexec.run(["ipset", "destroy", name], ns)
+        assert "KUBE-" not in nsexec.run(["iptables-legacy-save"], ns).stdout
+        assert nsexec.run(["ipset", "list", "-n"], ns).stdout.strip() == ""
+    finally:
+        nsexec.remove_netns(ns)
