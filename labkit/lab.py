@@ -88,6 +88,7 @@ class Lab:
         return self.backend.down(self.name)
 
     # ------------------------------------------------------------ check
+    @nsexec.outside_event_loop
     def check(self, services: bool = True, seed: int = 0) -> list[CheckResult]:
         """Real connections: every pod to every other pod, every service through its ClusterIP from
         every pod that can use it, and every service backend directly. One probe process per pod."""
@@ -228,6 +229,7 @@ def results_json(results: list[CheckResult]) -> list[dict]:
 
 # ---------------------------------------------------------------- module functions
 
+@nsexec.outside_event_loop
 def up(spec: Spec | str, progress: bool = True) -> Lab:
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     get_backend(spec.backend).up(spec, progress=progress)
@@ -238,6 +240,7 @@ def open_lab(name: str) -> Lab:
     return Lab(LabState(name).spec())
 
 
+@nsexec.outside_event_loop
 def down(name: str) -> dict:
     """Remove lab ``name``. A lab whose state folder is gone is still swept by prefix (netns backend)."""
     state = LabState(name)

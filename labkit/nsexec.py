@@ -13,8 +13,10 @@ they exec, so that nothing they do (a connect() hooked by eBPF, a timed sample) 
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
+import functools
 import os
 import subprocess
 import threading
@@ -322,3 +324,47 @@ def remove_cgroup(path: Path, timeout: float = 5.0) -> bool:
                     raise
                 time.sleep(0.01)
     return True
+
+
+# ---------------------------------------------------------------- event loops (Jupyter)
+
+def off_event_loop(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)``, in a worker thread when this thread runs an asyncio loop (Jupyter).
+    Exceptions are re-raised here; an interrupt of the cell waits for the call (a lab half built
+    would otherwise be left behind) and is then raised."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn(*args, **kwargs)
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=call, name=f"labkit-{getattr(fn, '__name__', 'call')}", daemon=True)
+    worker.start()
+    interrupted = None
+    while worker.is_alive():
+        try:
+            worker.join(0.2)
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if "error" in box:
+        raise box["error"]
+    if interrupted is not None:
+        raise interrupted
+    return box.get("value")
+
+
+def outside_event_loop(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator: run ``fn`` through :func:`off_event_loop`. pyroute2's synchronous API drives its
+    own asyncio loop and fails in a thread that already runs one (a Jupyter kernel's main thread)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return off_event_loop(fn, *args, **kwargs)
+
+    return wrapper

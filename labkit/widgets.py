@@ -37,41 +37,11 @@ import ipywidgets as W
 import pandas as pd
 import plotly.graph_objects as go
 
-from . import plots
+from . import nsexec, plots
 from .experiments import pod_modes, service_scale
 
 
-def run_blocking(fn: Callable[..., Any], *args, **kwargs) -> Any:
-    """``fn(*args, **kwargs)``, in a worker thread when this thread runs an asyncio loop (Jupyter).
-    Exceptions are re-raised here; an interrupt of the cell waits for the call (a lab half built
-    would otherwise be left behind) and is then raised."""
-    import asyncio
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return fn(*args, **kwargs)
-    box: dict[str, Any] = {}
-
-    def call() -> None:
-        try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
-
-    worker = threading.Thread(target=call, name=f"labkit-{getattr(fn, '__name__', 'call')}", daemon=True)
-    worker.start()
-    interrupted = None
-    while worker.is_alive():
-        try:
-            worker.join(0.2)
-        except KeyboardInterrupt as exc:
-            interrupted = exc
-    if "error" in box:
-        raise box["error"]
-    if interrupted is not None:
-        raise interrupted
-    return box.get("value")
+run_blocking = nsexec.off_event_loop  # kept under its first name for notebooks
 
 
 class Cancelled(KeyboardInterrupt):

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from .. import nsexec
 from ..errors import LabkitError, MeasurementError
 from ..measure import loadgen
 from ..measure.cpus import CpuPlan, pin_current_thread, plan_cpus
@@ -56,6 +57,7 @@ def point_key(row: dict[str, Any]) -> tuple:
     return tuple(str(row.get(k, "")) for k in ("datapath", "mode", "services", "position", "repeat", "metric"))
 
 
+@nsexec.outside_event_loop
 def execute(experiment: Experiment, params: Any, resume: str | None = None, progress: bool = True,
             on_point: Callable[[dict], None] | None = None) -> Run:
     plan = plan_cpus()

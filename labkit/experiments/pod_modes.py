@@ -50,6 +50,8 @@ class PodModesParams:
                      if m not in ("crr", "rr", "udp_rr", "bandwidth")]
         if self.repeats < 1 or self.samples < 10:
             problems.append("repeats must be ≥ 1 and samples ≥ 10")
+        if "bandwidth" in self.metrics and self.bandwidth_seconds < 1:
+            problems.append(f"bandwidth_seconds: {self.bandwidth_seconds} is below iperf3's 1 s minimum test time")
         if problems:
             raise LabkitError("invalid pod-modes parameters:\n  " + "\n  ".join(problems))
 

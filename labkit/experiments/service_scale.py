@@ -53,7 +53,9 @@ class ServiceScaleParams:
         return cls(services=[1, 1000, 5000], positions=["first", "last", "pod"], samples=2000, warmup=200)
 
     def validate(self) -> None:
-        problems = []
+        problems = [] if self.datapaths else ["datapaths: name at least one, e.g. iptables-nft,ebpf"]
+        if not self.services or not self.positions:
+            problems.append("services and positions: name at least one of each")
         for dp in self.datapaths:
             try:
                 get_datapath(dp)
