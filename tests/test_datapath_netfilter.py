@@ -227,6 +227,25 @@ def test_service_without_endpoints_is_refused_not_dropped(topo, dp):
     assert topo.who(vip(1), 1).counts == {}
 
 
+def test_full_sync_over_existing_rules_removes_stale_chains(topo, dp):
+    """A new datapath instance knows nothing (its first sync is full): what an earlier one left is
+    replaced, stale service chains included, and the jump rules are not duplicated."""
+    a, b = svc("web", vip(0), topo.endpoints("be0")), svc("api", vip(1), topo.endpoints("be1", "be2"))
+    dp.sync(ServiceTable.of([a, b]))
+    fresh = get(topo.datapath)(topo.ctx())
+    assert fresh.sync(ServiceTable.of([a])).full
+    if topo.datapath.startswith("iptables"):
+        saved = topo.run(f"iptables-{dp.backend}-save")
+        assert not any(c in saved for c in ipt_mod.service_chains(b))
+        for j in ipt_mod.JUMPS:
+            assert saved.count(j.save_line) == 1, j
+    else:
+        listed = topo.run("nft", "list", "table", "ip", "kube-proxy")
+        assert not any(c in listed for c in nft_mod.service_chains(b))
+    assert topo.who(vip(0), 3).counts == {"be0": 3}
+    assert topo.who(vip(1), 1).counts == {}
+
+
 def test_failed_apply_keeps_previous_rules_and_forces_a_full_sync(topo, dp, monkeypatch):
     old = ServiceTable.of([svc("web", vip(0), topo.endpoints("be0", "be1"))])
     dp.sync(old)
