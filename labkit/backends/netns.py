@@ -250,10 +250,12 @@ class NetnsBackend:
 
 
 def server_cpus() -> list[int] | None:
-    """CPU for in-pod servers and load clients: the first allowed CPU when there are two or more
-    (orchestration keeps the others), else no pinning."""
-    allowed = sorted(os.sched_getaffinity(0))
-    return allowed[:1] if len(allowed) >= 2 else None
+    """CPUs for in-pod servers: the load CPUs of the measurement plan (the client's too), so that a
+    request and its reply never cross CPUs; no pinning when the machine has a single CPU."""
+    from ..measure.cpus import plan_cpus
+
+    plan = plan_cpus()
+    return list(plan.load_cpus) if plan.pinned else None
 
 
 def _policy_ports(spec: Spec) -> set[int]:

@@ -63,7 +63,7 @@ def plan_cpus(
     """Split the CPUs this process may use (``os.sched_getaffinity(0)`` unless ``available`` is
     given) into load and orchestration sets. ``load`` / ``orchestration`` override the choice
     (CPU numbers or a cpulist string); orchestration then defaults to the remaining CPUs."""
-    avail = tuple(sorted(set(available if available is not None else os.sched_getaffinity(0))))
+    avail = tuple(sorted(set(available if available is not None else available_cpus())))
     if not avail:
         raise ValueError("no CPU available to this process")
     load_set = _override(load, avail, "load")
@@ -84,8 +84,21 @@ def _overlap_warning(avail: tuple[int, ...], load: tuple[int, ...], orch: tuple[
             "disturb the measured traffic, so latency figures will be noisier")
 
 
+_BEFORE_PINNING: tuple[int, ...] | None = None
+
+
+def available_cpus() -> tuple[int, ...]:
+    """The CPUs this process may use, as they were before labkit pinned its own thread: once the
+    orchestration thread is pinned, ``sched_getaffinity(0)`` only shows the orchestration CPU, and
+    anything planned or started from it (in-pod servers) would land there too."""
+    return _BEFORE_PINNING or tuple(sorted(os.sched_getaffinity(0)))
+
+
 def pin_current_thread(cpus: Iterable[int]) -> None:
     """Move the calling thread (and threads it starts later) to ``cpus``; used for orchestration."""
+    global _BEFORE_PINNING
+    if _BEFORE_PINNING is None:
+        _BEFORE_PINNING = tuple(sorted(os.sched_getaffinity(0)))
     os.sched_setaffinity(0, set(cpus))
 
 
