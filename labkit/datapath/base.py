@@ -97,7 +97,15 @@ class Datapath(ABC):
         return self._applied
 
     def sync(self, desired: ServiceTable) -> SyncResult:
-        changes = diff(self._applied, desired)
+        """Make the kernel match ``desired``, applying only what changed since the last sync."""
+        return self.sync_changes(desired, diff(self._applied, desired))
+
+    def sync_changes(self, desired: ServiceTable, changes: TableDiff) -> SyncResult:
+        """Apply ``changes`` that the caller already knows led to ``desired`` (kube-proxy's change
+        trackers accumulate them from watch events instead of comparing whole tables). With no
+        known previous state the change set is ignored and the sync is full."""
+        if self._applied is None and not changes.full:
+            changes = diff(None, desired)
         t0 = time.perf_counter()
         if not changes.empty:
             try:

@@ -13,6 +13,7 @@ flat; add ``rr`` to ``metrics`` to see it).
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from .. import lab as labmod
 from ..datapath import get as get_datapath
 from ..errors import LabkitError
-from ..services import Endpoint, ServicePort, ServiceTable
+from ..services import Endpoint, ServicePort, ServiceTable, TableDiff
 from ..spec import parse_spec
 from . import core
 
@@ -84,13 +85,15 @@ def lab_spec(datapath: str, mode: str, tag: str = "") -> dict:
             "nodes": [{"name": "node", "enis": enis, "pods": pods}]}
 
 
-def bulk_table(endpoints: tuple[Endpoint, ...], n: int, service_cidr: str = "10.96.0.0/12") -> ServiceTable:
-    """N services ``svc-k`` with the same three endpoints, ClusterIPs allocated in order."""
-    import ipaddress
-
+def bulk_service(endpoints: tuple[Endpoint, ...], k: int, service_cidr: str = "10.96.0.0/12") -> ServicePort:
+    """Service ``svc-k`` with ``endpoints``; ClusterIPs in order from the CIDR's 10th address."""
     base = int(ipaddress.IPv4Network(service_cidr).network_address) + 10
-    return ServiceTable.of(ServicePort("scale", f"svc-{k}", "", "TCP", str(ipaddress.IPv4Address(base + k)), 80,
-                                       endpoints) for k in range(n))
+    return ServicePort("scale", f"svc-{k}", "", "TCP", str(ipaddress.IPv4Address(base + k)), 80, endpoints)
+
+
+def bulk_table(endpoints: tuple[Endpoint, ...], n: int, service_cidr: str = "10.96.0.0/12") -> ServiceTable:
+    """N services ``svc-0 … svc-(N-1)`` with the same endpoints."""
+    return ServiceTable.of(bulk_service(endpoints, k, service_cidr) for k in range(n))
 
 
 class ServiceScale:
@@ -174,10 +177,10 @@ class ServiceScale:
             current = table
             for k in range(1, p.updates + 1):
                 row = self._row(dp, n, position="", repeat=k)
-                extra = bulk_table(self.endpoints, n + k).at(-1)
+                extra = bulk_service(self.endpoints, n + k - 1)
                 current = current.with_ports(extra)
-                t0 = time.perf_counter()
-                path.sync(current)
+                t0 = time.perf_counter()  # the change is known, as kube-proxy's trackers know it
+                path.sync_changes(current, TableDiff(added=(extra,)))
                 took = time.perf_counter() - t0
                 if core.point_key({**row, "metric": "update"}) not in ctx.done:
                     core.record_value(ctx, row, "update", took)
