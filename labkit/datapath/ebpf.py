@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from .. import nsexec
+from .. import nsexec, tc
 from ..errors import DatapathError
 from ..services import ServicePort, ServiceTable, TableDiff
 from . import ebpf_structs as S
@@ -1027,36 +1027,10 @@ class TcLB(_EbpfDatapath):
             _netlink(netns, detach)
 
 
-def _by_netns(hooks: Iterable[TcHook]) -> dict[str | None, list[TcHook]]:
-    out: dict[str | None, list[TcHook]] = {}
-    for h in hooks:
-        out.setdefault(h.netns, []).append(h)
-    return out
-
-
 # ----------------------------------------------------------------------------- netlink helpers
 
-def _netlink(netns: str | None, fn):
-    """``fn(ipr)`` with an IPRoute socket opened and used inside ``netns`` (None: this one).
-
-    The socket is created, used and closed in the namespace's helper thread: pyroute2 0.9 keeps
-    sockets per thread, so an IPRoute built in a namespace thread and used from another thread may
-    quietly talk to that other thread's namespace."""
-    from pyroute2 import IPRoute
-
-    def work():
-        ipr = IPRoute()
-        try:
-            return fn(ipr)
-        finally:
-            ipr.close()
-
-    return nsexec.in_netns(netns, work)
-
-
-def _ifindex(ipr, ifname: str) -> int | None:
-    found = ipr.link_lookup(ifname=ifname)
-    return found[0] if found else None
+_by_netns, _netlink, _ifindex, _ensure_clsact, _filters, _ignore_missing = (
+    tc.by_netns, tc.netlink, tc.ifindex, tc.ensure_clsact, tc.filters, tc.ignore_missing)
 
 
 def _pod_interface(pod_netns: str, ip: str) -> tuple[str, int]:
@@ -1076,30 +1050,6 @@ def _pod_interface(pod_netns: str, ip: str) -> tuple[str, int]:
     return found
 
 
-def _ensure_clsact(ipr, index: int) -> bool:
-    """Add the clsact qdisc unless present. True if this call created it."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        ipr.tc("add", "clsact", index)
-        return True
-    except NetlinkError as exc:
-        if exc.code != errno.EEXIST:
-            raise
-        return False
-
-
-def _filters(ipr, index: int, parent: str) -> list:
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        return list(ipr.get_filters(index=index, parent=int(parent.replace(":", ""), 16)))
-    except NetlinkError as exc:
-        if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):  # no clsact / no interface
-            return []
-        raise
-
-
 def _our_filters(ipr, index: int, parent: str) -> set[str]:
     """Names of labkit's bpf filters on one direction of an interface."""
     out = set()
@@ -1113,16 +1063,6 @@ def _our_filters(ipr, index: int, parent: str) -> set[str]:
 
 def _any_filters(ipr, index: int) -> bool:
     return any(f.get_attr("TCA_OPTIONS") for p in (TC_INGRESS, TC_EGRESS) for f in _filters(ipr, index, p))
-
-
-def _ignore_missing(fn) -> None:
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        fn()
-    except NetlinkError as exc:
-        if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-            raise
 
 
 __all__ = ["SocketLB", "TcLB", "render_full", "render_partial", "assign_slots", "ServiceIds", "MapOps",

@@ -31,7 +31,6 @@ where filters were attached (for cleanup after the loader is gone).
 from __future__ import annotations
 
 import ctypes as ct
-import errno
 import json
 import os
 import socket
@@ -41,12 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from .. import nsexec
+from .. import nsexec, tc
 from ..datapath.ebpf import Bpffs, PinnedMap, TcHook, bpf_source_dir, flatten_source, obj_get, obj_pin
 from ..errors import DatapathError
 from . import ebpf_structs as S
 from .base import PolicyEngine, register
-from .model import INGRESS, PolicyDiff, PolicyTable
+from .model import PolicyDiff, PolicyTable
 
 PROG_SCHED_CLS = 3
 TC_INGRESS = "ffff:fff2"
@@ -408,19 +407,12 @@ class EbpfPolicy(PolicyEngine):
 
 # ---------------------------------------------------------------- netlink helpers
 
-def _netlink(netns: str | None, fn):
-    """``fn(ipr)`` with an IPRoute socket created, used and closed inside ``netns`` (pyroute2 0.9
-    binds sockets per thread: one made elsewhere may talk to another namespace)."""
-    from pyroute2 import IPRoute
+_netlink, _by_netns, _ifindex, _ensure_clsact, _ignore_missing = (
+    tc.netlink, tc.by_netns, tc.ifindex, tc.ensure_clsact, tc.ignore_missing)
 
-    def work():
-        ipr = IPRoute()
-        try:
-            return fn(ipr)
-        finally:
-            ipr.close()
 
-    return nsexec.in_netns(netns, work)
+def _filters(ipr, index: int, parent: str) -> list:
+    return [f for f in tc.filters(ipr, index, parent) if f.get_attr("TCA_OPTIONS")]
 
 
 def _pod_interfaces(ipr) -> list[str]:
@@ -428,56 +420,10 @@ def _pod_interfaces(ipr) -> list[str]:
     return sorted(link.get_attr("IFLA_IFNAME") for link in ipr.get_links() if link.get_attr("IFLA_IFNAME") != "lo")
 
 
-def _by_netns(hooks: Iterable[TcHook]) -> dict[str | None, list[TcHook]]:
-    out: dict[str | None, list[TcHook]] = {}
-    for h in hooks:
-        out.setdefault(h.netns, []).append(h)
-    return out
-
-
-def _ifindex(ipr, ifname: str) -> int | None:
-    found = ipr.link_lookup(ifname=ifname)
-    return found[0] if found else None
-
-
-def _ensure_clsact(ipr, index: int) -> bool:
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        ipr.tc("add", "clsact", index)
-        return True
-    except NetlinkError as exc:
-        if exc.code != errno.EEXIST:
-            raise
-        return False
-
-
-def _filters(ipr, index: int, parent: str) -> list:
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        return [f for f in ipr.get_filters(index=index, parent=int(parent.replace(":", ""), 16))
-                if f.get_attr("TCA_OPTIONS")]
-    except NetlinkError as exc:
-        if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
-            return []
-        raise
-
-
 def _is_ours(f) -> bool:
     opts = f.get_attr("TCA_OPTIONS")
     name = opts.get_attr("TCA_BPF_NAME") if opts else None
     return f.get_attr("TCA_KIND") == "bpf" and bool(name) and name.startswith("lk_pol_")
-
-
-def _ignore_missing(fn) -> None:
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        fn()
-    except NetlinkError as exc:
-        if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-            raise
 
 
 __all__ = ["EbpfPolicy", "flatten", "render", "affected_pods", "PolicyMaps", "MapOps", "PodEntries"]
