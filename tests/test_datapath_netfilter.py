@@ -295,16 +295,16 @@ def test_cleanup_leaves_nothing_but_foreign_rules(topo, dp):
 
 
 @pytest.mark.slow
-def test_twenty_thousand_services(topo, dp):
-    if topo.datapath == "nftables-vmap":
-        pytest.skip("kube-proxy's vmap selection loads in super-quadratic time (minutes at 20,000): see nftables.py")
-    n = 20_000
+def test_services_at_scale(topo, dp):
+    # kube-proxy's own vmap selection loads in super-quadratic kernel time (minutes at 20,000, see
+    # nftables.py): its exact shape is checked at 2,000 services, the cascade at 20,000
+    n = 2_000 if topo.datapath == "nftables-vmap" else 20_000
     eps = topo.endpoints(*BACKENDS)
     table = ServiceTable.of(ServicePort("bulk", f"svc-{k}", "", "TCP", vip(k), PORT, eps) for k in range(n))
     t0 = time.monotonic()
     assert dp.sync(table).full
     load = time.monotonic() - t0
-    rng = random.Random(20_000)
+    rng = random.Random(n)
     for k in [0, n - 1, *rng.sample(range(1, n - 1), 18)]:
         res = topo.who(vip(k), 1)
         assert res.errors == 0 and sum(res.counts.values()) == 1, (k, res)
