@@ -12,6 +12,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 HOST_LINKS_AT_START: set[str] = set()
+HOST_NFT_TABLES_AT_START: set[str] = set()
 
 
 def host_links() -> set[str]:
@@ -21,9 +22,19 @@ def host_links() -> set[str]:
         return {l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
 
 
+def host_nft_tables() -> set[str]:
+    import json
+    import subprocess
+
+    out = subprocess.run(["nft", "-j", "list", "tables"], capture_output=True, text=True).stdout
+    items = json.loads(out or "{}").get("nftables", []) if out.strip() else []
+    return {f"{i['table']['family']} {i['table']['name']}" for i in items if "table" in i}
+
+
 def pytest_sessionstart(session):
     if os.geteuid() == 0:
         HOST_LINKS_AT_START.update(host_links())
+        HOST_NFT_TABLES_AT_START.update(host_nft_tables())
 
 
 def pytest_collection_modifyitems(config, items):

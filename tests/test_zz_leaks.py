@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import HOST_LINKS_AT_START, host_links
+from conftest import HOST_LINKS_AT_START, HOST_NFT_TABLES_AT_START, host_links, host_nft_tables
 
 from labkit import nsexec
 from labkit.state import list_labs
@@ -35,6 +35,12 @@ def test_no_lab_mount_left():
 def test_no_link_added_to_the_host_namespace():
     """Labs never add links to the host (VM labs add libvirt bridges and taps, and remove them)."""
     assert host_links() - HOST_LINKS_AT_START == set()
+
+
+def test_no_table_added_to_the_host_namespace():
+    """Datapaths live in node namespaces; libvirt's iptables calls (VM labs) create host tables that
+    the vagrant backend must remove again."""
+    assert host_nft_tables() - HOST_NFT_TABLES_AT_START == set()
 
 
 def test_no_lab_process_left():

@@ -150,7 +150,17 @@ def _libvirt_chains() -> list[str]:
             proc = subprocess.run([tool, "-t", table, "-S"], capture_output=True, text=True)
             found += [f"{tool}:{table}:{ln.split()[1]}" for ln in proc.stdout.splitlines()
                       if ln.startswith("-N LIBVIRT_")]
-    return found
+    return found + [f"nft:{t}" for t in _host_nft_tables()]
+
+
+def _host_nft_tables() -> list[str]:
+    """``family name`` of every nftables table in the host namespace."""
+    proc = subprocess.run(["nft", "-j", "list", "tables"], capture_output=True, text=True)
+    try:
+        items = json.loads(proc.stdout or "{}").get("nftables", [])
+    except json.JSONDecodeError:
+        return []
+    return [f"{i['table']['family']} {i['table']['name']}" for i in items if "table" in i]
 
 
 def ensure_libvirtd(lab: str) -> None:
@@ -226,6 +236,19 @@ def _remove_libvirt_chains(before: list[str]) -> None:
             for chain in ours:
                 subprocess.run([tool, "-t", table, "-F", chain], capture_output=True)
                 subprocess.run([tool, "-t", table, "-X", chain], capture_output=True)
+    # iptables-nft made the tables themselves (ip/ip6 filter, nat, mangle) for libvirt's rules: drop
+    # those that were not there before and now hold no rule
+    for table in _host_nft_tables():
+        family, name = table.split()
+        if f"nft:{table}" in before or name not in LIBVIRT_CHAINS or family not in ("ip", "ip6"):
+            continue
+        listing = subprocess.run(["nft", "-j", "list", "table", family, name], capture_output=True, text=True)
+        try:
+            items = json.loads(listing.stdout or "{}").get("nftables", [])
+        except json.JSONDecodeError:
+            continue
+        if not any("rule" in i for i in items):
+            subprocess.run(["nft", "delete", "table", family, name], capture_output=True)
 
 
 # ================================================================ KVM or TCG
