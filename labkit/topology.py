@@ -271,6 +271,14 @@ class NodeWiring:
         return PodIface(pod.name, "", pns.name, str(pp.ip), pod.mode)
 
 
+def pod_ifaces(spec: Spec, plan: AddressPlan, node_name: str, netns_of: Callable[[str], str]) -> tuple[PodIface, ...]:
+    """A node's pods as datapaths see them: the node-side interface facing each pod (``lx-<pod>``;
+    none for macvlan/ipvlan slaves, which hang off an ENI) and the pod's namespace and address."""
+    node = next(n for n in spec.nodes if n.name == node_name)
+    return tuple(PodIface(p.name, "" if p.mode in ("eni-ipvlan", "macvlan") else f"lx-{p.name}", netns_of(p.name),
+                          str(plan.pods[p.name].ip), p.mode) for p in node.pods)
+
+
 def vpc_routes(plan: AddressPlan) -> list[tuple[str, dict]]:
     """The VPC route table as (destination, {via NIC router-side name, gateway or on-link}) entries."""
     routes: list[tuple[str, dict]] = []

@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .. import addressing, doctor, nsexec, topology
-from ..datapath import NodeContext, PodIface
+from ..datapath import NodeContext
 from ..datapath import get as get_datapath
 from ..errors import BackendError
 from ..services import table_from_spec
@@ -173,11 +173,7 @@ class NetnsBackend:
     def node_context(self, spec: Spec, node_name: str, plan: addressing.AddressPlan | None = None) -> NodeContext:
         plan = plan or addressing.plan(spec)
         node = next(n for n in spec.nodes if n.name == node_name)
-        pods = []
-        for pod in node.pods:
-            pp = plan.pods[pod.name]
-            host = "" if pod.mode in ("eni-ipvlan", "macvlan") else f"lx-{pod.name}"
-            pods.append(PodIface(pod.name, host, self.netns_name(spec.name, pod.name), str(pp.ip), pod.mode))
+        pods = topology.pod_ifaces(spec, plan, node.name, lambda pod: self.netns_name(spec.name, pod))
         return NodeContext(lab=spec.name, prefix=spec.prefix, node=node.name,
                            netns=self.netns_name(spec.name, node.name), pod_cidr=spec.pod_cidr,
                            service_cidr=spec.service_cidr,

@@ -52,7 +52,7 @@ from pathlib import Path
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .. import addressing, box, doctor, nsexec, topology
-from ..datapath import NodeContext, PodIface
+from ..datapath import NodeContext
 from ..datapath import get as get_datapath
 from ..errors import BackendError, LabStateError
 from ..spec import Spec
@@ -543,11 +543,7 @@ Host *
         """The datapath's view of a node as seen from the host: ``run()`` goes over ssh into the VM."""
         plan = plan or addressing.plan(spec)
         node = next(n for n in spec.nodes if n.name == node_name)
-        pods = []
-        for pod in node.pods:
-            pp = plan.pods[pod.name]
-            host = "" if pod.mode in ("eni-ipvlan", "macvlan") else f"lx-{pod.name}"
-            pods.append(PodIface(pod.name, host, self.pod_netns(spec, pod.name), str(pp.ip), pod.mode))
+        pods = topology.pod_ifaces(spec, plan, node.name, lambda pod: self.pod_netns(spec, pod))
         return VmNodeContext(lab=spec.name, prefix=spec.prefix, node=node.name, netns=None, pod_cidr=spec.pod_cidr,
                              service_cidr=spec.service_cidr, state_dir=Path(f"/run/labkit/{spec.name}/nodes/{node.name}"),
                              cgroup=Path("/sys/fs/cgroup") / f"lk-{spec.name}" / node.name, pods=tuple(pods),

@@ -108,15 +108,7 @@ class Datapath(ABC):
             changes = diff(None, desired)
         t0 = time.perf_counter()
         if not changes.empty:
-            try:
-                self.apply(desired, changes)
-            except LabkitError:
-                self._applied = None
-                raise
-            except (OSError, subprocess.SubprocessError) as exc:
-                self._applied = None
-                detail = getattr(exc, "stderr", "") or ""
-                raise DatapathError(f"{self.name} on node {self.ctx.node}: {exc} {detail}".strip()) from exc
+            guarded_apply(self, f"{self.name} on node {self.ctx.node}", lambda: self.apply(desired, changes))
         self._applied = desired
         return SyncResult(self.name, self.ctx.node, changes.full, len(changes.added), len(changes.removed),
                           len(changes.changed), len(desired), time.perf_counter() - t0)
@@ -133,6 +125,21 @@ class Datapath(ABC):
         """Counts for `labkit` inspection (rules, map entries …); subclasses add what they know."""
         return {"datapath": self.name, "node": self.ctx.node,
                 "services": None if self._applied is None else len(self._applied)}
+
+
+def guarded_apply(owner, label: str, apply) -> None:
+    """Run ``apply()``; if it fails, forget what ``owner`` last applied (``owner._applied = None``) so
+    that its next sync is full, as kube-proxy does after a failed sync, and raise a DatapathError
+    that carries the tool's stderr."""
+    try:
+        apply()
+    except LabkitError:
+        owner._applied = None
+        raise
+    except (OSError, subprocess.SubprocessError) as exc:
+        owner._applied = None
+        detail = getattr(exc, "stderr", "") or ""
+        raise DatapathError(f"{label}: {exc} {detail}".strip()) from exc
 
 
 REGISTRY: dict[str, type[Datapath]] = {}

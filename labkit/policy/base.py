@@ -15,14 +15,13 @@ Engines are chosen by name from :data:`REGISTRY` (``policy_engine:`` in the spec
 from __future__ import annotations
 
 import importlib
-import subprocess
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..datapath.base import NodeContext
-from ..errors import DatapathError, LabkitError
+from ..datapath.base import NodeContext, guarded_apply
+from ..errors import LabkitError
 from .model import PolicyDiff, PolicyTable, diff
 
 
@@ -64,15 +63,8 @@ class PolicyEngine(ABC):
         changes = diff(self._applied, desired)
         t0 = time.perf_counter()
         if not changes.empty:
-            try:
-                self.apply(desired, changes)
-            except LabkitError:
-                self._applied = None
-                raise
-            except (OSError, subprocess.SubprocessError) as exc:
-                self._applied = None
-                detail = getattr(exc, "stderr", "") or ""
-                raise DatapathError(f"policy engine {self.name} on node {self.ctx.node}: {exc} {detail}".strip()) from exc
+            guarded_apply(self, f"policy engine {self.name} on node {self.ctx.node}",
+                          lambda: self.apply(desired, changes))
         self._applied = desired
         return PolicySyncResult(self.name, self.ctx.node, changes.full, len(desired), desired.rules(),
                                 changes.counts(), time.perf_counter() - t0)
