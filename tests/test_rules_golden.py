@@ -86,6 +86,19 @@ def test_iptables_chain_names_match_an_independent_implementation():
         assert len(ipt.service_chain(sp)) <= 28  # iptables' limit, the reason for the hash
 
 
+def test_batch_chain_names_equal_one_by_one_with_and_without_numpy(monkeypatch):
+    rng = random.Random(11)
+    ports = [ServicePort(f"ns{rng.randrange(9)}", f"svc-{k}", rng.choice(["", "http"]), rng.choice(["TCP", "UDP"]),
+                         "10.96.0.1", 80, eps(*[f"10.244.{rng.randrange(256)}.{rng.randrange(256)}"
+                                               for _ in range(rng.randrange(4))]))
+             for k in range(300)]
+    table = ServiceTable.of(ports)
+    expected = {sp.key: ipt.service_chains(sp) for sp in table if sp.endpoints}
+    assert ipt._names(table) == expected and len(expected) > 200
+    monkeypatch.setitem(__import__("sys").modules, "numpy", None)  # "import numpy" now raises ImportError
+    assert ipt._names(table) == expected
+
+
 def test_nftables_chain_names_are_kube_proxys():
     # From the doc comments of kube-proxy's pkg/proxy/nftables/proxier.go.
     sp = ServicePort("ns1", "svc1", "p80", "TCP", "172.30.0.41", 80, eps("10.180.0.1", port=80))
