@@ -224,3 +224,70 @@ def test_server_survives_rude_clients_and_speaks_http(server):
 def test_server_start_failure_reports_stderr(server):
     with pytest.raises(MeasurementError, match="Address already in use"):
         loadgen.start_server(server, "pod-b", PORT, timeout=3)
+
+
+# ---------------------------------------------------------------- sessions and interleaved points
+
+@needs_root
+def test_client_session_runs_many_and_survives_bad_requests(server, tmp_path):
+    with loadgen.ClientSession(server, cpus=LOAD_CPUS) as s:
+        pid = s.proc.pid
+        for i, mode in enumerate(["crr", "rr", "udp_rr", "crr"]):
+            raw = tmp_path / f"{i}.i64"
+            r = s.run(mode, "127.0.0.1", PORT, samples=300, warmup=5, raw_path=raw)
+            assert r["mode"] == mode and r["samples"] == 300 and r["errors"] == 0
+            assert stats.latency_stats(stats.load_raw(raw))["p50_us"] == pytest.approx(r["p50_us"], abs=0.001)
+        with pytest.raises(MeasurementError, match="consecutive errors|ECONNREFUSED") as info:
+            s.run("crr", "127.0.0.1", CLOSED, samples=100, max_errors=3)
+        assert info.value.result["aborted"] and info.value.result["errors"] == 3
+        with pytest.raises(ValueError, match="space-separated"):
+            s.run("crr", "127.0.0.1", PORT, samples=10, raw_path=tmp_path / "a b.i64")
+        s.proc.stdin.write(b"--mode nope --host 127.0.0.1 --port 1\n")  # a bad line straight to it
+        s.proc.stdin.flush()
+        assert "--mode must be" in loadgen._read_line(s.proc, 5)
+        assert s.run("crr", "127.0.0.1", PORT, samples=50)["samples"] == 50  # the same process goes on
+        assert s.proc.pid == pid and s.proc.poll() is None
+    assert s.proc.poll() == 0  # closing its stdin ends it
+
+
+@needs_root
+def test_interleaved_points_resume_mid_slice(server, tmp_path, monkeypatch):
+    """Points measured in slices: an interruption after any slice resumes without measuring a slice
+    twice, each point ends with exactly its samples, and no slice file is left behind."""
+    from labkit.experiments import core
+    from labkit.results import Run
+
+    monkeypatch.setenv("LABKIT_RESULTS", str(tmp_path))
+    run_ = Run.create("probe", {})
+    plan = cpus.plan_cpus()
+    points = [core.LatencyPoint({"datapath": "none", "mode": "lo", "services": 1, "position": pos, "repeat": rep},
+                                "crr", server, None, "127.0.0.1", port)
+              for rep in (1, 2) for pos, port in (("a", PORT), ("b", PORT2))]
+    seen: list[tuple[str, int]] = []
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(limit):
+        def on_slice(pt, k):
+            seen.append((pt.key, k))
+            if len(seen) == limit:
+                raise Stop
+        return on_slice
+
+    ctx = core.RunContext(run_, None, plan, set(), progress=False)
+    with pytest.raises(Stop):  # in the middle of the third round of four
+        core.measure_interleaved(ctx, points, 200, 10, slices=4, rng=__import__("random").Random(1),
+                                 on_slice=stop_after(10))
+    assert run_.points().empty  # no point finished yet
+    rounds = [sorted(key for key, k in seen if k == r) for r in range(2)]
+    assert rounds[0] == rounds[1] == sorted(pt.key for pt in points)  # every point once per round
+    ctx = core.RunContext(run_, None, plan, {core.point_key(r) for r in run_.points().to_dict("records")})
+    core.measure_interleaved(ctx, points, 200, 10, slices=4, rng=__import__("random").Random(2),
+                             on_slice=stop_after(-1))
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == 4 * 4  # each slice measured once
+    pts = run_.points()
+    assert len(pts) == 4 and (pts.samples == 200).all() and (pts.errors == 0).all()
+    for row in pts.itertuples():
+        assert stats.load_raw(run_.path / "raw" / row.raw).size == 200
+    assert sorted(p.name for p in (run_.path / "raw").iterdir()) == sorted(pts.raw)  # no .s*, .slices, .tmp

@@ -3,8 +3,9 @@
 One small lab per datapath (a node with a client pod and three backend pods, ``ss-<datapath>``), so
 that every datapath keeps its table loaded while the others are measured. For each number of
 services N: each datapath's table is flushed and loaded with N services (timed: ``load``), then in
-every repeat the datapaths are measured in a fresh random order (interleaved, so that drift of the
-machine hits all of them alike) — TCP_CRR to the service at each position of the table (``first``,
+every repeat the datapaths are measured in a fresh random order, every point in ``slices`` slices
+round-robin with all the others (:func:`labkit.experiments.core.measure_interleaved`: this
+machine's speed steps every few tenths of a second, and each point should see the same mix) — TCP_CRR to the service at each position of the table (``first``,
 ``middle``, ``last``, ``random``) and to a backend directly (``pod``, the no-Service floor) — and
 finally one service is added three times (timed: ``update``). CRR is the metric that shows the
 table: a Service rule is walked on a connection's first packet only (established connections are
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from .. import lab as labmod
 from ..datapath import get as get_datapath
 from ..errors import LabkitError
+from ..measure.cpus import wait_quiet
 from ..services import Endpoint, ServicePort, ServiceTable, TableDiff
 from ..spec import parse_spec
 from . import core
@@ -44,6 +46,7 @@ class ServiceScaleParams:
     samples: int = 5000
     warmup: int = 300
     size: int = 64
+    slices: int | None = None  # slices per point, interleaved with all the others (None: samples/100, ≤ 50)
     updates: int = 3
     mode: str = "veth"
     seed: int = 1
@@ -52,6 +55,11 @@ class ServiceScaleParams:
     def quick(cls) -> ServiceScaleParams:
         """≤ 3 minutes here: the README's and CI's run."""
         return cls(services=[1, 1000, 5000], positions=["first", "last", "pod"], samples=2000, warmup=200)
+
+    @property
+    def n_slices(self) -> int:
+        """``slices``, or by default one per 100 samples (at most 50, at least 1)."""
+        return self.slices if self.slices is not None else max(1, min(50, self.samples // 100))
 
     def validate(self) -> None:
         problems = [] if self.datapaths else ["datapaths: name at least one, e.g. iptables-nft,ebpf"]
@@ -69,6 +77,9 @@ class ServiceScaleParams:
             problems.append("services: every N must be in 1..65536")
         if self.repeats < 1 or self.samples < 10:
             problems.append("repeats must be ≥ 1 and samples ≥ 10")
+        if self.slices is not None and not 1 <= self.slices <= self.samples // 10:
+            problems.append(f"slices: must be in 1..samples/10 (= {self.samples // 10}), so that each slice "
+                            "has at least 10 samples")
         bad = [m for m in self.metrics if m not in ("crr", "rr")]
         if bad:
             problems.append(f"metrics: unknown {bad}; expected crr and/or rr")
@@ -127,19 +138,22 @@ class ServiceScale:
     def measure(self, ctx: core.RunContext) -> None:
         p: ServiceScaleParams = ctx.params
         rng = random.Random(p.seed)
-        per_n = p.repeats * len(p.datapaths) * len(p.positions) * len(p.metrics)
-        bar = tqdm(total=per_n * len(p.services), desc="service-scale", unit="pt", disable=not ctx.progress)
+        per_n = p.repeats * len(p.datapaths) * len(p.positions) * len(p.metrics) * p.n_slices
+        bar = tqdm(total=per_n * len(p.services), desc="service-scale", unit="slice",
+                   disable=not ctx.progress)
         try:
             for n in p.services:
                 table = bulk_table(self.endpoints, n)
                 picks = {"first": 0, "middle": n // 2, "last": n - 1, "random": rng.randrange(n)}
                 self._load(ctx, n, table)
-                for rep in range(1, p.repeats + 1):
-                    for dp in rng.sample(p.datapaths, len(p.datapaths)):
-                        for pos in p.positions:
-                            for metric in p.metrics:
-                                self._point(ctx, dp, n, table, picks, pos, rep, metric)
-                                bar.update()
+                self._settle(ctx, n)
+                points = [self._point(dp, n, table, picks, pos, rep, metric)
+                          for rep in range(1, p.repeats + 1)
+                          for dp in rng.sample(p.datapaths, len(p.datapaths))
+                          for pos in p.positions for metric in p.metrics]
+                bar.update(sum(core.point_key(pt.full) in ctx.done for pt in points) * p.n_slices)
+                core.measure_interleaved(ctx, points, p.samples, p.warmup, p.size, p.n_slices,
+                                         rng=random.Random(f"{p.seed}-{n}"), on_slice=lambda *_: bar.update())
                 self._updates(ctx, n, table)
         finally:
             bar.close()
@@ -157,19 +171,25 @@ class ServiceScale:
             if core.point_key({**row, "metric": "load"}) not in ctx.done:
                 core.record_value(ctx, row, "load", took)
 
-    def _point(self, ctx, dp, n, table, picks, pos, rep, metric) -> None:
+    def _settle(self, ctx: core.RunContext, n: int) -> None:
+        """Wait for the load CPUs to go idle after the loads (the kernel frees the old tables in
+        the background for seconds); the wait is kept in the manifest (``settle_s``)."""
+        if not ctx.cpus.pinned:
+            return
+        waited = wait_quiet(ctx.cpus.load_cpus)
+        settle = {**ctx.run.manifest().get("settle_s", {}), str(n): round(waited, 2)}
+        ctx.run.update_manifest(settle_s=settle)
+
+    def _point(self, dp, n, table, picks, pos, rep, metric) -> core.LatencyPoint:
         index = picks.get(pos)
         row = self._row(dp, n, position=pos, repeat=rep, service_index="" if index is None else index)
-        if core.point_key({**row, "metric": metric}) in ctx.done:
-            return
         if pos == "pod":
             host, port = self.endpoints[0].ip, self.endpoints[0].port
         else:
             sp = table.at(index)
             host, port = sp.cluster_ip, sp.port
         netns, cgroup = self.clients[dp]
-        p: ServiceScaleParams = ctx.params
-        core.measure_latency(ctx, netns, cgroup, metric, host, port, row, p.samples, p.warmup, p.size)
+        return core.LatencyPoint(row, metric, netns, cgroup, host, port)
 
     def _updates(self, ctx: core.RunContext, n: int, table: ServiceTable) -> None:
         p: ServiceScaleParams = ctx.params

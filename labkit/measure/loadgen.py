@@ -6,6 +6,8 @@ cgroup) and is pinned to the load CPUs from :mod:`labkit.measure.cpus` before it
 
 - :func:`start_server` starts ``lkserver`` and returns once it printed its readiness line.
 - :func:`run_client` runs ``lkclient`` once and returns its JSON result as a dict.
+- :class:`ClientSession` keeps one ``lkclient --serve`` in a pod and runs many measurements
+  through it (slices of interleaved points: a pipe round trip each instead of a process start).
 - :func:`who` asks a Service address ``count`` times which pod answered.
 
 A program that fails raises :class:`~labkit.errors.MeasurementError` carrying its stderr; raw
@@ -189,6 +191,73 @@ def run_client(
         err.result = result  # type: ignore[attr-defined]  # partial figures, if it printed any
         raise err
     return result
+
+
+class ClientSession:
+    """One ``lkclient --serve`` process inside ``netns``/``cgroup``, pinned to ``cpus``, that runs
+    measurements on request (:meth:`run`, same options and result as :func:`run_client`). It waits
+    on its stdin between requests, using no CPU. Use as a context manager, or :meth:`close`."""
+
+    def __init__(self, netns: str | None, cgroup: Path | None = None, cpus: Sequence[int] | None = None):
+        _require_netns(netns)
+        self.where = f" from netns {netns}" if netns else ""
+        self._err = tempfile.TemporaryFile()
+        self.proc = nsexec.spawn([str(binary("lkclient")), "--serve"], netns, cgroup=cgroup, cpus=cpus,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err)
+
+    def run(self, mode: str, host: str, port: int, samples: int = 1000, warmup: int | None = None,
+            size: int = 64, raw_path: Path | None = None, timeout: float | None = None,
+            **options: Any) -> dict[str, Any]:
+        argv = client_argv(mode, host, port, samples, warmup, size, raw_path, **options)[1:]
+        if any(not a or any(c.isspace() for c in a) for a in argv):
+            raise ValueError(f"lkclient --serve takes space-separated options; got {argv}")
+        if timeout is None:
+            per_try = (options.get("connect_timeout_ms", 1000) + options.get("timeout_ms", 1000)) / 1000
+            timeout = 60 + per_try * min(samples + (warmup or 0), 1000)
+        where = f"{host}:{port}{self.where}"
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write((" ".join(argv) + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died: reading says how
+        line = _read_line(self.proc, timeout)
+        result = _parse_result(line)
+        if result is None:
+            self.proc.kill()
+            self.proc.wait()
+            stderr = _read_log(self._err, None)
+            self.close()
+            raise MeasurementError(f"lkclient --serve {mode} to {where} gave no result within {timeout:g} s "
+                                   f"(exit code {self.proc.returncode}): {stderr}")
+        if "error" in result:
+            raise MeasurementError(f"lkclient --serve {mode} to {where}: {result['error']}")
+        if result.get("aborted"):
+            err = MeasurementError(f"lkclient {mode} to {where} aborted after {result.get('errors')} errors: "
+                                   f"{result.get('error_kinds')}")
+            err.result = result  # type: ignore[attr-defined]
+            raise err
+        return result
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # type: ignore[union-attr]
+                self.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdout, self.proc.stdin):
+            if f and not f.closed:
+                f.close()
+        if not self._err.closed:
+            self._err.close()
+
+    def __enter__(self) -> ClientSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _parse_result(stdout: str) -> dict[str, Any] | None:
