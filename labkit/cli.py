@@ -261,8 +261,8 @@ def _add_measurement(sub) -> None:
     p.add_argument("--repeats", type=int)
     p.add_argument("--samples", type=int, help="samples per point")
     p.add_argument("--warmup", type=int)
-    p.add_argument("--slices", type=int, help="service-scale: measure each point in this many slices, "
-                   "interleaved with every other point of the same N (default: one per 100 samples, at most 50)")
+    p.add_argument("--burst", type=int, help="service-scale: samples per point per turn; the points of an N "
+                   "are measured interleaved, turn by turn (default 20)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue a run that was stopped")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

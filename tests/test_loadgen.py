@@ -251,9 +251,27 @@ def test_client_session_runs_many_and_survives_bad_requests(server, tmp_path):
 
 
 @needs_root
-def test_interleaved_points_resume_mid_slice(server, tmp_path, monkeypatch):
-    """Points measured in slices: an interruption after any slice resumes without measuring a slice
-    twice, each point ends with exactly its samples, and no slice file is left behind."""
+def test_client_session_burst_interleaves_targets_and_appends(server, tmp_path):
+    a, b = tmp_path / "a.i64", tmp_path / "b.i64"
+    with loadgen.ClientSession(server, cpus=LOAD_CPUS) as s:
+        for mode in ("crr", "rr", "udp_rr"):
+            res = s.burst(mode, [("127.0.0.1", PORT, a), ("127.0.0.1", PORT2, b)], 30, warmup=2)
+            assert [r["samples"] for r in res] == [30, 30] and not any(r["aborted"] for r in res)
+        assert stats.load_raw(a).size == stats.load_raw(b).size == 90  # appended, burst after burst
+        res = s.burst("crr", [("127.0.0.1", PORT, a), ("127.0.0.1", CLOSED, b)], 20, max_errors=3)
+        assert res[0]["samples"] == 20 and not res[0]["aborted"]
+        assert res[1]["aborted"] and res[1]["errors"] == 3 and res[1]["error_kinds"] == {"ECONNREFUSED": 3}
+        with pytest.raises(MeasurementError, match="interleaved targets take crr, rr or udp_rr"):
+            s.burst("who", [("127.0.0.1", PORT, a)], 5)
+        assert s.run("crr", "127.0.0.1", PORT, samples=10)["samples"] == 10  # still serving
+
+
+@needs_root
+def test_interleaved_points_resume_where_the_raw_files_stopped(server, tmp_path, monkeypatch):
+    """Points measured interleaved in bursts: a kill between bursts (or mid-write) resumes from the
+    raw files, nothing is measured twice, and each point ends with exactly its samples."""
+    import random
+
     from labkit.experiments import core
     from labkit.results import Run
 
@@ -261,33 +279,36 @@ def test_interleaved_points_resume_mid_slice(server, tmp_path, monkeypatch):
     run_ = Run.create("probe", {})
     plan = cpus.plan_cpus()
     points = [core.LatencyPoint({"datapath": "none", "mode": "lo", "services": 1, "position": pos, "repeat": rep},
-                                "crr", server, None, "127.0.0.1", port)
-              for rep in (1, 2) for pos, port in (("a", PORT), ("b", PORT2))]
-    seen: list[tuple[str, int]] = []
+                                metric, server, None, "127.0.0.1", port)
+              for rep in (1, 2) for pos, port in (("a", PORT), ("b", PORT2)) for metric in ("crr", "rr")]
+    got = []
 
     class Stop(Exception):
         pass
 
     def stop_after(limit):
-        def on_slice(pt, k):
-            seen.append((pt.key, k))
-            if len(seen) == limit:
+        def on_samples(n):
+            got.append(n)
+            if len(got) == limit:
                 raise Stop
-        return on_slice
+        return on_samples
 
     ctx = core.RunContext(run_, None, plan, set(), progress=False)
-    with pytest.raises(Stop):  # in the middle of the third round of four
-        core.measure_interleaved(ctx, points, 200, 10, slices=4, rng=__import__("random").Random(1),
-                                 on_slice=stop_after(10))
-    assert run_.points().empty  # no point finished yet
-    rounds = [sorted(key for key, k in seen if k == r) for r in range(2)]
-    assert rounds[0] == rounds[1] == sorted(pt.key for pt in points)  # every point once per round
-    ctx = core.RunContext(run_, None, plan, {core.point_key(r) for r in run_.points().to_dict("records")})
-    core.measure_interleaved(ctx, points, 200, 10, slices=4, rng=__import__("random").Random(2),
-                             on_slice=stop_after(-1))
-    assert sorted(seen) == sorted(set(seen)) and len(seen) == 4 * 4  # each slice measured once
+    with pytest.raises(Stop):  # two metrics = two sessions; stop after 3 bursts of 4 points × 25
+        core.measure_interleaved(ctx, points, 200, 10, burst=25, rng=random.Random(1), on_samples=stop_after(3))
+    assert got == [100, 100, 100] and run_.points().empty
+    counts = {pt.key: stats.load_raw(run_.raw_path(pt.key)).size for pt in points}
+    assert sorted(counts.values()) == [25] * 4 + [50] * 4  # a burst advances all points of its session
+    torn = run_.raw_path(points[0].key)
+    with open(torn, "ab") as f:
+        f.write(b"\x01\x02\x03")  # a kill in the middle of an append
+    before = {k: stats.load_raw(run_.raw_path(k))[: counts[k]].tolist() for k in counts}
+    ctx = core.RunContext(run_, None, plan, set())
+    core.measure_interleaved(ctx, points, 200, 10, burst=25, rng=random.Random(2), on_samples=stop_after(-1))
+    assert sum(got) == 8 * 200  # each sample measured once
     pts = run_.points()
-    assert len(pts) == 4 and (pts.samples == 200).all() and (pts.errors == 0).all()
-    for row in pts.itertuples():
-        assert stats.load_raw(run_.path / "raw" / row.raw).size == 200
-    assert sorted(p.name for p in (run_.path / "raw").iterdir()) == sorted(pts.raw)  # no .s*, .slices, .tmp
+    assert len(pts) == 8 and (pts.samples == 200).all() and (pts.errors == 0).all()
+    for pt in points:
+        raw = stats.load_raw(run_.raw_path(pt.key))
+        assert raw.size == 200 and raw[: counts[pt.key]].tolist() == before[pt.key]  # earlier samples kept
+    assert sorted(p.name for p in (run_.path / "raw").iterdir()) == sorted(pts.raw)  # no .errors left

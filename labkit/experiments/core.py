@@ -7,9 +7,9 @@ run ``complete``, ``interrupted`` or ``failed`` in its manifest. Points already 
 passed to ``measure`` so that a resumed run skips them.
 
 :func:`measure_latency` runs one latency point (``lkclient`` in a pod, pinned to the load CPU, raw
-samples saved) and appends its row. :func:`measure_interleaved` measures several points together in
-slices, round-robin, so that each point's samples are spread over the same stretch of time (why:
-see its docstring).
+samples saved) and appends its row. :func:`measure_interleaved` measures several points together,
+interleaved sample by sample, so that each point's samples are spread over the same stretch of
+time (why: see its docstring).
 """
 
 from __future__ import annotations
@@ -144,102 +144,101 @@ class LatencyPoint:
                                                             "metric"))
 
 
-def slice_sizes(samples: int, slices: int) -> list[int]:
-    """``samples`` split into ``slices`` near-equal parts (the first ones one larger), none empty."""
-    slices = max(1, min(slices, samples))
-    q, r = divmod(samples, slices)
-    return [q + (i < r) for i in range(slices)]
-
-
 def measure_interleaved(ctx: RunContext, points: list[LatencyPoint], samples: int, warmup: int,
-                        size: int = 64, slices: int = 1, rng: random.Random | None = None,
-                        on_slice: Callable[[LatencyPoint, int], None] | None = None) -> None:
-    """Measure ``points`` together: ``slices`` rounds, each running every unfinished point for its
-    share of ``samples``, in a fresh random order per round (``rng``; without it round k starts k
-    places further down the list), so that no point always follows the same one. A point's row is
-    appended when its last slice is done, from all its samples.
+                        size: int = 64, burst: int = 20, rng: random.Random | None = None,
+                        on_samples: Callable[[int], None] | None = None) -> None:
+    """Measure ``points`` together, finely interleaved, until each has ``samples`` samples.
 
-    Why: this machine's speed changes in steps every 0.1-3 s (CRR p50 of a pod-to-pod path flips
-    between ~100, ~120 and ~150 µs; the host, not labkit). A point measured in one 0.6 s stretch
-    gets whichever steps fell in it, so repeats of it differed by 5-30 %; sliced, each point sees
-    the mix of the whole round, the same mix as the points it is compared with.
+    Why: this machine's speed changes in steps every 0.1-3 s (the CRR p50 of one pod-to-pod path
+    flips between ~100, ~120 and ~150 µs; the host, not labkit). A point measured in one stretch
+    gets whichever steps fell in it: points measured one after the other differed by 5-30 % between
+    repeats. Interleaved, every point sees the same mix of steps as the points it is compared with.
 
-    Each slice's raw samples are kept as ``<raw>.s<k>`` (renamed into place only once ``lkclient``
-    has finished), so a killed run resumes at the slice it was in: ``ctx.done`` holds the finished
-    points, and the slice files of an unfinished one say how far it got.
-
-    One ``lkclient --serve`` per client pod runs every slice of that pod (a slice costs a pipe
-    round trip, not a process start); each is warmed up with ``warmup`` connections to its first
-    point, then each slice with ``warmup / slices`` (at least ``min(warmup, 5)``) to its own."""
-    sizes = slice_sizes(samples, slices)
-    warm = max(-(-warmup // len(sizes)), min(warmup, 5))
+    How: one ``lkclient --serve`` per client pod (and metric) takes all of that pod's points in
+    bursts (:meth:`~labkit.measure.loadgen.ClientSession.burst`): ``burst`` samples per point, one
+    attempt per point in turn. Bursts of the different pods alternate in a fresh random order
+    (``rng``) each cycle. Each session warms up once with ``warmup`` attempts spread over its
+    points, and every burst discards its first attempt per point (the first after another pod
+    ran). A point's samples are appended to its raw file as they come; its row is appended once it
+    has all of them. A killed run resumes where the raw files stopped (``ctx.done`` holds the
+    finished points; a torn last write is cut off)."""
     todo = [pt for pt in points if point_key(pt.full) not in ctx.done]
-    last = len(sizes) - 1
+    have: dict[str, int] = {}
+    for pt in todo:
+        have[pt.key] = _raw_count(ctx.run.raw_path(pt.key))
+    groups: dict[tuple, list[LatencyPoint]] = {}
+    for pt in todo:
+        if have[pt.key] >= samples:  # measured before a kill, not yet recorded
+            _finish_point(ctx, pt, ctx.run.raw_path(pt.key))
+        else:
+            groups.setdefault((pt.netns, pt.cgroup, pt.metric), []).append(pt)
     cpus = ctx.cpus.load_cpus if ctx.cpus.pinned else None
     sessions: dict[tuple, loadgen.ClientSession] = {}
     try:
-        for pt in todo:  # one lkclient per client pod, warmed up once on its first point
-            if (pt.netns, pt.cgroup) not in sessions:
-                s = sessions[pt.netns, pt.cgroup] = loadgen.ClientSession(pt.netns, pt.cgroup, cpus)
-                if warmup:
-                    s.run(pt.metric, pt.host, pt.port, samples=1, warmup=warmup, size=size)
-        for k, n in enumerate(sizes):
-            if rng is not None:
-                order = rng.sample(todo, len(todo))
-            else:
-                shift = k % len(todo) if todo else 0
-                order = todo[shift:] + todo[:shift]
-            for pt in order:
-                raw = ctx.run.raw_path(pt.key)
-                part = _slice_path(raw, k)
-                if not part.exists():
-                    tmp = part.with_name(part.name + ".tmp")
-                    try:
-                        res = sessions[pt.netns, pt.cgroup].run(pt.metric, pt.host, pt.port, samples=n,
-                                                                warmup=warm, size=size, raw_path=tmp)
-                    except MeasurementError as exc:
-                        partial = getattr(exc, "result", None) or {}
-                        ctx.record({**pt.full, "samples": partial.get("samples", 0),
-                                    "errors": _slice_errors(raw) + partial.get("errors", n), "raw": ""})
-                        raise
-                    with open(raw.with_name(raw.name + ".slices"), "a") as log:  # errors survive a resume
-                        log.write(f"{k} {int(res.get('errors') or 0)}\n")
-                    os.replace(tmp, part)
-                    if on_slice:
-                        on_slice(pt, k)
-                if k == last:
-                    _finish_point(ctx, pt, raw, len(sizes))
+        for key, pts in groups.items():
+            sess = sessions[key] = loadgen.ClientSession(key[0], key[1], cpus)
+            if warmup:
+                sess.burst(key[2], [(pt.host, pt.port, Path(os.devnull)) for pt in pts], 1,
+                           warmup=-(-warmup // len(pts)), size=size)
+        while groups:
+            keys = list(groups)
+            for key in rng.sample(keys, len(keys)) if rng else keys:
+                pts = groups[key]
+                n = min(burst, *(samples - have[pt.key] for pt in pts))
+                raws = [ctx.run.raw_path(pt.key) for pt in pts]
+                res = sessions[key].burst(key[2], [(pt.host, pt.port, raw) for pt, raw in zip(pts, raws)], n,
+                                          warmup=1, size=size)
+                for pt, raw, r in zip(pts, raws, res):
+                    with open(_errors_path(raw), "a") as log:  # errors survive a resume
+                        log.write(f"{int(r.get('errors') or 0)}\n")
+                    have[pt.key] += int(r.get("samples") or 0)
+                    if r.get("aborted"):
+                        ctx.record({**pt.full, "samples": have[pt.key], "errors": _errors(raw), "raw": ""})
+                        raise MeasurementError(
+                            f"lkclient {pt.metric} to {pt.host}:{pt.port} from netns {pt.netns} aborted after "
+                            f"{r.get('errors')} consecutive errors: {r.get('error_kinds')}")
+                    if have[pt.key] >= samples:
+                        _finish_point(ctx, pt, raw)
+                if on_samples:
+                    on_samples(n * len(pts))
+                groups[key] = [pt for pt in pts if have[pt.key] < samples]
+                if not groups[key]:
+                    del groups[key]
     finally:
-        for s in sessions.values():
-            s.close()
+        for sess in sessions.values():
+            sess.close()
 
 
-def _slice_path(raw: Path, k: int) -> Path:
-    return raw.with_name(f"{raw.name}.s{k}")
+def _errors_path(raw: Path) -> Path:
+    return raw.with_name(raw.name + ".errors")
 
 
-def _slice_errors(raw: Path) -> int:
-    """Errors of the slices of a point finished so far (one ``"<slice> <errors>"`` line each; a
-    slice measured again after a resume counts once, with its last figure)."""
+def _raw_count(raw: Path) -> int:
+    """Samples already in a raw file; a torn last sample (a kill mid-write) is cut off."""
     try:
-        lines = raw.with_name(raw.name + ".slices").read_text().split("\n")
+        size = raw.stat().st_size
     except FileNotFoundError:
         return 0
-    per = dict(line.split() for line in lines if line.strip())
-    return sum(int(v) for v in per.values())
+    if size % 8:
+        os.truncate(raw, size - size % 8)
+    return size // 8
 
 
-def _finish_point(ctx: RunContext, pt: LatencyPoint, raw: Path, slices: int) -> None:
-    """Join a point's slice files into its raw file (in slice order), append its row, then drop the
-    slice files (a kill anywhere in here is resumed by doing it again)."""
-    parts = [_slice_path(raw, k) for k in range(slices)]
-    tmp = raw.with_name(raw.name + ".tmp")
-    with open(tmp, "wb") as out:
-        for part in parts:
-            out.write(part.read_bytes())
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, raw)
-    ctx.record({**pt.full, **latency_stats(load_raw(raw)), "errors": _slice_errors(raw), "raw": raw.name})
-    for part in [*parts, raw.with_name(raw.name + ".slices")]:
-        part.unlink(missing_ok=True)
+def _errors(raw: Path) -> int:
+    """Errors of a point so far (one line per burst)."""
+    try:
+        return sum(int(x) for x in _errors_path(raw).read_text().split())
+    except FileNotFoundError:
+        return 0
+
+
+def _finish_point(ctx: RunContext, pt: LatencyPoint, raw: Path) -> None:
+    """Push a point's raw file to disk and append its row (a kill in here is resumed by doing it
+    again: the row is what marks the point done)."""
+    fd = os.open(raw, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    ctx.record({**pt.full, **latency_stats(load_raw(raw)), "errors": _errors(raw), "raw": raw.name})
+    _errors_path(raw).unlink(missing_ok=True)

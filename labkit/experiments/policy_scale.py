@@ -47,6 +47,7 @@ class PolicyScaleParams:
     samples: int = 5000
     warmup: int = 300
     size: int = 64
+    burst: int = 20  # samples per point per turn (the engines and repeats of a table are interleaved)
     updates: int = 3
     mode: str = "veth"
     seed: int = 1
@@ -75,6 +76,8 @@ class PolicyScaleParams:
             problems.append(f"metrics: unknown {bad}; expected crr and/or rr")
         if self.repeats < 1 or self.samples < 10:
             problems.append("repeats must be ≥ 1 and samples ≥ 10")
+        if not 1 <= self.burst <= self.samples:
+            problems.append(f"burst: must be in 1..samples ({self.samples}); 20 is a good value")
         if problems:
             raise LabkitError("invalid policy-scale parameters:\n  " + "\n  ".join(problems))
 
@@ -139,23 +142,29 @@ class PolicyScale:
                 labmod.down(lb.name)
 
     def measure(self, ctx: core.RunContext) -> None:
+        """Per N and position: every engine holds that position's table while all their points
+        (engines × repeats × metrics) are measured interleaved (see
+        :func:`labkit.experiments.core.measure_interleaved`)."""
         p: PolicyScaleParams = ctx.params
         rng = random.Random(p.seed)
-        per_n = p.repeats * len(p.datapaths) * len(p.positions) * len(p.metrics)
-        bar = tqdm(total=per_n * len(p.services), desc="policy-scale", unit="pt", disable=not ctx.progress)
+        per_n = p.repeats * len(p.datapaths) * len(p.positions) * len(p.metrics) * p.samples
+        bar = tqdm(total=per_n * len(p.services), desc="policy-scale", unit="sample", unit_scale=True,
+                   disable=not ctx.progress)
         try:
             for n in p.services:
-                tables = {pos: None for pos in p.positions}
                 self._load(ctx, n)
-                for rep in range(1, p.repeats + 1):
-                    for eng in rng.sample(p.datapaths, len(p.datapaths)):
-                        for pos in p.positions:
-                            if tables[pos] is None:
-                                tables[pos] = policies(n, p.rules, pos)
-                            self.engines[eng].sync(self._table(eng, tables[pos]))
-                            for metric in p.metrics:
-                                self._point(ctx, eng, n, pos, rep, metric)
-                                bar.update()
+                for pos in p.positions:
+                    points = [self._point(eng, n, pos, rep, metric) for rep in range(1, p.repeats + 1)
+                              for eng in rng.sample(p.datapaths, len(p.datapaths)) for metric in p.metrics]
+                    todo = [pt for pt in points if core.point_key(pt.full) not in ctx.done]
+                    bar.update((len(points) - len(todo)) * p.samples)
+                    if not todo:
+                        continue
+                    table = policies(n, p.rules, pos)
+                    for eng in p.datapaths:
+                        self.engines[eng].sync(self._table(eng, table))
+                    core.measure_interleaved(ctx, todo, p.samples, p.warmup, p.size, p.burst,
+                                             rng=random.Random(f"{p.seed}-{n}-{pos}"), on_samples=bar.update)
                 self._updates(ctx, n)
         finally:
             bar.close()
@@ -180,14 +189,10 @@ class PolicyScale:
             if core.point_key({**row, "metric": "load"}) not in ctx.done:
                 core.record_value(ctx, row, "load", took)
 
-    def _point(self, ctx, eng, n, pos, rep, metric) -> None:
-        row = self._row(eng, n, position=pos, repeat=rep)
-        if core.point_key({**row, "metric": metric}) in ctx.done:
-            return
+    def _point(self, eng, n, pos, rep, metric) -> core.LatencyPoint:
         netns, cgroup = self.clients[eng]
-        p: PolicyScaleParams = ctx.params
-        core.measure_latency(ctx, netns, cgroup, metric, self.srv[eng], SERVER_PORT, row, p.samples, p.warmup,
-                             p.size)
+        return core.LatencyPoint(self._row(eng, n, position=pos, repeat=rep), metric, netns, cgroup,
+                                 self.srv[eng], SERVER_PORT)
 
     def _updates(self, ctx: core.RunContext, n: int) -> None:
         p: PolicyScaleParams = ctx.params

@@ -2,14 +2,14 @@
 
 One small lab per datapath (a node with a client pod and three backend pods, ``ss-<datapath>``), so
 that every datapath keeps its table loaded while the others are measured. For each number of
-services N: each datapath's table is flushed and loaded with N services (timed: ``load``), then in
-every repeat the datapaths are measured in a fresh random order, every point in ``slices`` slices
-round-robin with all the others (:func:`labkit.experiments.core.measure_interleaved`: this
-machine's speed steps every few tenths of a second, and each point should see the same mix) — TCP_CRR to the service at each position of the table (``first``,
-``middle``, ``last``, ``random``) and to a backend directly (``pod``, the no-Service floor) — and
-finally one service is added three times (timed: ``update``). CRR is the metric that shows the
-table: a Service rule is walked on a connection's first packet only (established connections are
-flat; add ``rr`` to ``metrics`` to see it).
+services N: each datapath's table is flushed and loaded with N services (timed: ``load``); then all
+the points of that N — every repeat, datapath and position — are measured together, finely
+interleaved (:func:`labkit.experiments.core.measure_interleaved`: this machine's speed steps every
+few tenths of a second, and every point should see the same mix of steps): TCP_CRR to the service
+at each position of the table (``first``, ``middle``, ``last``, ``random``) and to a backend
+directly (``pod``, the no-Service floor); finally one service is added three times (timed:
+``update``). CRR is the metric that shows the table: a Service rule is walked on a connection's
+first packet only (established connections are flat; add ``rr`` to ``metrics`` to see it).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class ServiceScaleParams:
     samples: int = 5000
     warmup: int = 300
     size: int = 64
-    slices: int | None = None  # slices per point, interleaved with all the others (None: samples/100, ≤ 50)
+    burst: int = 20  # samples per point per burst (points of all datapaths and repeats are interleaved)
     updates: int = 3
     mode: str = "veth"
     seed: int = 1
@@ -55,11 +55,6 @@ class ServiceScaleParams:
     def quick(cls) -> ServiceScaleParams:
         """≤ 3 minutes here: the README's and CI's run."""
         return cls(services=[1, 1000, 5000], positions=["first", "last", "pod"], samples=2000, warmup=200)
-
-    @property
-    def n_slices(self) -> int:
-        """``slices``, or by default one per 100 samples (at most 50, at least 1)."""
-        return self.slices if self.slices is not None else max(1, min(50, self.samples // 100))
 
     def validate(self) -> None:
         problems = [] if self.datapaths else ["datapaths: name at least one, e.g. iptables-nft,ebpf"]
@@ -77,9 +72,8 @@ class ServiceScaleParams:
             problems.append("services: every N must be in 1..65536")
         if self.repeats < 1 or self.samples < 10:
             problems.append("repeats must be ≥ 1 and samples ≥ 10")
-        if self.slices is not None and not 1 <= self.slices <= self.samples // 10:
-            problems.append(f"slices: must be in 1..samples/10 (= {self.samples // 10}), so that each slice "
-                            "has at least 10 samples")
+        if not 1 <= self.burst <= self.samples:
+            problems.append(f"burst: must be in 1..samples ({self.samples}); 20 is a good value")
         bad = [m for m in self.metrics if m not in ("crr", "rr")]
         if bad:
             problems.append(f"metrics: unknown {bad}; expected crr and/or rr")
@@ -138,8 +132,8 @@ class ServiceScale:
     def measure(self, ctx: core.RunContext) -> None:
         p: ServiceScaleParams = ctx.params
         rng = random.Random(p.seed)
-        per_n = p.repeats * len(p.datapaths) * len(p.positions) * len(p.metrics) * p.n_slices
-        bar = tqdm(total=per_n * len(p.services), desc="service-scale", unit="slice",
+        per_n = p.repeats * len(p.datapaths) * len(p.positions) * len(p.metrics) * p.samples
+        bar = tqdm(total=per_n * len(p.services), desc="service-scale", unit="sample", unit_scale=True,
                    disable=not ctx.progress)
         try:
             for n in p.services:
@@ -151,9 +145,9 @@ class ServiceScale:
                           for rep in range(1, p.repeats + 1)
                           for dp in rng.sample(p.datapaths, len(p.datapaths))
                           for pos in p.positions for metric in p.metrics]
-                bar.update(sum(core.point_key(pt.full) in ctx.done for pt in points) * p.n_slices)
-                core.measure_interleaved(ctx, points, p.samples, p.warmup, p.size, p.n_slices,
-                                         rng=random.Random(f"{p.seed}-{n}"), on_slice=lambda *_: bar.update())
+                bar.update(sum(core.point_key(pt.full) in ctx.done for pt in points) * p.samples)
+                core.measure_interleaved(ctx, points, p.samples, p.warmup, p.size, p.burst,
+                                         rng=random.Random(f"{p.seed}-{n}"), on_samples=bar.update)
                 self._updates(ctx, n, table)
         finally:
             bar.close()

@@ -215,28 +215,54 @@ class ClientSession:
             per_try = (options.get("connect_timeout_ms", 1000) + options.get("timeout_ms", 1000)) / 1000
             timeout = 60 + per_try * min(samples + (warmup or 0), 1000)
         where = f"{host}:{port}{self.where}"
+        result = self._request(argv, f"{mode} to {host}:{port}", timeout)
+        if result.get("aborted"):
+            err = MeasurementError(f"lkclient {mode} to {where} aborted after {result.get('errors')} errors: "
+                                   f"{result.get('error_kinds')}")
+            err.result = result  # type: ignore[attr-defined]
+            raise err
+        return result
+
+    def burst(self, mode: str, targets: Sequence[tuple[str, int, Path]], samples: int, warmup: int = 0,
+              size: int = 64, max_errors: int | None = None, timeout: float | None = None,
+              connect_timeout_ms: int = 1000, timeout_ms: int = 1000) -> list[dict[str, Any]]:
+        """``samples`` samples to each of ``targets`` (``host, port, raw file``), taken one attempt
+        per target in turn after ``warmup`` attempts each, so that all targets see the same moments;
+        each target's samples are APPENDED to its raw file. One result per target, in order, as
+        :func:`run_client` returns them (``aborted`` set instead of raising)."""
+        argv = ["--mode", mode, "-n", str(samples), "-w", str(warmup), "-s", str(size),
+                "--connect-timeout-ms", str(connect_timeout_ms), "--timeout-ms", str(timeout_ms)]
+        if max_errors is not None:
+            argv += ["--max-errors", str(max_errors)]
+        for host, port, raw in targets:
+            if any(c.isspace() or c == ":" for c in str(raw)):
+                raise ValueError(f"raw path {raw} must not contain spaces or ':'")
+            argv += ["--target", f"{host}:{port}:{raw}"]
+        if timeout is None:
+            timeout = 60 + (connect_timeout_ms + timeout_ms) / 1000 * min(len(targets) * (samples + warmup), 1000)
+        result = self._request(argv, f"{mode} burst to {len(targets)} targets", timeout)
+        out = result.get("targets")
+        if not isinstance(out, list) or len(out) != len(targets):
+            raise MeasurementError(f"lkclient --serve: unexpected burst reply {str(result)[:300]}")
+        return out
+
+    def _request(self, argv: list[str], what: str, timeout: float) -> dict[str, Any]:
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write((" ".join(argv) + "\n").encode())
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass  # it died: reading says how
-        line = _read_line(self.proc, timeout)
-        result = _parse_result(line)
+        result = _parse_result(_read_line(self.proc, timeout))
         if result is None:
             self.proc.kill()
             self.proc.wait()
             stderr = _read_log(self._err, None)
             self.close()
-            raise MeasurementError(f"lkclient --serve {mode} to {where} gave no result within {timeout:g} s "
+            raise MeasurementError(f"lkclient --serve {what}{self.where} gave no result within {timeout:g} s "
                                    f"(exit code {self.proc.returncode}): {stderr}")
         if "error" in result:
-            raise MeasurementError(f"lkclient --serve {mode} to {where}: {result['error']}")
-        if result.get("aborted"):
-            err = MeasurementError(f"lkclient {mode} to {where} aborted after {result.get('errors')} errors: "
-                                   f"{result.get('error_kinds')}")
-            err.result = result  # type: ignore[attr-defined]
-            raise err
+            raise MeasurementError(f"lkclient --serve {what}{self.where}: {result['error']}")
         return result
 
     def close(self) -> None:

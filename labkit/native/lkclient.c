@@ -38,6 +38,11 @@
  * Each line holds the options of one run, separated by spaces (e.g. "--mode crr --host 10.96.0.10
  * --port 80 -n 100 -w 5 --raw /path/x.i64"); each gets its JSON line on stdout as above. A line
  * with bad options gets {"error": "..."} and the process waits for the next; EOF ends it (exit 0).
+ * A line may name several targets instead of --host/--port/--raw: "--target HOST:PORT:RAWFILE"
+ * repeated (crr, rr, udp_rr). The targets are then measured in turn, one attempt each, until each
+ * has -n samples after its -w warm-up, and each one's samples are APPENDED to its file; the reply
+ * is {"targets": [one object as above per target]}. labkit measures the points of a client pod
+ * this way, a burst of a few samples per point at a time, bursts of different pods alternating.
  * labkit keeps one such process per client pod while it measures many points in slices, so a
  * slice costs a pipe round trip instead of a process start (3 ms) and a cold warm-up.
  *
@@ -452,7 +457,7 @@ static void print_stat(const char *key, double ns, long n) {
 		printf(", \"%s\": null", key);
 }
 
-static void report(const struct opts *o, struct run *r) {
+static void report_obj(const struct opts *o, struct run *r) {
 	long n = r->kept;
 	int64_t sum = 0;
 	for (long i = 0; i < n; i++)
@@ -470,12 +475,17 @@ static void report(const struct opts *o, struct run *r) {
 	json_tally("error_kinds", &r->kinds);
 	if (o->mode == M_WHO)
 		json_tally("names", &r->names);
-	printf(", \"aborted\": %s}\n", r->aborted ? "true" : "false");
+	printf(", \"aborted\": %s}", r->aborted ? "true" : "false");
+}
+
+static void report(const struct opts *o, struct run *r) {
+	report_obj(o, r);
+	printf("\n");
 	fflush(stdout);
 }
 
-static int write_raw(const char *path, const struct run *r) {
-	FILE *f = fopen(path, "wb");
+static int write_raw(const char *path, const struct run *r, int append) {
+	FILE *f = fopen(path, append ? "ab" : "wb");
 	if (!f || fwrite(r->lat, sizeof *r->lat, (size_t)r->kept, f) != (size_t)r->kept || fclose(f) != 0) {
 		fprintf(stderr, "lkclient: writing raw samples to %s: %s\n", path, strerror(errno));
 		return -1;
@@ -581,7 +591,7 @@ static int run_once(int argc, char **argv) {
 	tally_init(&r.kinds, MAX_KINDS);
 	tally_init(&r.names, MAX_NAMES);
 	measure(&c, &r);
-	int raw_failed = o.raw ? write_raw(o.raw, &r) : 0; /* raw samples first: keep the data */
+	int raw_failed = o.raw ? write_raw(o.raw, &r, 0) : 0; /* raw samples first: keep the data */
 	report(&o, &r);
 	int rc = raw_failed ? 3 : 0;
 	if (r.aborted) {
@@ -589,8 +599,6 @@ static int run_once(int argc, char **argv) {
 				"%ld samples kept\n", r.consecutive, c.err, o.host, o.port, r.kept);
 		rc = 2;
 	}
-	if (c.fd >= 0)
-		close(c.fd);
 	free(r.lat);
 	free(c.req);
 	free(c.resp);
@@ -599,8 +607,108 @@ static int run_once(int argc, char **argv) {
 	return rc;
 }
 
-#define SERVE_LINE 4096
-#define SERVE_ARGS 64
+#define SERVE_LINE 16384
+#define SERVE_ARGS 512
+#define MAX_TARGETS 128
+
+/* One attempt on an interleaved target; returns 1 once that target is done (kept -n, or aborted). */
+static int attempt(struct ctx *c, struct run *r, long *warm) {
+	int64_t t0, t1;
+	if (timed(c, samplers[c->o->mode], &t0, &t1) != 0) {
+		if (note_error(r, c->o, c->err))
+			r->aborted = 1;
+	} else if (*warm > 0) {
+		r->consecutive = 0;
+		--*warm;
+	} else {
+		r->consecutive = 0;
+		r->lat[r->kept++] = t1 - t0;
+	}
+	return r->aborted || r->kept >= c->o->n;
+}
+
+/* A burst: the options of one run, with the targets given as repeated "--target HOST:PORT:RAW"
+ * (crr, rr or udp_rr). Each target gets -w warm-up then -n kept samples, taken one attempt per
+ * target in turn, so that every target sees the same moments; each one's samples are appended
+ * to its RAW file. Output: {"targets": [one run object per target, in order]}. */
+static int run_burst(int argc, char **argv) {
+	static char *rest[SERVE_ARGS + 8];
+	static char *spec[MAX_TARGETS];
+	int nr = 0, nt = 0;
+	for (int i = 0; i < argc; i++) {
+		if (strcmp(argv[i], "--target") == 0 && i + 1 < argc) {
+			if (nt == MAX_TARGETS)
+				die_usage("too many --target");
+			spec[nt++] = argv[++i];
+		} else {
+			rest[nr++] = argv[i];
+		}
+	}
+	static struct opts o[MAX_TARGETS];
+	static struct ctx c[MAX_TARGETS];
+	static struct run r[MAX_TARGETS];
+	static char *raw[MAX_TARGETS];
+	for (int t = 0; t < nt; t++) {
+		char *host = spec[t], *port = strchr(host, ':'), *path = port ? strchr(port + 1, ':') : NULL;
+		if (!port || !path)
+			die_usage("--target is HOST:PORT:RAWFILE (IPv4 only)");
+		*port++ = '\0';
+		*path++ = '\0';
+		raw[t] = path;
+		char *args[SERVE_ARGS + 8];
+		memcpy(args, rest, (size_t)nr * sizeof *args);
+		args[nr] = "--host";
+		args[nr + 1] = host;
+		args[nr + 2] = "--port";
+		args[nr + 3] = port;
+		optind = 0;
+		parse_opts(nr + 4, args, &o[t]);
+		if (o[t].mode == M_WHO || o[t].duration > 0)
+			die_usage("interleaved targets take crr, rr or udp_rr, without --duration");
+	}
+	for (int t = 0; t < nt; t++) {
+		init_ctx(&c[t], &o[t]);
+		r[t] = (struct run){0};
+		r[t].lat = calloc((size_t)o[t].n, sizeof *r[t].lat);
+		if (!r[t].lat)
+			die_usage("cannot allocate the sample array");
+		tally_init(&r[t].kinds, MAX_KINDS);
+		tally_init(&r[t].names, 1);
+	}
+	long warm[MAX_TARGETS];
+	int done[MAX_TARGETS] = {0}, left = nt;
+	for (int t = 0; t < nt; t++)
+		warm[t] = o[t].warmup;
+	int64_t start = now_ns();
+	while (left > 0)
+		for (int t = 0; t < nt; t++)
+			if (!done[t] && attempt(&c[t], &r[t], &warm[t])) {
+				done[t] = 1;
+				left--;
+			}
+	int64_t end = now_ns();
+	int rc = 0;
+	for (int t = 0; t < nt; t++)
+		if (write_raw(raw[t], &r[t], 1) != 0)
+			rc = 3;
+	printf("{\"targets\": [");
+	for (int t = 0; t < nt; t++) {
+		r[t].kept_start = start;
+		r[t].kept_end = end;
+		printf(t ? ", " : "");
+		report_obj(&o[t], &r[t]);
+		if (c[t].fd >= 0)
+			close_rst(c[t].fd);
+		free(r[t].lat);
+		free(c[t].req);
+		free(c[t].resp);
+		tally_free(&r[t].kinds);
+		tally_free(&r[t].names);
+	}
+	printf("]}\n");
+	fflush(stdout);
+	return rc;
+}
 
 static int serve(void) {
 	static char line[SERVE_LINE];
@@ -611,9 +719,15 @@ static int serve(void) {
 		for (char *tok = strtok(line, " \t\n"); tok && n < SERVE_ARGS; tok = strtok(NULL, " \t\n"))
 			args[n++] = tok;
 		args[n] = NULL;
+		volatile int burst = 0;
+		for (int i = 1; i < n; i++)
+			burst |= strcmp(args[i], "--target") == 0;
 		if (setjmp(serve_next) == 0) {
 			optind = 0; /* GNU getopt: start over for the next argv */
-			run_once(n, args);
+			if (burst)
+				run_burst(n, args);
+			else
+				run_once(n, args);
 		}
 	}
 	return 0;
