@@ -1,9 +1,10 @@
 """``pod-modes``: the Alibaba chart again — each pod network mode, same node and across nodes.
 
 One lab: for every mode, a client pod and a server pod on node 1 and a server pod on node 2, all in
-that mode (``c-<m>``, ``s-<m>``, ``r-<m>``). In every repeat the modes are measured in a fresh random
-order: TCP_CRR, TCP_RR and UDP_RR with the C client, and bandwidth with iperf3 (JSON output), to the
-server on the same node (``position=same-node``) and on the other node (``cross-node``).
+that mode (``c-<m>``, ``s-<m>``, ``r-<m>``). TCP_CRR, TCP_RR and UDP_RR with the C client, to the
+server on the same node (``position=same-node``) and on the other node (``cross-node``): every such
+point of every repeat is measured interleaved with all the others; then bandwidth with iperf3
+(JSON output), modes in a fresh random order per repeat.
 Modes the kernel lacks (``eni-ipvlan`` here) are refused up front with the doctor's message.
 """
 
@@ -38,6 +39,7 @@ class PodModesParams:
     warmup: int = 300
     size: int = 64
     bandwidth_seconds: float = 3.0
+    burst: int = 20  # samples per latency point per turn (all latency points are interleaved)
     seed: int = 1
 
     @classmethod
@@ -50,6 +52,8 @@ class PodModesParams:
                      if m not in ("crr", "rr", "udp_rr", "bandwidth")]
         if self.repeats < 1 or self.samples < 10:
             problems.append("repeats must be ≥ 1 and samples ≥ 10")
+        if not 1 <= self.burst <= self.samples:
+            problems.append(f"burst: must be in 1..samples ({self.samples}); 20 is a good value")
         if "bandwidth" in self.metrics and self.bandwidth_seconds < 1:
             problems.append(f"bandwidth_seconds: {self.bandwidth_seconds} is below iperf3's 1 s minimum test time")
         if problems:
@@ -82,31 +86,46 @@ class PodModes:
             labmod.down(self.lab.name)
 
     def measure(self, ctx: core.RunContext) -> None:
+        """Every latency point (mode × same/cross node × repeat × metric) measured interleaved (see
+        :func:`labkit.experiments.core.measure_interleaved`), then bandwidth, modes in a fresh
+        random order per repeat (iperf3 runs alone: it fills the CPU)."""
         p: PodModesParams = ctx.params
         rng = random.Random(p.seed)
-        total = p.repeats * len(p.modes) * 2 * len(p.metrics)
-        with tqdm(total=total, desc="pod-modes", unit="pt", disable=not ctx.progress) as bar:
-            for rep in range(1, p.repeats + 1):
-                for mode in rng.sample(p.modes, len(p.modes)):
-                    for where, server in (("same-node", "s"), ("cross-node", "r")):
-                        for metric in p.metrics:
-                            self._point(ctx, mode, where, f"{server}-{SHORT[mode]}", rep, metric)
-                            bar.update()
+        lat = [m for m in p.metrics if m != "bandwidth"]
+        order = [(rep, mode) for rep in range(1, p.repeats + 1) for mode in rng.sample(p.modes, len(p.modes))]
+        points = [self._point(mode, where, f"{server}-{SHORT[mode]}", rep, metric) for rep, mode in order
+                  for where, server in (("same-node", "s"), ("cross-node", "r")) for metric in lat]
+        todo = [pt for pt in points if core.point_key(pt.full) not in ctx.done]
+        bw = len(order) * 2 if "bandwidth" in p.metrics else 0
+        with tqdm(total=(len(points) + bw) * p.samples, desc="pod-modes", unit="sample", unit_scale=True,
+                  disable=not ctx.progress) as bar:
+            bar.update((len(points) - len(todo)) * p.samples)
+            if todo:
+                core.measure_interleaved(ctx, todo, p.samples, p.warmup, p.size, p.burst,
+                                         rng=random.Random(f"{p.seed}-lat"), on_samples=bar.update)
+            for rep, mode in order if bw else ():
+                for where, server in (("same-node", "s"), ("cross-node", "r")):
+                    self._bandwidth(ctx, mode, where, f"{server}-{SHORT[mode]}", rep)
+                    bar.update(p.samples)
 
-    def _point(self, ctx, mode, where, server, rep, metric) -> None:
-        p: PodModesParams = ctx.params
-        row = {"experiment": self.name, "datapath": "none", "mode": mode, "services": 0, "position": where,
-               "repeat": rep}
-        if core.point_key({**row, "metric": metric}) in ctx.done:
+    def _row(self, mode, where, rep) -> dict:
+        return {"experiment": self.name, "datapath": "none", "mode": mode, "services": 0, "position": where,
+                "repeat": rep}
+
+    def _point(self, mode, where, server, rep, metric) -> core.LatencyPoint:
+        client = f"c-{SHORT[mode]}"
+        return core.LatencyPoint(self._row(mode, where, rep), metric, self.lab.pod_netns(client),
+                                 self.lab.backend.pod_cgroup(self.lab.spec, client),
+                                 str(self.lab.plan.pods[server].ip), 8080)
+
+    def _bandwidth(self, ctx, mode, where, server, rep) -> None:
+        row = self._row(mode, where, rep)
+        if core.point_key({**row, "metric": "bandwidth"}) in ctx.done:
             return
         client = f"c-{SHORT[mode]}"
-        host = str(self.lab.plan.pods[server].ip)
-        netns, cgroup = self.lab.pod_netns(client), self.lab.backend.pod_cgroup(self.lab.spec, client)
-        if metric == "bandwidth":
-            gbps = self._iperf(netns, self.lab.pod_netns(server), host, p.bandwidth_seconds, ctx)
-            core.record_value(ctx, row, "bandwidth", gbps, "Gbit/s")
-        else:
-            core.measure_latency(ctx, netns, cgroup, metric, host, 8080, row, p.samples, p.warmup, p.size)
+        gbps = self._iperf(self.lab.pod_netns(client), self.lab.pod_netns(server),
+                           str(self.lab.plan.pods[server].ip), ctx.params.bandwidth_seconds, ctx)
+        core.record_value(ctx, row, "bandwidth", gbps, "Gbit/s")
 
     def _iperf(self, client_ns: str, server_ns: str, host: str, seconds: float, ctx) -> float:
         cpus = ctx.cpus.load_cpus if ctx.cpus.pinned else None
