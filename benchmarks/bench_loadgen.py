@@ -66,7 +66,7 @@ def parse_sockperf(out: str) -> dict[str, float]:
 
 def sockperf_pp(ns: str, load: tuple[int, ...], port: int, tcp: bool, seconds: float) -> dict[str, float]:
     argv = ["sockperf", "pp", *(["--tcp"] if tcp else []), "-i", "127.0.0.1", "-p", str(port),
-            "-m", "64", "-t", str(seconds), "--full-rtt"]
+            "-m", "64", "-t", str(max(1, round(seconds))), "--full-rtt"]  # sockperf: whole seconds
     proc = nsexec.run(argv, ns, cpus=load, timeout=seconds + 30)
     return parse_sockperf(proc.stdout + proc.stderr)
 

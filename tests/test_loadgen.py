@@ -312,3 +312,55 @@ def test_interleaved_points_resume_where_the_raw_files_stopped(server, tmp_path,
         raw = stats.load_raw(run_.raw_path(pt.key))
         assert raw.size == 200 and raw[: counts[pt.key]].tolist() == before[pt.key]  # earlier samples kept
     assert sorted(p.name for p in (run_.path / "raw").iterdir()) == sorted(pts.raw)  # no .errors left
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.add(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _wait_for(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return cond()
+
+
+@needs_root
+def test_server_gives_long_connections_a_process_that_dies_with_it(netns):
+    """lkserver keeps short connections in its loop, hands an echo connection that goes on to a
+    child process (RR without epoll_wait per message), serves UDP from a child, and its children
+    do not outlive it."""
+    name, _ = netns
+    proc = loadgen.start_server(name, "pod-c", 18181, cpus=LOAD_CPUS)
+    try:
+        assert len(_children(proc.pid)) == 1  # the UDP server
+        r = loadgen.run_client(name, "crr", "127.0.0.1", 18181, samples=200, warmup=0, cpus=LOAD_CPUS)
+        assert r["samples"] == 200 and len(_children(proc.pid)) == 1  # one message each: no child
+
+        def rr_and_look():
+            s = socket.create_connection(("127.0.0.1", 18181), timeout=2)
+            for i in range(5):
+                s.sendall(b"m%03d" % i)
+                assert s.recv(16) == b"m%03d" % i
+            during = len(_children(proc.pid))
+            s.close()
+            return during
+
+        assert nsexec.in_netns(name, rr_and_look) == 2  # the RR connection has its own process
+        assert _wait_for(lambda: len(_children(proc.pid)) == 1)  # gone with its connection
+        assert run(name, "rr", port=18181, samples=500)["errors"] == 0
+        assert run(name, "udp_rr", port=18181, samples=500)["errors"] == 0
+        kids = _children(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _wait_for(lambda: not any(os.path.exists(f"/proc/{k}") for k in kids))  # PR_SET_PDEATHSIG
