@@ -84,6 +84,27 @@ def test_cpu_plan_override_and_errors():
         cpus.plan_cpus([0, 1], load=[4])
 
 
+def test_cpu_plan_load_from_environment_and_all_cpus_for_a_while(monkeypatch):
+    monkeypatch.setenv("LABKIT_LOAD_CPUS", "1")
+    assert cpus.plan_cpus([0, 1]).load_cpus == (1,) and cpus.plan_cpus([0, 1]).orchestration_cpus == (0,)
+    import threading
+
+    seen = {}
+
+    def pinned_thread():  # a thread of its own: its affinity is its own
+        one = {min(cpus.available_cpus())}
+        os.sched_setaffinity(0, one)
+        with cpus.all_cpus():
+            seen["inside"] = os.sched_getaffinity(0)
+        seen["after"] = os.sched_getaffinity(0)
+        seen["one"] = one
+
+    t = threading.Thread(target=pinned_thread)
+    t.start()
+    t.join()
+    assert seen["inside"] == set(cpus.available_cpus()) and seen["after"] == seen["one"]
+
+
 # ---------------------------------------------------------------- build cache (pure, needs gcc)
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import lab as labmod
 from ..errors import LabkitError
+from ..measure.cpus import all_cpus
 from ..policy import compile_table, expand
 from ..policy import get as get_engine
 from ..spec import MAX_BULK_RULES, PolicyPeer, PolicyPort, PolicyRule, PolicySpec, parse_spec
@@ -152,7 +153,8 @@ class PolicyScale:
                    disable=not ctx.progress)
         try:
             for n in p.services:
-                self._load(ctx, n)
+                with all_cpus():  # nothing is measured meanwhile: load as this machine can
+                    self._load(ctx, n)
                 for pos in p.positions:
                     points = [self._point(eng, n, pos, rep, metric) for rep in range(1, p.repeats + 1)
                               for eng in rng.sample(p.datapaths, len(p.datapaths)) for metric in p.metrics]
@@ -165,7 +167,8 @@ class PolicyScale:
                         self.engines[eng].sync(self._table(eng, table))
                     core.measure_interleaved(ctx, todo, p.samples, p.warmup, p.size, p.burst,
                                              rng=random.Random(f"{p.seed}-{n}-{pos}"), on_samples=bar.update)
-                self._updates(ctx, n)
+                with all_cpus():
+                    self._updates(ctx, n)
         finally:
             bar.close()
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .. import lab as labmod
 from ..datapath import get as get_datapath
 from ..errors import LabkitError
-from ..measure.cpus import wait_quiet
+from ..measure.cpus import all_cpus, wait_quiet
 from ..services import Endpoint, ServicePort, ServiceTable, TableDiff
 from ..spec import parse_spec
 from . import core
@@ -139,7 +139,8 @@ class ServiceScale:
             for n in p.services:
                 table = bulk_table(self.endpoints, n)
                 picks = {"first": 0, "middle": n // 2, "last": n - 1, "random": rng.randrange(n)}
-                self._load(ctx, n, table)
+                with all_cpus():  # nothing is measured meanwhile: load as this machine can
+                    self._load(ctx, n, table)
                 self._settle(ctx, n)
                 points = [self._point(dp, n, table, picks, pos, rep, metric)
                           for rep in range(1, p.repeats + 1)
@@ -148,7 +149,8 @@ class ServiceScale:
                 bar.update(sum(core.point_key(pt.full) in ctx.done for pt in points) * p.samples)
                 core.measure_interleaved(ctx, points, p.samples, p.warmup, p.size, p.burst,
                                          rng=random.Random(f"{p.seed}-{n}"), on_samples=bar.update)
-                self._updates(ctx, n, table)
+                with all_cpus():
+                    self._updates(ctx, n, table)
         finally:
             bar.close()
 
