@@ -93,7 +93,7 @@ def test_cpu_plan_load_from_environment_and_all_cpus_for_a_while(monkeypatch):
 
     def pinned_thread():  # a thread of its own: its affinity is its own
         one = {min(cpus.available_cpus())}
-        os.sched_setaffinity(0, one)
+        cpus.pin_current_thread(one)  # as labkit pins its orchestration thread
         with cpus.all_cpus():
             seen["inside"] = os.sched_getaffinity(0)
         seen["after"] = os.sched_getaffinity(0)
