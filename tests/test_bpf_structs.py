@@ -12,19 +12,14 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from labkit.datapath import ebpf_structs as S
+from structs import assert_c_layouts, fields
 
 BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
-
-
-def _fields(cls) -> list[tuple[str, int, int]]:
-    """(name, offset, size) of every field of a ctypes struct."""
-    return [(name, getattr(cls, name).offset, getattr(cls, name).size) for name, *_ in cls._fields_]
 
 
 def test_packers_write_exactly_the_ctypes_bytes():
@@ -55,29 +50,7 @@ def test_every_map_value_and_key_type_is_a_known_struct():
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
 def test_c_layouts_match_as_gcc_sees_them(tmp_path):
-    lines = ['#include <linux/types.h>', '#include <stddef.h>', '#include <stdio.h>',
-             '#include "lib/common.h"', "int main(void) {"]
-    for cname, cls in S.C_STRUCTS.items():
-        lines.append(f'printf("{cname} %zu\\n", sizeof(struct {cname}));')
-        for name, _, _ in _fields(cls):
-            lines.append(f'printf("{cname}.{name} %zu %zu\\n", offsetof(struct {cname}, {name}), '
-                         f'sizeof(((struct {cname} *)0)->{name}));')
-    for macro in S.C_CONSTANTS:
-        lines.append(f'printf("{macro} %lld\\n", (long long)({macro}));')
-    lines.append("return 0; }")
-    src = tmp_path / "layout.c"
-    src.write_text("\n".join(lines) + "\n")
-    exe = tmp_path / "layout"
-    subprocess.run(["gcc", "-Wall", "-Werror", f"-I{BPF_DIR}", "-o", str(exe), str(src)], check=True,
-                   capture_output=True, text=True)
-    seen = dict(line.split(" ", 1) for line in subprocess.run([str(exe)], capture_output=True, text=True,
-                                                               check=True).stdout.splitlines())
-    for cname, cls in S.C_STRUCTS.items():
-        assert int(seen[cname]) == ct.sizeof(cls), cname
-        for name, off, size in _fields(cls):
-            assert seen[f"{cname}.{name}"] == f"{off} {size}", f"{cname}.{name}"
-    for macro, value in S.C_CONSTANTS.items():
-        assert int(seen[macro]) == value, macro
+    assert_c_layouts(S.C_STRUCTS, S.C_CONSTANTS, ['#include "lib/common.h"'], BPF_DIR, tmp_path)
 
 
 def _bcc_ok() -> bool:
@@ -106,7 +79,7 @@ def test_bcc_typed_views_of_every_map_match(source, maps):
             for ours, theirs in ((spec.key, table.Key), (spec.leaf, table.Leaf)):
                 assert ct.sizeof(theirs) == ct.sizeof(ours), f"{spec.name}: {theirs} vs {ours.__name__}"
                 if issubclass(ours, ct.Structure):
-                    assert _fields(theirs) == _fields(ours), f"{spec.name}: {ours.__name__}"
+                    assert fields(theirs) == fields(ours), f"{spec.name}: {ours.__name__}"
     finally:
         bpf.cleanup()
 

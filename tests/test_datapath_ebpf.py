@@ -33,6 +33,7 @@ from labkit.datapath import ebpf_structs as S
 from labkit.datapath.base import NodeContext, PodIface
 from labkit.errors import DatapathError
 from labkit.services import Endpoint, ServicePort, ServiceTable, diff
+from pods import veth_pods
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -215,47 +216,12 @@ class Lab:
         return json.loads(proc.stdout)
 
 
-def _netlink(netns: str, fn):
-    """fn(ipr) with an IPRoute made and used inside ``netns``'s thread (pyroute2 sockets are per
-    thread: one made in a namespace thread and used elsewhere may talk to another namespace)."""
-    from pyroute2 import IPRoute
-
-    def work():
-        with IPRoute() as ipr:
-            return fn(ipr)
-
-    return nsexec.in_netns(netns, work)
-
-
 def _build_lab(state_dir: Path, undo: list) -> Lab:
     node = f"{PREFIX}-node"
     nsexec.create_netns(node)
     undo.append(lambda: nsexec.remove_netns(node))
     nsexec.write_sysctls(node, {"net.ipv4.ip_forward": 1})
-    netns, ips = {}, {}
-    for i, pod in enumerate(("cli", "out", *BACKENDS), start=1):
-        ns = f"{PREFIX}-{pod}"
-        nsexec.create_netns(ns)
-        undo.append(lambda ns=ns: nsexec.remove_netns(ns))
-
-        def node_side(ipr, pod=pod, ns=ns, i=i):
-            ipr.link("add", ifname=f"lx-{pod}", kind="veth", peer={"ifname": f"tmp-{pod}"})
-            ipr.link("set", index=ipr.link_lookup(ifname=f"tmp-{pod}")[0], net_ns_fd=str(nsexec.netns_path(ns)))
-            host = ipr.link_lookup(ifname=f"lx-{pod}")[0]
-            ipr.addr("add", index=host, address=f"10.99.{i}.1", prefixlen=24)
-            ipr.link("set", index=host, state="up")
-
-        def pod_side(ipr, pod=pod, i=i):
-            idx = ipr.link_lookup(ifname=f"tmp-{pod}")[0]
-            ipr.link("set", index=idx, ifname="eth0")
-            ipr.addr("add", index=idx, address=f"10.99.{i}.2", prefixlen=24)
-            ipr.link("set", index=idx, state="up")
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            ipr.route("add", dst="0.0.0.0/0", gateway=f"10.99.{i}.1")
-
-        _netlink(node, node_side)
-        _netlink(ns, pod_side)
-        netns[pod], ips[pod] = ns, f"10.99.{i}.2"
+    netns, ips = veth_pods(node, ("cli", "out", *BACKENDS), PREFIX, "10.99", undo)
     assert "lx-" not in nsexec.run(["ip", "-br", "link"]).stdout  # all of it inside the lab
 
     cgroup = nsexec.cgroup2_root() / PREFIX

@@ -30,6 +30,8 @@ from labkit.datapath.base import NodeContext, PodIface
 from labkit.errors import DatapathError
 from labkit.measure import loadgen
 from labkit.services import Endpoint, ServicePort, ServiceTable
+from labkit.tc import netlink
+from pods import veth_pods
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -65,17 +67,6 @@ class Topo:
         return nsexec.run(list(argv), self.node, check=check).stdout
 
 
-def _netlink(netns: str, fn):
-    """fn(ipr) with a pyroute2 IPRoute made and used in ``netns``'s own thread."""
-    from pyroute2 import IPRoute
-
-    def work():
-        with IPRoute() as ipr:
-            return fn(ipr)
-
-    return nsexec.in_netns(netns, work)
-
-
 def _build(datapath: str, undo: list) -> Topo:
     base = f"{PREFIX}-{SHORT[datapath]}"
     node = f"{base}-node"
@@ -90,32 +81,9 @@ def _build(datapath: str, undo: list) -> Topo:
             ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
         ipr.route("add", dst=SERVICE_CIDR, oif=ipr.link_lookup(ifname="up0")[0])
 
-    _netlink(node, uplink)
+    netlink(node, uplink)
     nsexec.write_sysctls(node, {"net.ipv4.conf.up1.forwarding": 0})
-    netns, ips = {}, {}
-    for i, pod in enumerate(("cli", *BACKENDS)):
-        ns = f"{base}-{pod}"
-        nsexec.create_netns(ns)
-        undo.append(lambda ns=ns: nsexec.remove_netns(ns))
-
-        def node_side(ipr, pod=pod, ns=ns, i=i):
-            ipr.link("add", ifname=f"lx-{pod}", kind="veth", peer={"ifname": f"tmp-{pod}"})
-            ipr.link("set", index=ipr.link_lookup(ifname=f"tmp-{pod}")[0], net_ns_fd=str(nsexec.netns_path(ns)))
-            host = ipr.link_lookup(ifname=f"lx-{pod}")[0]
-            ipr.addr("add", index=host, address=f"10.244.{i}.1", prefixlen=24)
-            ipr.link("set", index=host, state="up")
-
-        def pod_side(ipr, pod=pod, i=i):
-            idx = ipr.link_lookup(ifname=f"tmp-{pod}")[0]
-            ipr.link("set", index=idx, ifname="eth0")
-            ipr.addr("add", index=idx, address=f"10.244.{i}.2", prefixlen=24)
-            ipr.link("set", index=idx, state="up")
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            ipr.route("add", dst="0.0.0.0/0", gateway=f"10.244.{i}.1")
-
-        _netlink(node, node_side)
-        _netlink(ns, pod_side)
-        netns[pod], ips[pod] = ns, f"10.244.{i}.2"
+    netns, ips = veth_pods(node, ("cli", *BACKENDS), base, "10.244", undo, first=0)
     topo = Topo(datapath, node, netns["cli"], ips, netns)
     for pod in BACKENDS:
         proc = loadgen.start_server(netns[pod], pod, TARGET)

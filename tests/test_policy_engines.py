@@ -9,7 +9,6 @@ import ctypes as ct
 import dataclasses
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from labkit import nsexec
 from labkit.policy import compile_table, expand, get
 from labkit.policy import ebpf_structs as S
 from labkit.spec import load_spec
+from structs import assert_c_layouts, fields
 
 BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
 ENGINES = ("iptables", "ebpf")
@@ -83,42 +83,17 @@ policies:
 """
 
 
-def _fields(cls) -> list[tuple[str, int, int]]:
-    return [(name, getattr(cls, name).offset, getattr(cls, name).size) for name, *_ in cls._fields_]
-
-
 # ---------------------------------------------------------------- struct contract
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
 def test_c_layouts_match_as_gcc_sees_them(tmp_path):
-    lines = ["#include <linux/types.h>", "#include <stddef.h>", "#include <stdio.h>",
-             "#define LK_MAP(...)", '#include "lib/policy.h"', "int main(void) {"]
-    for cname, cls in S.C_STRUCTS.items():
-        lines.append(f'printf("{cname} %zu\\n", sizeof(struct {cname}));')
-        for name, _, _ in _fields(cls):
-            lines.append(f'printf("{cname}.{name} %zu %zu\\n", offsetof(struct {cname}, {name}), '
-                         f'sizeof(((struct {cname} *)0)->{name}));')
-    for macro in S.C_CONSTANTS:
-        lines.append(f'printf("{macro} %lld\\n", (long long)({macro}));')
-    lines.append("return 0; }")
-    # only the declarations: the helpers need bcc's rewriter
+    # only the declarations of lib/policy.h: its helpers need bcc's rewriter
     header = (BPF_DIR / "lib" / "policy.h").read_text().split("static __always_inline")[0] + "\n#endif\n"
     (tmp_path / "lib").mkdir()
     (tmp_path / "lib" / "policy.h").write_text(header.replace("LK_MAP(", "// LK_MAP("))
     shutil.copy(BPF_DIR / "lib" / "common.h", tmp_path / "lib" / "common.h")
-    src = tmp_path / "layout.c"
-    src.write_text("\n".join(lines) + "\n")
-    exe = tmp_path / "layout"
-    subprocess.run(["gcc", "-Wall", f"-I{tmp_path}", "-o", str(exe), str(src)], check=True, capture_output=True,
-                   text=True)
-    seen = dict(line.split(" ", 1) for line in subprocess.run([str(exe)], capture_output=True, text=True,
-                                                               check=True).stdout.splitlines())
-    for cname, cls in S.C_STRUCTS.items():
-        assert int(seen[cname]) == ct.sizeof(cls), cname
-        for name, off, size in _fields(cls):
-            assert seen[f"{cname}.{name}"] == f"{off} {size}", f"{cname}.{name}"
-    for macro, value in S.C_CONSTANTS.items():
-        assert int(seen[macro]) == value, macro
+    assert_c_layouts(S.C_STRUCTS, S.C_CONSTANTS, ["#define LK_MAP(...)", '#include "lib/policy.h"'], tmp_path,
+                     tmp_path, werror=False)  # the cut header leaves unused declarations
 
 
 @pytest.mark.root
@@ -139,7 +114,7 @@ def test_bcc_typed_views_of_every_policy_map_match():
             for ours, theirs in ((spec.key, table.Key), (spec.leaf, leaf)):
                 assert ct.sizeof(theirs) == ct.sizeof(ours), spec.name
                 if issubclass(ours, ct.Structure):
-                    assert _fields(theirs) == _fields(ours), f"{spec.name}: {ours.__name__}"
+                    assert fields(theirs) == fields(ours), f"{spec.name}: {ours.__name__}"
     finally:
         bpf.cleanup()
 

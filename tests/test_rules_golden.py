@@ -215,7 +215,7 @@ def test_nftables_partial_transaction():
     first_elem = min(i for i, ln in enumerate(lines) if "elements =" in ln or ln.startswith("delete element"))
     assert all(ln.startswith(("add chain", "flush chain")) for ln in lines[:first_elem])
     assert lines[-1].startswith("delete chain")
-    assert f"delete element ip kube-proxy service-ips {{ 10.96.0.11 . udp . 53 }}" in lines
+    assert "delete element ip kube-proxy service-ips { 10.96.0.11 . udp . 53 }" in lines
 
 
 def test_nftables_partial_keeps_a_cluster_ip_still_used_by_another_port():

@@ -604,13 +604,17 @@ def _cgroup2_mounts() -> list[Path]:
 
 
 class Bpffs:
-    """The datapath's private bpf filesystem: ``<state_dir>/bpffs``, with a folder per datapath."""
+    """A datapath's (or policy engine's) pinned objects: its folder ``<folder>/{maps,progs}`` in the
+    lab's private bpf filesystem ``<state_dir>/bpffs``, and its state file ``<state_dir>/<folder>.json``
+    (what it attached where, for a later process to detach). Compiling with bcc pins the maps (the C
+    names ``LK_PIN_DIR``) and the programs, so that a new process reuses them without recompiling."""
 
-    def __init__(self, state_dir: Path, datapath: str):
+    def __init__(self, state_dir: Path, folder: str):
         self.root = Path(state_dir) / "bpffs"
-        self.dir = self.root / datapath
+        self.dir = self.root / folder
         self.maps = self.dir / "maps"
         self.progs = self.dir / "progs"
+        self.state_file = Path(state_dir) / f"{folder}.json"
 
     def mounted(self) -> bool:
         target = str(self.root.resolve()) if self.root.exists() else str(self.root)
@@ -623,8 +627,59 @@ class Bpffs:
         self.maps.mkdir(parents=True, exist_ok=True)
         self.progs.mkdir(parents=True, exist_ok=True)
 
+    def has(self, maps: Iterable[str], progs: Iterable[str]) -> bool:
+        """Whether these maps and programs are all pinned."""
+        return (all((self.maps / m).exists() for m in maps)
+                and all((self.progs / p).exists() for p in progs))
+
+    def compile_and_pin(self, source: str, programs: Iterable[tuple[str, int, int | None]], where: str) -> float:
+        """Compile ``bpf/<source>`` with bcc (its maps pinned by bcc), load every
+        ``(name, prog_type, attach_type)`` and pin it; returns the seconds it took."""
+        try:
+            from bcc import BPF
+        except ImportError as exc:
+            raise DatapathError(f"{where}: bcc is not importable ({exc}); run setup.sh / `labkit doctor`") from exc
+        if '"' in str(self.maps) or "\\" in str(self.maps):
+            raise DatapathError(f"{where}: state folder {self.root.parent} has quotes or backslashes")
+        for pin in self.progs.iterdir():  # half-made earlier attempt
+            pin.unlink()
+        t0 = time.perf_counter()
+        text = flatten_source(bpf_source_dir() / source)
+        try:
+            bpf = BPF(text=text.encode(), cflags=[f'-DLK_PIN_DIR="{self.maps}"', "-Wno-macro-redefined"])
+        except Exception as exc:  # bcc raises bare Exception on compile errors
+            raise DatapathError(f"{where}: compiling {source} failed: {exc}") from exc
+        try:
+            for name, prog_type, attach_type in programs:
+                try:
+                    kw = {} if attach_type is None else {"attach_type": attach_type}
+                    fn = bpf.load_func(name.encode(), prog_type, **kw)
+                except Exception as exc:
+                    raise DatapathError(f"{where}: loading {name} failed: {exc}") from exc
+                obj_pin(fn.fd, self.progs / name)
+        finally:
+            bpf.cleanup()  # closes fds: the pins (and later the hooks) keep everything alive
+        return time.perf_counter() - t0
+
+    def prog_fds(self, names: Iterable[str]) -> dict[str, int]:
+        """New fds of pinned programs (the caller closes them)."""
+        return {name: obj_get(self.progs / name) for name in names}
+
+    def load_state(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def save_state(self, state: dict) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.state_file)
+
     def remove(self) -> None:
-        """Unpin everything of this datapath; unmount when no other datapath's folder is left."""
+        """Unpin everything of this folder and drop the state file; unmount when no other folder
+        is left."""
         if self.mounted():
             for sub in (self.maps, self.progs):
                 if sub.is_dir():
@@ -638,6 +693,7 @@ class Bpffs:
                 nsexec.run(["umount", str(self.root)])
         if self.root.is_dir() and not self.mounted() and not any(self.root.iterdir()):
             self.root.rmdir()
+        self.state_file.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- datapaths
@@ -654,7 +710,7 @@ class _EbpfDatapath(Datapath):
     def __init__(self, ctx: NodeContext):
         super().__init__(ctx)
         self.fs = Bpffs(ctx.state_dir, self.name)
-        self.state_file = Path(ctx.state_dir) / f"{self.name}.json"
+        self.state_file = self.fs.state_file
         self._maps: ServiceMaps | None = None
         self._ids: ServiceIds | None = None
         self.last_ops: dict[str, int] = {}
@@ -677,45 +733,17 @@ class _EbpfDatapath(Datapath):
     def _where(self) -> str:
         return f"{self.name} on node {self.ctx.node}"
 
-    def _compile_and_pin(self) -> None:
-        """Compile the C file with bcc (maps pinned by bcc), load and pin every program."""
-        try:
-            from bcc import BPF
-        except ImportError as exc:
-            raise DatapathError(f"{self._where()}: bcc is not importable ({exc}); run setup.sh / `labkit doctor`") from exc
-        if '"' in str(self.fs.maps) or "\\" in str(self.fs.maps):
-            raise DatapathError(f"{self._where()}: state folder {self.ctx.state_dir} has quotes or backslashes")
-        for pin in self.fs.progs.iterdir():  # half-made earlier attempt
-            pin.unlink()
-        t0 = time.perf_counter()
-        text = flatten_source(bpf_source_dir() / self.source)
-        try:
-            bpf = BPF(text=text.encode(), cflags=[f'-DLK_PIN_DIR="{self.fs.maps}"', "-Wno-macro-redefined"])
-        except Exception as exc:  # bcc raises bare Exception on compile errors
-            raise DatapathError(f"{self._where()}: compiling {self.source} failed: {exc}") from exc
-        try:
-            for prog in self.programs:
-                try:
-                    fn = bpf.load_func(prog.name.encode(), prog.prog_type, attach_type=prog.attach_type)
-                except Exception as exc:
-                    raise DatapathError(f"{self._where()}: loading {prog.name} failed: {exc}") from exc
-                obj_pin(fn.fd, self.fs.progs / prog.name)
-        finally:
-            bpf.cleanup()  # closes fds: the pins (and later the hooks) keep everything alive
-        self.compile_seconds = time.perf_counter() - t0
-
     def _prog_fds(self) -> dict[str, int]:
-        return {p.name: obj_get(self.fs.progs / p.name) for p in self.programs}
+        return self.fs.prog_fds(p.name for p in self.programs)
 
     def _ensure_loaded(self) -> ServiceMaps:
         if self._maps is not None:
             return self._maps
         self._check_target()
         self.fs.ensure()
-        have_maps = all((self.fs.maps / m.name).exists() for m in self.map_specs)
-        have_progs = all((self.fs.progs / p.name).exists() for p in self.programs)
-        if not (have_maps and have_progs):
-            self._compile_and_pin()
+        if not self.fs.has((m.name for m in self.map_specs), (p.name for p in self.programs)):
+            self.compile_seconds = self.fs.compile_and_pin(
+                self.source, [(p.name, p.prog_type, p.attach_type) for p in self.programs], self._where())
         if not self._attached():
             fds = self._prog_fds()
             try:
@@ -726,18 +754,11 @@ class _EbpfDatapath(Datapath):
         self._maps = ServiceMaps(self.fs.maps)
         return self._maps
 
-    # -- state file
     def _load_state(self) -> dict:
-        try:
-            return json.loads(self.state_file.read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
+        return self.fs.load_state()
 
     def _save_state(self, state: dict) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.state_file)
+        self.fs.save_state(state)
 
     # -- Datapath
     def apply(self, desired: ServiceTable, changes: TableDiff) -> None:
@@ -754,14 +775,11 @@ class _EbpfDatapath(Datapath):
         self.last_ops = ops.counts()
 
     def cleanup(self) -> None:
-        if self._maps is not None:
-            self._maps.close()
-            self._maps = None
+        self.close()
         self._ids = None
         self._applied = None
         self._detach()
         self.fs.remove()
-        self.state_file.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Drop this process's handles; the datapath keeps running (see module docstring)."""

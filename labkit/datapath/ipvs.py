@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from typing import ClassVar
 
 from .. import nsexec
-from ..services import ServicePort, ServiceTable, TableDiff
+from ..services import ServiceTable, TableDiff
 from .base import Datapath, register
 from .iptables import MASQ_MARK, Jump, SavedTable, parse_save, render_cleanup
 

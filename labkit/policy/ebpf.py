@@ -31,17 +31,15 @@ where filters were attached (for cleanup after the loader is gone).
 from __future__ import annotations
 
 import ctypes as ct
-import json
 import os
 import socket
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from .. import nsexec, tc
-from ..datapath.ebpf import Bpffs, PinnedMap, TcHook, bpf_source_dir, flatten_source, obj_get, obj_pin
+from ..datapath.ebpf import Bpffs, PinnedMap, TcHook, obj_get
 from ..errors import DatapathError
 from . import ebpf_structs as S
 from .base import PolicyEngine, register
@@ -222,7 +220,7 @@ class EbpfPolicy(PolicyEngine):
     def __init__(self, ctx, datapath: str = ""):
         super().__init__(ctx, datapath)
         self.fs = Bpffs(ctx.state_dir, FOLDER)
-        self.state_file = Path(ctx.state_dir) / f"{FOLDER}.json"
+        self.state_file = self.fs.state_file
         self._maps: PolicyMaps | None = None
         self._held: dict[bytes, PodEntries] | None = None  # what the maps hold (None: read them)
         self.last_ops: dict[str, int] = {}
@@ -246,44 +244,22 @@ class EbpfPolicy(PolicyEngine):
         return out
 
     # -- loading
-    def _compile_and_pin(self) -> None:
-        try:
-            from bcc import BPF
-        except ImportError as exc:
-            raise DatapathError(f"{self._where()}: bcc is not importable ({exc}); see `labkit doctor`") from exc
-        for pin in self.fs.progs.iterdir():
-            pin.unlink()
-        t0 = time.perf_counter()
-        text = flatten_source(bpf_source_dir() / SOURCE)
-        try:
-            bpf = BPF(text=text.encode(), cflags=[f'-DLK_PIN_DIR="{self.fs.maps}"', "-Wno-macro-redefined"])
-        except Exception as exc:  # bcc raises bare Exception on compile errors
-            raise DatapathError(f"{self._where()}: compiling {SOURCE} failed: {exc}") from exc
-        try:
-            for prog in PROGRAMS:
-                fn = bpf.load_func(prog.encode(), PROG_SCHED_CLS)
-                obj_pin(fn.fd, self.fs.progs / prog)
-        finally:
-            bpf.cleanup()
-        self.compile_seconds = time.perf_counter() - t0
-
     def _ensure_loaded(self) -> PolicyMaps:
         if self._maps is not None:
             return self._maps
         if not self.ctx.pods:
             raise DatapathError(f"{self._where()}: the node has no pods to attach tc programs to")
         self.fs.ensure()
-        have = all((self.fs.maps / m.name).exists() for m in S.MAPS) and all(
-            (self.fs.progs / p).exists() for p in PROGRAMS)
-        if not have:
-            self._compile_and_pin()
+        if not self.fs.has((m.name for m in S.MAPS), PROGRAMS):
+            self.compile_seconds = self.fs.compile_and_pin(SOURCE, [(p, PROG_SCHED_CLS, None) for p in PROGRAMS],
+                                                           self._where())
         self._attach()
         self._maps = PolicyMaps(self.fs.maps)
         return self._maps
 
     def _attach(self) -> None:
         """Attach (or re-attach: replace is idempotent) both programs to every hook."""
-        fds = {p: obj_get(self.fs.progs / p) for p in PROGRAMS}
+        fds = self.fs.prog_fds(PROGRAMS)
         state = self._load_state()
         recorded = {(h["netns"], h["ifname"], h["parent"]): h for h in state.get("hooks", [])}
         try:
@@ -336,7 +312,6 @@ class EbpfPolicy(PolicyEngine):
         self._held = None
         self._detach()
         self.fs.remove()
-        self.state_file.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._maps is not None:
@@ -377,16 +352,10 @@ class EbpfPolicy(PolicyEngine):
             _netlink(netns, detach)
 
     def _load_state(self) -> dict:
-        try:
-            return json.loads(self.state_file.read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
+        return self.fs.load_state()
 
     def _save_state(self, state: dict) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.state_file)
+        self.fs.save_state(state)
 
     def maps(self) -> PolicyMaps:
         return self._ensure_loaded()
