@@ -3,11 +3,19 @@
 No image is downloaded from anywhere but the Debian mirror the host's apt sources name:
 ``debootstrap --variant=minbase`` makes a root file system with Debian's kernel and the tools a lab
 node runs (iproute2, kmod, iptables, nftables, ipvsadm, ipset, bpftool, iperf3, python3 + yaml,
-openssh-server, sudo; bcc with ``--with-bcc``), the ``vagrant`` user gets Vagrant's insecure key and
-password-less sudo, and the tree becomes one ext4 file system on the whole disk (``/dev/vda``, no
-partition table, no boot loader) in a qcow2 image. The VM boots Debian's kernel and initrd directly
-(libvirt ``<kernel>``/``<initrd>``), which is both the fastest boot under QEMU TCG and the simplest
-image.
+openssh-server, sudo, and bcc: ``python3-bpfcc``, ``bpfcc-tools`` and ``linux-headers-amd64``, whose
+version is checked to be the installed kernel's, so that the eBPF datapaths compile in the VM), the
+``vagrant`` user gets Vagrant's insecure key and password-less sudo, and the tree becomes one ext4
+file system on the whole disk (``/dev/vda``, no partition table, no boot loader) in a qcow2 image.
+The VM boots Debian's kernel and initrd directly (libvirt ``<kernel>``/``<initrd>``), which is both
+the fastest boot under QEMU TCG and the simplest image.
+
+debootstrap runs in two stages so that the box is configured before dpkg installs anything: between
+them labkit writes dpkg ``path-exclude`` rules (no documentation, man pages or translations; no
+kernel modules for hardware a VM never has: GPUs, sound, media, wireless, InfiniBand, …) and an
+initramfs configuration holding only what mounts the root file system (``MODULES=list``: virtio
+and ext4), so the initrd is a few MiB instead of ~36 and is unpacked in a fraction of the time
+under TCG. Neither Recommends nor Suggests are installed (debootstrap resolves Depends only).
 
 Inside the box, the first NIC (Vagrant's management NIC, the one ``vagrant ssh`` uses) is renamed
 ``mgmt0`` by a udev rule and gets DHCP from systemd-networkd with no default route and no DNS, so the
@@ -18,7 +26,7 @@ Cache (``$LABKIT_CACHE`` or ``~/.cache/labkit``)::
 
     boxes/<key>/recipe.json        the recipe; <key> = hash of the recipe (packages, suite, script)
     boxes/<key>/vmlinuz, initrd.img
-    boxes/<key>/build.log
+    boxes/<key>/build.log          debootstrap's output; recipe.json also holds the time of each phase
     boxes/debs/                    debootstrap's .deb cache: a rebuild downloads nothing new
     vagrant.d/                     VAGRANT_HOME: the box as Vagrant knows it (labkit/debian12-<key>)
 
@@ -50,15 +58,20 @@ BOX_PREFIX = "labkit/debian12"
 LIBVIRT_BOOT = Path("/var/lib/libvirt/boot")
 LIBVIRT_IMAGES = Path("/var/lib/libvirt/images")  # libvirt's default pool, as vagrant-libvirt makes it
 DISK_GB = 4
-CMDLINE = "root=/dev/vda rw console=ttyS0 net.ifnames=0 mitigations=off quiet"
-SCRIPT_VERSION = 4  # bump when the rootfs configuration below changes: it is part of the cache key
+# i8042.noaux: no PS/2 mouse probe (~4 s of a TCG boot); tsc=reliable: TSC as clocksource (time reads
+# without HPET MMIO exits under TCG); no5lvl: 4-level page tables (TCG walks them on every TLB miss)
+CMDLINE = ("root=/dev/vda rootfstype=ext4 rw console=ttyS0 net.ifnames=0 mitigations=off quiet i8042.noaux "
+           "tsc=reliable no5lvl")
+SCRIPT_VERSION = 6  # bump when the rootfs configuration below changes: it is part of the cache key
 
 PACKAGES = (
     "systemd-sysv", "udev", "dbus", "linux-image-amd64", "openssh-server", "sudo", "procps",
     "python3", "python3-yaml", "iproute2", "kmod", "iptables", "nftables", "ipvsadm", "ipset",
     "bpftool", "iperf3", "iputils-ping", "ethtool", "tcpdump", "conntrack",
 )
-BCC_PACKAGES = ("python3-bpfcc", "linux-headers-amd64")
+# bcc for the eBPF datapaths; linux-headers-amd64 is the metapackage of the same suite as
+# linux-image-amd64, so both name the same ABI (checked after install: _check_headers)
+BCC_PACKAGES = ("python3-bpfcc", "bpfcc-tools", "linux-headers-amd64")
 INSECURE_KEY_GLOB = "/usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub"
 _INSECURE_PUB = ("ssh-rsa AAAAB3NzaC1yc2EAAAABIwAAAQEA6NF8iallvQVp22WDkTkyrtvp9eWW6A8YVr+kz4TjGYe7gHzIw+niNltGEFHzD"
                  "8+v1I2YJ6oXevct1YeS0o9HZyN1Q9qgCgzUFtdOKLv6IedplqoPkcmF0aYet2PkEDo3MlTBckFXPITAMzF8dJSIFo9D8H"
@@ -83,7 +96,7 @@ class BoxRecipe:
 
     suite: str = SUITE
     packages: tuple[str, ...] = PACKAGES
-    with_bcc: bool = False
+    with_bcc: bool = True  # False: a smaller box without the eBPF datapaths
     disk_gb: int = DISK_GB
     cmdline: str = CMDLINE
     script: int = SCRIPT_VERSION
@@ -199,6 +212,18 @@ def insecure_public_key() -> str:
     return _INSECURE_PUB
 
 
+def insecure_private_key() -> str:
+    """Vagrant's insecure private key (the box's ``vagrant`` user accepts its public half)."""
+    import glob
+
+    for path in sorted(glob.glob(INSECURE_KEY_GLOB[:-len(".pub")])) + [str(vagrant_home() / "insecure_private_key")]:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            continue
+    raise MissingFeature("vagrant", "the vagrant backend's ssh", "apt-get install vagrant (it ships the insecure key)")
+
+
 # ================================================================ build
 
 _NETWORK_UNIT = """[Match]
@@ -220,8 +245,41 @@ ClientIdentifier=mac
 _UDEV_RULE = 'SUBSYSTEM=="net", ACTION=="add", KERNEL=="eth0", NAME="mgmt0"\n'
 _SUDOERS = "vagrant ALL=(ALL) NOPASSWD: ALL\nDefaults:vagrant !requiretty\n"
 _SSHD = "UseDNS no\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n"
+# Units a lab VM does without; each costs CPU that the VMs' boots share under TCG. Without dbus and
+# logind, ssh logins still work (no pam_systemd in the box) and networkd runs on its own.
 _MASK = ("systemd-timesyncd.service", "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
-         "e2scrub_reap.service", "fstrim.timer", "systemd-networkd-wait-online.service", "getty-static.service")
+         "e2scrub_reap.service", "fstrim.timer", "systemd-networkd-wait-online.service", "getty-static.service",
+         "dbus.service", "dbus.socket", "systemd-logind.service", "getty@tty1.service", "systemd-pstore.service",
+         "dpkg-db-backup.timer", "systemd-update-utmp.service", "systemd-update-utmp-runlevel.service",
+         "ipvsadm.service", "dev-hugepages.mount", "dev-mqueue.mount", "sys-kernel-config.mount",
+         "sys-fs-fuse-connections.mount", "proc-sys-fs-binfmt_misc.automount", "systemd-journal-flush.service",
+         "systemd-random-seed.service", "systemd-network-generator.service", "modprobe@drm.service",
+         "modprobe@efi_pstore.service", "modprobe@fuse.service", "modprobe@loop.service", "modprobe@dm_mod.service",
+         "modprobe@configfs.service")
+# Modules udev would load for the emulated PC's devices and CPU features (kvm alone takes ~9 s to load
+# under TCG); blacklisted for autoloading only, an explicit modprobe still loads them.
+_BLACKLIST = ("kvm", "kvm_amd", "kvm_intel", "ccp", "floppy", "ata_piix", "ata_generic", "pata_acpi", "libata",
+              "uhci_hcd", "ehci_hcd", "ehci_pci", "ohci_pci", "xhci_pci", "usbcore", "psmouse", "serio_raw",
+              "pcspkr", "joydev", "intel_rapl_msr", "intel_rapl_common", "i2c_piix4", "virtio_balloon",
+              "qemu_fw_cfg", "aesni_intel", "sha1_ssse3", "sha256_ssse3", "sha512_ssse3", "ghash_clmulni_intel",
+              "crc32_pclmul", "polyval_clmulni", "drm", "bochs")
+# Written between debootstrap's stages, before dpkg unpacks anything: what a lab VM never uses is not
+# installed at all (copyright files stay). Kernel modules of hardware a QEMU guest cannot have.
+_DPKG_EXCLUDES = """path-exclude=/usr/share/doc/*
+path-include=/usr/share/doc/*/copyright
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/groff/*
+path-exclude=/usr/share/lintian/*
+path-exclude=/usr/share/locale/*
+path-include=/usr/share/locale/locale.alias
+""" + "".join(f"path-exclude=/lib/modules/*/kernel/{d}/*\n" for d in (
+    "drivers/gpu", "drivers/media", "drivers/net/wireless", "drivers/infiniband", "drivers/iio",
+    "drivers/bluetooth", "drivers/staging", "drivers/isdn", "drivers/hwmon", "drivers/input/touchscreen",
+    "sound", "net/wireless", "net/mac80211", "net/bluetooth"))
+# The initrd only has to mount /dev/vda: virtio and ext4 (the kernel has them as modules)
+_INITRAMFS_CONF = "MODULES=list\nRESUME=none\n"
+_INITRAMFS_MODULES = "virtio_pci\nvirtio_blk\next4\n"
 
 
 def build(recipe: BoxRecipe | None = None, force: bool = False, log=print) -> Box:
@@ -246,32 +304,45 @@ def build(recipe: BoxRecipe | None = None, force: bool = False, log=print) -> Bo
     try:
         rootfs = (fast or work) / "rootfs"
         mirror = debian_mirror()
+        phases: dict[str, float] = {}
+        mark = _phase_clock(phases)
         log(f"debootstrap {box.recipe.suite} from {mirror} ({len(box.recipe.all_packages)} packages) …")
         with open(logf, "w") as out:
-            subprocess.run([debootstrap, "--variant=minbase", f"--cache-dir={debs}",
+            subprocess.run([debootstrap, "--foreign", "--variant=minbase", f"--cache-dir={debs}",
                             "--include=" + ",".join(box.recipe.all_packages), box.recipe.suite, str(rootfs), mirror],
                            stdout=out, stderr=subprocess.STDOUT, check=True, stdin=subprocess.DEVNULL)
+            mark("download")
+            _preinstall(rootfs)
+            subprocess.run(["chroot", str(rootfs), "/debootstrap/debootstrap", "--second-stage"],
+                           stdout=out, stderr=subprocess.STDOUT, check=True, stdin=subprocess.DEVNULL)
+            mark("install")
         log(f"  rootfs done in {time.monotonic() - t0:.0f} s; configuring")
         kver = _configure(rootfs)
+        if box.recipe.with_bcc:
+            _check_headers(rootfs, kver)
         boot = box.kernel.parent
         boot.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(rootfs / "boot" / f"vmlinuz-{kver}", box.dir / "vmlinuz")
         shutil.copyfile(rootfs / "boot" / f"initrd.img-{kver}", box.dir / "initrd.img")
-        img = work / "box.img"
-        _make_image(rootfs, img, box.recipe.disk_gb, work, logf)
+        mark("configure")
+        img = (fast or work) / "box.img"
+        _make_image(rootfs, img, box.recipe.disk_gb, fast or work, logf, mark)
         image_mb = img.stat().st_size // 2**20
         log(f"  image {image_mb} MiB at {time.monotonic() - t0:.0f} s; adding to Vagrant as {box.name}")
-        boxfile = work / "labkit.box"
+        boxfile = (fast or work) / "labkit.box"
         _pack(boxfile, img, box)
         img.unlink()
+        mark("pack")
         env = vagrant_env()
         subprocess.run([vagrant, "box", "add", "--force", "--name", box.name, str(boxfile)], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        mark("vagrant_box_add")
         for name in ("vmlinuz", "initrd.img"):
             shutil.copyfile(box.dir / name, boot / name)
         (box.dir / "recipe.json").write_text(json.dumps(
             {**asdict(box.recipe), "name": box.name, "kernel_version": kver, "image_mb": image_mb, "mirror": mirror,
-             "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": round(time.monotonic() - t0, 1)},
+             "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": round(time.monotonic() - t0, 1),
+             "phases_s": phases},
             indent=1))
     except subprocess.CalledProcessError as exc:
         detail = (exc.stderr or "").strip()[-800:] if isinstance(exc.stderr, str) else ""
@@ -285,9 +356,46 @@ def build(recipe: BoxRecipe | None = None, force: bool = False, log=print) -> Bo
     return box
 
 
-def _tmpfs_dir(need_gb: float = 3.0) -> Path | None:
+def _phase_clock(phases: dict[str, float]):
+    """``mark(name)`` records the seconds since the previous mark under ``name``."""
+    last = [time.monotonic()]
+
+    def mark(name: str) -> None:
+        now = time.monotonic()
+        phases[name] = round(now - last[0], 1)
+        last[0] = now
+
+    return mark
+
+
+def _preinstall(root: Path) -> None:
+    """Between debootstrap's stages: dpkg's excludes and the initramfs configuration (see the module
+    docstring), in place before the second stage installs the packages they apply to."""
+    (root / "etc/dpkg/dpkg.cfg.d").mkdir(parents=True, exist_ok=True)
+    (root / "etc/dpkg/dpkg.cfg.d/01-labkit-excludes").write_text(_DPKG_EXCLUDES)
+    (root / "etc/initramfs-tools/conf.d").mkdir(parents=True, exist_ok=True)
+    (root / "etc/initramfs-tools/conf.d/labkit.conf").write_text(_INITRAMFS_CONF)
+    (root / "usr/share/initramfs-tools/modules.d").mkdir(parents=True, exist_ok=True)
+    (root / "usr/share/initramfs-tools/modules.d/labkit").write_text(_INITRAMFS_MODULES)
+
+
+def _check_headers(root: Path, kver: str) -> None:
+    """bcc compiles against /lib/modules/<running kernel>/build: the headers must be the kernel's."""
+    build = root / "lib/modules" / kver / "build"
+    target = os.readlink(build) if build.is_symlink() else ""
+    inside = root / target.lstrip("/") if target else build
+    if not (inside / "include").is_dir():
+        have = sorted(p.name for p in (root / "usr/src").glob("linux-headers-*"))
+        raise LabkitError(f"the box's kernel {kver} has no matching headers (/lib/modules/{kver}/build -> "
+                          f"{target or 'missing'}; installed: {', '.join(have) or 'none'}): the mirror's "
+                          "linux-headers-amd64 and linux-image-amd64 differ; retry when the mirror is consistent, "
+                          "or build without bcc (labkit box build --no-bcc)")
+
+
+def _tmpfs_dir(need_gb: float = 5.0) -> Path | None:
     """A scratch folder in /dev/shm when it has room: dpkg fsyncs every file it unpacks, which on a
-    busy disk is most of debootstrap's time; in RAM it costs nothing (the tree is ~1.2 GB)."""
+    busy disk is most of debootstrap's time; in RAM it costs nothing. It holds the tree, the raw
+    ext4 image, the qcow2 and the .box (each ~1 GB, not all at once)."""
     shm = Path("/dev/shm")
     try:
         st = os.statvfs(shm)
@@ -304,7 +412,13 @@ def _tmpfs_dir(need_gb: float = 3.0) -> Path | None:
 
 def _configure(root: Path) -> str:
     """Make the debootstrapped tree a bootable, ssh-able lab node. Returns the kernel version."""
-    (root / "etc/fstab").write_text("/dev/vda / ext4 defaults,noatime 0 1\n")
+    # no fsck of a fresh copy; labkit's payload is unpacked in RAM (half the time of ext4 under TCG)
+    (root / "etc/fstab").write_text("/dev/vda / ext4 defaults,noatime 0 0\n"
+                                    "tmpfs /opt/labkit tmpfs mode=0755,size=128m 0 0\n")
+    (root / "opt/labkit").mkdir(parents=True, exist_ok=True)
+    (root / "etc/modprobe.d/labkit-blacklist.conf").write_text("".join(f"blacklist {m}\n" for m in _BLACKLIST))
+    (root / "etc/systemd/journald.conf.d").mkdir(parents=True, exist_ok=True)
+    (root / "etc/systemd/journald.conf.d/labkit.conf").write_text("[Journal]\nStorage=volatile\n")
     (root / "etc/hostname").write_text("labkit\n")
     # every VM of the box must get its own machine-id (DHCP DUIDs and leases derive from it)
     (root / "etc/machine-id").write_text("")
@@ -374,7 +488,7 @@ def _passwd_ids(root: Path, user: str) -> tuple[int, int]:
     raise LabkitError(f"no user {user} in the box")
 
 
-def _make_image(rootfs: Path, img: Path, disk_gb: int, work: Path, logf: Path) -> None:
+def _make_image(rootfs: Path, img: Path, disk_gb: int, work: Path, logf: Path, mark) -> None:
     raw = work / "root.ext4"
     with open(raw, "wb") as f:
         f.truncate(disk_gb * 2**30)
@@ -382,8 +496,10 @@ def _make_image(rootfs: Path, img: Path, disk_gb: int, work: Path, logf: Path) -
         subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "labkit", "-d", str(rootfs), str(raw)], check=True,
                        stdout=out, stderr=subprocess.STDOUT)
         _safe_rmtree(rootfs)
+        mark("mkfs")
         subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(img)], check=True,
                        stdout=out, stderr=subprocess.STDOUT)
+        mark("qcow2")
     raw.unlink()
 
 
@@ -449,7 +565,7 @@ def doctor_row() -> tuple[str, str, str]:
     if info["ready"]:
         extra = f", {info['size_mb']} MiB" if info.get("size_mb") else ""
         return "ok", f"{info['name']} (kernel {info['kernel'] or '?'}{extra})", ""
-    return "warn", f"box {info['name']} not built yet", "labkit box build (debootstrap from the apt mirror, ~3 min)"
+    return "warn", f"box {info['name']} not built yet", "labkit box build (debootstrap from the apt mirror, ~2 min)"
 
 
 # ================================================================ CLI
@@ -460,19 +576,20 @@ def add_cli(subparsers) -> None:
     sub = p.add_subparsers(dest="box_command", metavar="ACTION", required=True)
     b = sub.add_parser("build", help="build the box from the host's Debian mirror (cached)")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
-    b.add_argument("--with-bcc", action="store_true", help="add bcc and kernel headers (ebpf datapaths in VMs)")
+    b.add_argument("--no-bcc", action="store_true", help="the smaller box without bcc and kernel headers "
+                   "(no eBPF datapaths in its VMs; labs always use the default box)")
     b.set_defaults(fn=_cmd_build)
     s = sub.add_parser("status", help="is the box built, where, which kernel")
-    s.add_argument("--with-bcc", action="store_true")
+    s.add_argument("--no-bcc", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_status)
     r = sub.add_parser("rm", help="remove the box (Vagrant's copy, libvirt's base volume, cache)")
-    r.add_argument("--with-bcc", action="store_true")
+    r.add_argument("--no-bcc", action="store_true")
     r.set_defaults(fn=_cmd_rm)
 
 
 def _recipe(args) -> BoxRecipe:
-    return BoxRecipe(with_bcc=bool(getattr(args, "with_bcc", False)))
+    return BoxRecipe(with_bcc=not getattr(args, "no_bcc", False))
 
 
 def _cmd_build(args) -> int:
