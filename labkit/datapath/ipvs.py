@@ -19,7 +19,9 @@ A service without endpoints is a virtual server without real servers: IPVS drops
 behaves the same; it has no REJECT in IPVS mode).
 
 Renderers are pure (``render_ipvsadm``, ``render_ipset``, ``render_iptables``); the datapath applies
-``ipset restore`` then ``ipvsadm-restore`` then ``iptables-restore --noflush``. IPVS has no
+``ipset restore`` then ``ipvsadm -R`` then ``iptables-restore --noflush``. (Not Debian's
+``ipvsadm-restore``: that script runs ``ipvsadm -C`` first, so a diff applied through it would leave
+only the services it adds.) IPVS has no
 transactions: ``render_ipvsadm`` diffs against the state read from ``ipvsadm-save`` (kube-proxy
 does the same through netlink), so a failed apply leaves earlier services in place and the base class
 forces a full sync next time. Preflight needs ``ip_vs`` (absent from this host's kernel: use the VM
@@ -239,7 +241,7 @@ class IpvsDatapath(Datapath):
                    else virtual_servers(old))
         text = render_ipvsadm(current, virtual_servers(desired))
         if text:
-            self.ctx.run(["ipvsadm-restore"], input=text)
+            self.ctx.run(["ipvsadm", "-R"], input=text)  # a diff: never through ipvsadm-restore (it clears)
         saved = parse_save(self.ctx.run([self._ipt("save")]).stdout)
         missing = [j for j in JUMPS if j.save_line not in set(saved.get(j.table, SavedTable([], [])).rules)]
         self.ctx.run([self._ipt("restore"), "-w", "--noflush"],
