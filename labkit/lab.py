@@ -84,6 +84,29 @@ class Lab:
             return self.backend.pod_spawn(self.spec, pod, list(argv), **popen)
         return nsexec.spawn(argv, self.pod_netns(pod), cgroup=self.backend.pod_cgroup(self.spec, pod), **popen)
 
+    def run_client(self, pod: str, mode: str, host: str, port: int, **kw) -> dict:
+        """Run the load client (``lkclient``, a ``mode`` of :data:`labkit.measure.loadgen.MODES`) once in
+        ``pod`` and return its JSON result, wherever the pod runs; ``raw_path`` (a path on this machine)
+        receives the raw samples, also when the client fails (:class:`MeasurementError` carries the
+        partial result in ``.result``). Options as :func:`labkit.measure.loadgen.run_client`."""
+        return self.backend.run_client(self.spec, pod, mode, host, port, **kw)
+
+    def client_session(self, pod: str, cpus=None):
+        """One ``lkclient --serve`` kept in ``pod`` for many measurements
+        (:class:`labkit.measure.loadgen.ClientSession`: ``run(mode, host, port, …)``, ``close()``),
+        wherever the pod runs; ``raw_path`` of each run is a path on this machine. ``cpus`` (the load
+        CPUs of this machine's plan) applies where the pod runs on this machine."""
+        return self.backend.client_session(self.spec, pod, cpus)
+
+    def datapath(self, node: str, name: str):
+        """Service datapath ``name`` programming ``node`` (``sync``, ``sync_changes``, ``cleanup``),
+        whether the node is a namespace here or a VM (then it runs in the VM, driven from here)."""
+        return self.backend.datapath(self.spec, node, name, self.plan)
+
+    def kernels(self) -> dict[str, str]:
+        """The kernel release each node runs (this machine's on the netns backend)."""
+        return self.backend.kernels(self.spec)
+
     def down(self) -> dict:
         return self.backend.down(self.name)
 

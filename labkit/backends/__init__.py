@@ -5,7 +5,11 @@
 
 A backend provides ``up(spec) -> Lab`` (nothing half built on failure), ``down(name)`` (removes every
 object of that lab and only of that lab, even after the builder was SIGKILLed; safe twice) and the
-per-lab operations :class:`labkit.lab.Lab` needs (``pod_netns``, ``node_context``).
+per-lab operations :class:`labkit.lab.Lab` needs (``pod_netns``, ``node_context``), including what
+experiments use to stay backend-neutral: ``datapath(spec, node, name)`` (a Service datapath of a
+node), ``run_client(spec, pod, mode, host, port, …)`` and ``client_session(spec, pod, cpus)`` (the load
+client in a pod, once or kept for many runs; raw samples land on this machine) and ``kernels(spec)``
+(each node's kernel, for the results' manifest).
 """
 
 from __future__ import annotations

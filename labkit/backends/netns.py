@@ -19,6 +19,7 @@ found by the prefix, in reverse order, and is safe to run twice or after a SIGKI
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import time
 from pathlib import Path
@@ -180,6 +181,28 @@ class NetnsBackend:
                            state_dir=LabState(spec.name).dir / "nodes" / node.name,
                            cgroup=self.cgroup_dir(spec.name) / node.name, pods=tuple(pods),
                            node_ip=str(plan.nodes[node.name].primary.ip))
+
+    def datapath(self, spec: Spec, node: str, name: str, plan: addressing.AddressPlan | None = None):
+        """Datapath ``name`` of ``node``, an object of this process (its state folder made)."""
+        ctx = self.node_context(spec, node, plan)
+        ctx.state_dir.mkdir(parents=True, exist_ok=True)
+        return get_datapath(name)(ctx)
+
+    def run_client(self, spec: Spec, pod: str, mode: str, host: str, port: int, **kw) -> dict:
+        """``lkclient`` in the pod's namespace and cgroup: :func:`labkit.measure.loadgen.run_client`."""
+        from ..measure import loadgen
+
+        return loadgen.run_client(self.pod_netns(spec, pod), mode, host, port,
+                                  cgroup=self.pod_cgroup(spec, pod), **kw)
+
+    def client_session(self, spec: Spec, pod: str, cpus=None):
+        """:class:`labkit.measure.loadgen.ClientSession` in the pod's namespace and cgroup."""
+        from ..measure import loadgen
+
+        return loadgen.ClientSession(self.pod_netns(spec, pod), self.pod_cgroup(spec, pod), cpus)
+
+    def kernels(self, spec: Spec) -> dict[str, str]:
+        return {node.name: platform.release() for node in spec.nodes}
 
     def _sync_datapaths(self, spec: Spec, plan: addressing.AddressPlan, wirings) -> None:
         if spec.datapath == "none":

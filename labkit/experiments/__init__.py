@@ -19,7 +19,7 @@ from . import pod_modes, policy_scale, service_scale
 EXPERIMENTS = {"service-scale": (service_scale.ServiceScaleParams, service_scale.run),
                "pod-modes": (pod_modes.PodModesParams, pod_modes.run),
                "policy-scale": (policy_scale.PolicyScaleParams, policy_scale.run)}
-OPTIONS = ("datapaths", "services", "positions", "modes", "metrics", "repeats", "samples", "warmup", "burst", "mode")
+OPTIONS = ("datapaths", "services", "positions", "modes", "metrics", "repeats", "samples", "warmup", "burst", "mode", "backend")
 
 
 def cli_run(args) -> int:

@@ -125,7 +125,9 @@ def record_value(ctx: RunContext, row: dict[str, Any], metric: str, value: float
 @dataclasses.dataclass(frozen=True)
 class LatencyPoint:
     """One latency point of :func:`measure_interleaved`: what identifies it (``row`` + ``metric``)
-    and where its client runs (``netns`` and ``cgroup`` of the client pod, target ``host:port``)."""
+    and where its client runs (``netns`` and ``cgroup`` of the client pod, target ``host:port``).
+    With ``lab`` (a :class:`labkit.lab.Lab`) and ``pod``, the client runs through
+    ``lab.client_session(pod)``, wherever that lab's pods are (a VM on the vagrant backend)."""
 
     row: dict[str, Any]
     metric: str
@@ -133,6 +135,8 @@ class LatencyPoint:
     cgroup: Path | None
     host: str
     port: int
+    lab: Any = None
+    pod: str = ""
 
     @property
     def full(self) -> dict[str, Any]:
@@ -176,7 +180,9 @@ def measure_interleaved(ctx: RunContext, points: list[LatencyPoint], samples: in
     sessions: dict[tuple, loadgen.ClientSession] = {}
     try:
         for key, pts in groups.items():
-            sess = sessions[key] = loadgen.ClientSession(key[0], key[1], cpus)
+            lab, pod = pts[0].lab, pts[0].pod
+            sess = sessions[key] = (lab.client_session(pod, cpus) if lab is not None
+                                    else loadgen.ClientSession(key[0], key[1], cpus))
             if warmup:
                 sess.burst(key[2], [(pt.host, pt.port, Path(os.devnull)) for pt in pts], 1,
                            warmup=-(-warmup // len(pts)), size=size)

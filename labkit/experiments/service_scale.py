@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import time
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
 from .. import lab as labmod
+from ..backends import get_backend
 from ..datapath import get as get_datapath
 from ..errors import LabkitError
 from ..measure.cpus import all_cpus, wait_quiet
@@ -50,6 +50,7 @@ class ServiceScaleParams:
     updates: int = 3
     mode: str = "veth"
     seed: int = 1
+    backend: str = "netns"  # where each datapath's lab runs: netns, or vagrant (one VM per datapath)
 
     @classmethod
     def quick(cls) -> ServiceScaleParams:
@@ -77,16 +78,20 @@ class ServiceScaleParams:
         bad = [m for m in self.metrics if m not in ("crr", "rr")]
         if bad:
             problems.append(f"metrics: unknown {bad}; expected crr and/or rr")
+        try:
+            get_backend(self.backend)
+        except LabkitError as exc:
+            problems.append(f"backend: {exc}")
         if problems:
             raise LabkitError("invalid service-scale parameters:\n  " + "\n  ".join(problems))
 
 
-def lab_spec(datapath: str, mode: str, tag: str = "") -> dict:
+def lab_spec(datapath: str, mode: str, tag: str = "", backend: str = "netns") -> dict:
     """The lab of one datapath; ``tag`` (from the run id) keeps concurrent runs' labs apart."""
     pods = [{"name": "cli", "mode": mode}] + [
         {"name": f"be-{i}", "mode": mode, "labels": {"app": "backend"}} for i in range(BACKENDS)]
     enis = 1 if mode.startswith("eni-") or mode == "macvlan" else 0
-    return {"name": f"ss{tag}-{SHORT.get(datapath, datapath)}", "datapath": "none",
+    return {"name": f"ss{tag}-{SHORT.get(datapath, datapath)}", "backend": backend, "datapath": "none",
             "nodes": [{"name": "node", "enis": enis, "pods": pods}]}
 
 
@@ -108,22 +113,22 @@ class ServiceScale:
         p: ServiceScaleParams = ctx.params
         p.validate()
         self.mode = p.mode
-        for dp in p.datapaths:
-            get_datapath(dp).preflight()
+        for dp in p.datapaths:  # the backend checks what it can before any lab exists
+            get_backend(p.backend).preflight(parse_spec({**lab_spec(dp, p.mode, "", p.backend), "datapath": dp}))
         self.labs, self.paths, self.clients = {}, {}, {}
         for dp in tqdm(p.datapaths, desc="labs", disable=not ctx.progress, leave=False):
-            spec = parse_spec(lab_spec(dp, p.mode, ctx.run.run_id[-4:]))
+            spec = parse_spec(lab_spec(dp, p.mode, ctx.run.run_id[-4:], p.backend))
             labmod.down(spec.name)  # left by this run when it was killed (resume)
             lb = labmod.up(spec, progress=False)
             self.labs[dp] = lb
-            ctx_node = lb.backend.node_context(lb.spec, "node", lb.plan)
-            ctx_node.state_dir.mkdir(parents=True, exist_ok=True)
-            self.paths[dp] = get_datapath(dp)(ctx_node)
+            self.paths[dp] = lb.datapath("node", dp)  # on the vagrant backend it runs in the VM
             self.clients[dp] = (lb.pod_netns("cli"), lb.backend.pod_cgroup(lb.spec, "cli"))
         first = next(iter(self.labs.values()))
         self.endpoints = tuple(Endpoint(str(first.plan.pods[f"be-{i}"].ip), 8080, f"be-{i}")
                                for i in range(BACKENDS))
-        ctx.run.update_manifest(labs={dp: lb.name for dp, lb in self.labs.items()})
+        # the kernel each datapath ran on (the VM's on the vagrant backend; `machine` is this host)
+        ctx.run.update_manifest(labs={dp: lb.name for dp, lb in self.labs.items()}, backend=p.backend,
+                                node_kernels={dp: lb.kernels() for dp, lb in self.labs.items()})
 
     def teardown(self, ctx: core.RunContext) -> None:
         for lb in getattr(self, "labs", {}).values():
@@ -160,9 +165,7 @@ class ServiceScale:
     def _load(self, ctx: core.RunContext, n: int, table: ServiceTable) -> None:
         for dp, path in self.paths.items():
             path.sync(ServiceTable())  # flush, so that the load below is a whole table
-            t0 = time.perf_counter()
-            path.sync(table)
-            took = time.perf_counter() - t0
+            took = path.sync(table).seconds  # the apply where it runs (in the VM: without the ssh trip)
             row = self._row(dp, n, position="", repeat=0)
             if core.point_key({**row, "metric": "load"}) not in ctx.done:
                 core.record_value(ctx, row, "load", took)
@@ -185,7 +188,7 @@ class ServiceScale:
             sp = table.at(index)
             host, port = sp.cluster_ip, sp.port
         netns, cgroup = self.clients[dp]
-        return core.LatencyPoint(row, metric, netns, cgroup, host, port)
+        return core.LatencyPoint(row, metric, netns, cgroup, host, port, self.labs[dp], "cli")
 
     def _updates(self, ctx: core.RunContext, n: int, table: ServiceTable) -> None:
         p: ServiceScaleParams = ctx.params
@@ -195,9 +198,8 @@ class ServiceScale:
                 row = self._row(dp, n, position="", repeat=k)
                 extra = bulk_service(self.endpoints, n + k - 1)
                 current = current.with_ports(extra)
-                t0 = time.perf_counter()  # the change is known, as kube-proxy's trackers know it
-                path.sync_changes(current, TableDiff(added=(extra,)))
-                took = time.perf_counter() - t0
+                # the change is known, as kube-proxy's trackers know it
+                took = path.sync_changes(current, TableDiff(added=(extra,))).seconds
                 if core.point_key({**row, "metric": "update"}) not in ctx.done:
                     core.record_value(ctx, row, "update", took)
 
