@@ -13,6 +13,10 @@ Verbs (each prints one JSON object on stdout, except ``pod-exec``):
 - ``sync --spec S --node N``: program the datapath again (a changed service table).
 - ``pod-exec --lab L --node N --pod P -- ARGV…``: run ARGV in the pod's namespace and cgroup with the
   caller's stdin/stdout/stderr (``labkit exec`` and ``labkit check``'s probes); exits with its code.
+- ``serve --spec S --node N``: drive Service datapaths of this node from the host, one JSON request
+  per line on stdin, one JSON reply per line on stdout (see :func:`serve`); the host side is
+  :class:`labkit.backends.vagrant.RemoteDatapath`. Lives until stdin closes, so that a datapath's
+  state between syncs (the table applied, the eBPF service ids) persists as in one process.
 - ``info``: kernel, loaded modules of interest.
 
 Everything the agent creates lives inside the VM, which ``labkit down`` destroys whole; the journal
@@ -34,7 +38,7 @@ from . import addressing, nsexec, topology
 from .datapath import NodeContext, PodIface
 from .datapath import get as get_datapath
 from .errors import BackendError, LabkitError
-from .services import table_from_spec
+from .services import Endpoint, ServicePort, ServiceTable, TableDiff, table_from_spec
 from .spec import Spec, load_spec
 from .state import LabState
 
@@ -125,11 +129,10 @@ def set_hostname(name: str) -> None:
 
 
 def load_modules() -> list[str]:
-    loaded = []
-    for mod in MODULES:
-        if subprocess.run(["modprobe", "-q", mod], capture_output=True).returncode == 0:
-            loaded.append(mod)
-    return loaded
+    """Load the lab's kernel modules in one ``modprobe -a`` (each exec costs under TCG); returns
+    those present afterwards (built-in ones without parameters have no /sys/module entry)."""
+    subprocess.run(["modprobe", "-a", "-q", *MODULES], capture_output=True)
+    return [m for m in MODULES if Path(f"/sys/module/{m}").exists()]
 
 
 # ------------------------------------------------------------------ build
@@ -208,6 +211,84 @@ def sync_datapath(spec: Spec, node_name: str, plan: addressing.AddressPlan | Non
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in vars(res).items()}
 
 
+# ------------------------------------------------------------------ datapaths driven from the host
+
+def _port_to_json(sp: ServicePort) -> list:
+    return [sp.namespace, sp.name, sp.port_name, sp.protocol, sp.cluster_ip, sp.port,
+            [[e.ip, e.port, e.pod, e.node] for e in sp.endpoints]]
+
+
+def _port_from_json(v: list) -> ServicePort:
+    return ServicePort(*v[:6], tuple(Endpoint(*e) for e in v[6]))
+
+
+def table_to_json(table: ServiceTable) -> list:
+    """A service table as compact JSON (install order kept)."""
+    return [_port_to_json(sp) for sp in table]
+
+
+def table_from_json(rows: list) -> ServiceTable:
+    return ServiceTable.of(_port_from_json(r) for r in rows)
+
+
+def changes_to_json(changes: TableDiff) -> dict:
+    return {"added": [_port_to_json(sp) for sp in changes.added],
+            "removed": [_port_to_json(sp) for sp in changes.removed],
+            "changed": [[_port_to_json(a), _port_to_json(b)] for a, b in changes.changed], "full": changes.full}
+
+
+def changes_from_json(d: dict) -> TableDiff:
+    return TableDiff(tuple(_port_from_json(r) for r in d["added"]), tuple(_port_from_json(r) for r in d["removed"]),
+                     tuple((_port_from_json(a), _port_from_json(b)) for a, b in d["changed"]), d["full"])
+
+
+def apply_changes(table: ServiceTable, changes: TableDiff) -> ServiceTable:
+    """The table ``changes`` lead to from ``table`` (what the host's desired table is)."""
+    return table.without(*(sp.key for sp in changes.removed)).with_ports(
+        *changes.added, *(new for _, new in changes.changed))
+
+
+def serve(spec: Spec, node_name: str, requests, replies) -> int:
+    """Answer datapath requests until ``requests`` ends. A request is
+    ``{"op": "sync", "datapath": NAME, "table": [...]}`` (a whole table) or ``{..., "changes": {...}}``
+    (a change set from the table this process applied last), ``{"op": "cleanup" | "describe", ...}``;
+    the reply ``{"result": ...}`` (for sync the :class:`SyncResult` fields) or ``{"error": "..."}``."""
+    plan = addressing.plan(spec)
+    paths = {}
+    for line in requests:
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+            name = req["datapath"]
+            if name not in paths:
+                ctx = node_context(spec, node_name, plan)
+                ctx.state_dir.mkdir(parents=True, exist_ok=True)
+                paths[name] = get_datapath(name)(ctx)
+            dp = paths[name]
+            if req["op"] == "sync":
+                if "table" in req:
+                    res = dp.sync(table_from_json(req["table"]))
+                else:
+                    if dp.applied is None:
+                        raise BackendError("a change set needs a table applied first by this agent")
+                    changes = changes_from_json(req["changes"])
+                    res = dp.sync_changes(apply_changes(dp.applied, changes), changes)
+                reply = {"result": vars(res)}
+            elif req["op"] == "cleanup":
+                dp.cleanup()
+                reply = {"result": {}}
+            elif req["op"] == "describe":
+                reply = {"result": dp.describe()}
+            else:
+                raise BackendError(f"unknown op {req['op']!r}")
+        except (LabkitError, OSError, subprocess.CalledProcessError, KeyError, ValueError) as exc:
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        replies.write(json.dumps(reply, default=str) + "\n")
+        replies.flush()
+    return 0
+
+
 def pod_exec(lab: str, node: str, pod: str, argv: list[str]) -> int:
     if argv and argv[0] == "python3":
         argv = [sys.executable, *argv[1:]]
@@ -237,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("sync")
     s.add_argument("--spec", required=True)
     s.add_argument("--node", required=True)
+    v = sub.add_parser("serve")
+    v.add_argument("--spec", required=True)
+    v.add_argument("--node", required=True)
     e = sub.add_parser("pod-exec")
     e.add_argument("--lab", required=True)
     e.add_argument("--node", required=True)
@@ -248,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "pod-exec":
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             return pod_exec(args.lab, args.node, args.pod, cmd)
+        if args.verb == "serve":
+            # replies own stdout; anything else a library prints goes to stderr
+            replies = os.fdopen(os.dup(1), "w")
+            os.dup2(2, 1)
+            return serve(load_spec(Path(args.spec)), args.node, sys.stdin, replies)
         if args.verb == "build-node":
             out = build_node(load_spec(Path(args.spec)), args.node, _nics(args.nics), servers=not args.no_servers)
         elif args.verb == "sync":

@@ -3,13 +3,14 @@
 Layers: pure tests of names, the Vagrantfile's input, the payload and the box recipe (no root, no
 VMs, milliseconds); then ``@pytest.mark.vm`` tests that build (or reuse) the box, bring up the issue's
 acceptance lab (IPVLAN and an exclusive ENI across two VMs, a Service through IPVS inside the VMs),
-run ``labkit check`` and ``labkit exec`` against it, and verify that ``down`` leaves nothing on the
-host: no domain, volume, libvirt network, ``lk-`` namespace or bridge, ssh master, daemon or
-LIBVIRT_* iptables chain that labkit started. About 5-8 min on this 2-core machine (TCG).
+run ``labkit check`` and ``labkit exec`` against it, drive the load client and a datapath of a VM
+node from the host (what experiments use), and verify that ``down`` leaves nothing on the host: no
+domain, volume, libvirt network, ``lk-`` namespace or bridge, ssh master, daemon or LIBVIRT_*
+iptables chain that labkit started.
 
-The eBPF datapaths need bcc inside the VM, which the default box leaves out (clang/LLVM and kernel
-headers double its size and build time): ``LABKIT_VM_BCC=1`` builds the ``--with-bcc`` box and adds
-an ``ebpf`` lab; otherwise that test is skipped with this reason.
+The same lab with ``datapath: ebpf`` runs too (the box has bcc and its kernel's headers, so the
+socket-LB programs are compiled inside the VMs), and a small ``labkit run service-scale --backend
+vagrant``. With the box cached, about 6 min on this 2-core machine (TCG): three labs, 1-2 VMs each.
 """
 
 from __future__ import annotations
@@ -56,22 +57,104 @@ def test_lab_json_has_one_nic_per_vpc_address_in_plan_order():
     assert len({x["mac"] for n in lab["nodes"] for x in n["nics"]}) == sum(len(p.nics) for p in plan.nodes.values())
     assert lab["tb_cache_mib"] == vg.TB_CACHE_MIB and lab["management"]["network"] == "lk-vmdemo.mgmt"
     assert lab["kernel"].startswith(str(box.LIBVIRT_BOOT))
+    # fixed management MACs and addresses, distinct, inside the management subnet
+    import ipaddress
+
+    ips = [ipaddress.IPv4Address(n["mgmt_ip"]) for n in lab["nodes"]]
+    assert len(set(ips)) == 2 and all(ip in ipaddress.IPv4Network("192.168.150.0/24") for ip in ips)
+    assert len({n["mgmt_mac"] for n in lab["nodes"]} | {x["mac"] for n in lab["nodes"] for x in n["nics"]}) == 2 + 5
+
+
+def test_ssh_config_reaches_every_node_at_its_fixed_address(tmp_path, monkeypatch):
+    spec = load_spec(VMDEMO)
+    lab = vg.VagrantBackend()._lab_json(spec, vg.VmNames(spec.name), box.box_for(), "192.168.150.0/24", "qemu",
+                                        tmp_path)
+    monkeypatch.setattr(vg, "vagrant_dir", lambda name: tmp_path)
+    cfg = vg.VagrantBackend()._write_ssh_config(spec.name, lab).read_text()
+    for n in lab["nodes"]:
+        assert f"Host {n['name']}\n  HostName {n['mgmt_ip']}\n" in cfg
+    key = tmp_path / "insecure_key"
+    assert f"IdentityFile {key}" in cfg and oct(key.stat().st_mode & 0o777) == "0o600"
+    assert "BEGIN RSA PRIVATE KEY" in key.read_text() or "BEGIN OPENSSH PRIVATE KEY" in key.read_text()
+
+
+def test_vagrant_milestones_are_read_per_vm():
+    lines = [(1.0, "Bringing machine 'node1' up with 'libvirt' provider..."),
+             (2.5, "==> node1: Creating domain with the following settings..."),
+             (3.0, "==> node2: Creating domain with the following settings..."),
+             (4.0, "==> node1: Starting domain."), (5.0, "==> node1: Waiting for domain to get an IP address..."),
+             (40.2, "==> node1: Waiting for machine to boot. This may take a few minutes..."),
+             (61.7, "==> node1: Machine booted and ready!")]
+    steps = vg.VagrantUp.parse_steps(lines)
+    assert steps["node1"] == {"define": 2.5, "start": 4.0, "wait_ip": 5.0, "wait_ssh": 40.2, "ready": 61.7}
+    assert steps["node2"] == {"define": 3.0}
+
+
+def test_service_tables_cross_to_the_agent_and_back():
+    from labkit import agent
+    from labkit.services import Endpoint, ServicePort, ServiceTable, diff
+
+    eps = (Endpoint("10.0.0.2", 8080, "be-0", "n"), Endpoint("10.0.0.3", 8080, "be-1", "n"))
+    table = ServiceTable.of(ServicePort("ns", f"s{k}", "", "TCP", f"10.96.0.{k + 10}", 80, eps) for k in range(5))
+    assert agent.table_from_json(json.loads(json.dumps(agent.table_to_json(table)))) == table
+    new = table.without("ns/s1").with_ports(ServicePort("ns", "s9", "", "UDP", "10.96.0.99", 53, eps[:1]),
+                                            ServicePort("ns", "s2", "", "TCP", "10.96.0.12", 80, eps[:1]))
+    changes = diff(table, new)
+    back = agent.changes_from_json(json.loads(json.dumps(agent.changes_to_json(changes))))
+    assert back == changes
+    assert agent.apply_changes(table, back) == new  # what the agent applies is the host's table, in order
+    assert list(agent.apply_changes(table, back).ports) == list(new.ports)
+
+
+def test_vm_commands_use_the_vm_copies_of_python_and_the_native_helpers():
+    import sys
+
+    from labkit import native
+
+    client = native.cache_dir() / "lkclient-0123abcd"
+    assert vg._vm_argv([str(client), "--mode", "crr"]) == [f"{vg.VM_ROOT}/cache/bin/lkclient-0123abcd", "--mode", "crr"]
+    assert vg._vm_argv([sys.executable, "-m", "labkit.probe"]) == ["python3", "-m", "labkit.probe"]
+    assert vg._vm_argv(["ip", "addr"]) == ["ip", "addr"]
 
 
 def test_vagrantfile_reads_everything_the_backend_writes():
     text = vg.vagrantfile_source().read_text()
     for key in ("box", "domain_prefix", "driver", "tb_cache_mib", "management", "vpc", "nodes", "nics", "mac",
-                "memory", "cpus", "kernel", "initrd", "cmdline", "serial_dir"):
+                "memory", "cpus", "kernel", "initrd", "cmdline", "serial_dir", "mgmt_mac"):
         assert f'"{key}"' in text or f"'{key}'" in text, key
     assert 'management_network_mode = "none"' in text and "veryisolated" in text  # nothing forwarded
     assert ":virtualbox" in text
 
 
-def test_box_recipe_key_is_stable_and_covers_bcc():
+def test_box_recipe_key_is_stable_and_the_default_box_has_bcc_and_headers():
     assert box.BoxRecipe().key == box.BoxRecipe().key
-    assert box.BoxRecipe(with_bcc=True).key != box.BoxRecipe().key
-    assert "python3-bpfcc" in box.BoxRecipe(with_bcc=True).all_packages
+    assert box.BoxRecipe(with_bcc=False).key != box.BoxRecipe().key
+    default = box.BoxRecipe().all_packages
+    assert {"python3-bpfcc", "linux-headers-amd64", "linux-image-amd64"} <= set(default)
+    assert "python3-bpfcc" not in box.BoxRecipe(with_bcc=False).all_packages
+    assert vg.box_recipe(load_spec(VMDEMO)) == box.BoxRecipe()  # every lab, whatever its datapath
     assert box.box_for().name.startswith(box.BOX_PREFIX)
+
+
+def test_box_headers_check_names_the_mismatch(tmp_path):
+    root = tmp_path / "root"
+    (root / "usr/src/linux-headers-6.1.0-9-amd64/include").mkdir(parents=True)
+    (root / "lib/modules/6.1.0-9-amd64").mkdir(parents=True)
+    (root / "lib/modules/6.1.0-9-amd64/build").symlink_to("/usr/src/linux-headers-6.1.0-9-amd64")
+    box._check_headers(root, "6.1.0-9-amd64")  # matching: no error
+    (root / "lib/modules/6.1.0-8-amd64").mkdir(parents=True)
+    with pytest.raises(box.LabkitError, match="6.1.0-8-amd64 has no matching headers.*linux-headers-6.1.0-9-amd64"):
+        box._check_headers(root, "6.1.0-8-amd64")
+
+
+def test_preinstall_config_excludes_docs_and_keeps_the_initrd_small(tmp_path):
+    box._preinstall(tmp_path)
+    excludes = (tmp_path / "etc/dpkg/dpkg.cfg.d/01-labkit-excludes").read_text()
+    assert "path-exclude=/usr/share/doc/*" in excludes and "drivers/gpu" in excludes
+    assert "kernel/net/ipv4" not in excludes and "drivers/net/*" not in excludes  # the lab's own modules stay
+    assert "MODULES=list" in (tmp_path / "etc/initramfs-tools/conf.d/labkit.conf").read_text()
+    assert set((tmp_path / "usr/share/initramfs-tools/modules.d/labkit").read_text().split()) == {
+        "virtio_pci", "virtio_blk", "ext4"}
 
 
 def test_debian_mirror_comes_from_apt_sources():
@@ -90,6 +173,8 @@ def test_payload_holds_labkit_pyroute2_natives_and_spec(tmp_path):
     names = set(tarfile.open(tar_path).getnames())
     assert "./lib/labkit/agent.py" in names and "./lib/pyroute2/__init__.py" in names
     assert "./spec.yaml" in names and any(n.startswith("./cache/bin/lkserver-") for n in names)
+    # the eBPF datapaths compile bpf/ in the VM
+    assert {"./lib/labkit/_bpf/bpf_sock.c", "./lib/labkit/_bpf/bpf_lxc.c", "./lib/labkit/_bpf/lib/lb.h"} <= names
     assert not any("__pycache__" in n and not n.endswith(".pyc") and n.endswith(".py") for n in names)
 
 
@@ -221,19 +306,108 @@ def test_vmdemo_exec_and_ipvs_inside_the_vm(vmdemo):
 @pytest.mark.root
 @pytest.mark.slow
 @vm
+def test_vmdemo_load_client_and_datapath_driven_from_the_host(vmdemo, tmp_path):
+    """What experiments use, on VMs: lkclient in a pod of a VM with its raw samples back here, and a
+    datapath of a VM node synced from here (whole table, then one known change: a partial sync)."""
+    from labkit.errors import MeasurementError
+    from labkit.measure.stats import load_raw
+    from labkit.services import TableDiff
+    from labkit.experiments.service_scale import bulk_service
+
+    svc = next(iter(vmdemo.services()))
+    raw = tmp_path / "crr.i64"
+    res = vmdemo.run_client("cli-0", "crr", svc.cluster_ip, svc.port, samples=60, warmup=5, raw_path=raw)
+    assert res["samples"] == 60 and res["errors"] == 0 and res["p50_us"] > 0, res
+    assert raw.stat().st_size == 8 * 60 and (load_raw(raw) > 0).all()
+    with pytest.raises(MeasurementError, match="lkclient crr to 10.96.0.250:81.*cli-0"):
+        vmdemo.run_client("cli-0", "crr", "10.96.0.250", 81, samples=5, warmup=0, max_errors=2,
+                          connect_timeout_ms=200)
+
+    path = vmdemo.datapath("node1", "ipvs")
+    try:
+        extra = bulk_service(svc.endpoints, 7)
+        full = path.sync(vmdemo.services().with_ports(extra))
+        assert full.full and full.services == 2 and full.node == "node1" and full.seconds > 0
+        more = bulk_service(svc.endpoints, 8)
+        table = vmdemo.services().with_ports(extra, more)
+        part = path.sync_changes(table, TableDiff(added=(more,)))
+        assert not part.full and part.added == 1 and part.services == 3
+        ipvs = vmdemo.backend.node_context(vmdemo.spec, "node1").run(["ipvsadm", "-Ln"]).stdout
+        assert f"{extra.cluster_ip}:80" in ipvs and f"{more.cluster_ip}:80" in ipvs
+        assert vmdemo.run_client("cli-0", "crr", more.cluster_ip, 80, samples=20, warmup=2)["errors"] == 0
+        path.sync(vmdemo.services())  # back to the spec's table for the other tests
+    finally:
+        path.close()
+    assert f"{more.cluster_ip}:80" not in vmdemo.backend.node_context(vmdemo.spec, "node1").run(
+        ["ipvsadm", "-Ln"]).stdout
+
+
+@pytest.mark.vm
+@pytest.mark.root
+@pytest.mark.slow
+@vm
 def test_ebpf_service_inside_a_vm():
-    if not os.environ.get("LABKIT_VM_BCC"):
-        pytest.skip("the default box has no bcc (LLVM + headers double its size and build time); "
-                    "LABKIT_VM_BCC=1 builds the --with-bcc box and runs this test")
+    """The acceptance lab with ``datapath: ebpf``: bcc in the VMs compiles bpf/bpf_sock.c against the
+    box's own kernel headers, every pod (the IPVLAN ones too: socket-LB sees their connect()) reaches
+    the Service's three backends across the VMs, and no IPVS or iptables Service rules are involved."""
     from labkit import lab as labmod
 
-    bcc_box = box.BoxRecipe(with_bcc=True)
-    box.build(bcc_box, log=print)
-    spec = load_spec({**json.loads(json.dumps(load_spec(VMDEMO).to_dict())), "name": "vmebpf", "datapath": "ebpf"})
+    spec = load_spec({**load_spec(VMDEMO).to_dict(), "name": "tvmebpf", "datapath": "ebpf"})
+    labmod.down(spec.name) if vg.LabState(spec.name).exists else None
     try:
+        t0 = time.monotonic()
         lb = labmod.up(spec, progress=False)
-        failed = [r for r in lb.check() if not r.ok]
+        print(f"{spec.name} up in {time.monotonic() - t0:.0f} s: {vg.LabState(spec.name).meta()['times']}")
+        sync = vg.LabState(spec.name).meta()["nodes"]["node1"]["datapath"]
+        assert sync["datapath"] == "ebpf" and sync["services"] == 1, sync
+        results = lb.check()
+        failed = [r for r in results if not r.ok]
         assert not failed, failed
+        service = [r for r in results if r.kind == "service"]
+        assert {r.src for r in service} == {"web-0", "cli-0", "web-1", "web-2"}  # ipvlan pods included
+        assert {r.observed for r in service} == {"web-0", "web-1", "web-2"}
+        path = lb.datapath("node2", "ebpf")  # the agent in the VM reads the pinned maps back
+        info = path.describe()
+        path.close()
+        assert info["attached"] and info["map_services"] == 1 and info["map_backends"] == 3, info
+        ctx = lb.backend.node_context(lb.spec, "node2")
+        assert "TCP" not in ctx.run(["ipvsadm", "-Ln"], check=False).stdout
     finally:
         labmod.down(spec.name)
     assert not _host_leftovers(spec.name)
+
+
+@pytest.mark.vm
+@pytest.mark.root
+@pytest.mark.slow
+@vm
+def test_tiny_service_scale_runs_on_vms(tmp_path):
+    """`labkit run service-scale --backend vagrant`, small: IPVS (which this host's kernel lacks) in its
+    own VM, lkclient in the VM's client pod, every row, raw samples back here, the VM's kernel in the
+    manifest, the lab gone afterwards."""
+    from labkit import results
+
+    env = {**os.environ, "LABKIT_RESULTS": str(tmp_path / "results")}
+    args = ["run", "service-scale", "--backend", "vagrant", "--datapaths", "ipvs", "--services", "1,20",
+            "--positions", "first,last,pod", "--repeats", "1", "--samples", "60", "--warmup", "6", "--burst", "30",
+            "-q"]
+    t0 = time.monotonic()
+    proc = subprocess.run([str(ROOT / ".venv/bin/labkit"), *args], capture_output=True, text=True, env=env,
+                          timeout=1500)
+    print(f"service-scale on a VM: {time.monotonic() - t0:.0f} s\n{proc.stdout[-1500:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = results.Run.open(next((tmp_path / "results").iterdir()).name, root=tmp_path / "results")
+    m, pts = run.manifest(), run.points()
+    assert m["status"] == "complete" and m["params"]["backend"] == "vagrant" and m["backend"] == "vagrant"
+    kernel = m["node_kernels"]["ipvs"]["node"]
+    assert kernel == box.status()["kernel"] and kernel != m["machine"]["kernel"]  # the VM's, not the host's
+    lat = pts[pts.metric == "crr"]
+    assert len(lat) == 2 * 3 and (lat.errors == 0).all() and (lat.samples == 60).all(), lat
+    for _, row in lat.iterrows():
+        assert (run.path / "raw" / row.raw).stat().st_size == 8 * 60
+    # a service's latency is measured through IPVS: 20 services loaded, then one more added 3 times
+    loads, updates = pts[pts.metric == "load"], pts[pts.metric == "update"]
+    assert sorted(loads.services) == [1, 20] and (loads.value > 0).all()
+    assert len(updates) == 2 * 3 and (updates.value > 0).all()
+    assert "ipvs" in proc.stdout
+    assert not _host_leftovers(m["labs"]["ipvs"])
