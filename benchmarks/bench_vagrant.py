@@ -20,7 +20,7 @@ Measured here (2 cores, QEMU TCG, 26 Nov 2026, with other test runs on the machi
 
     box from nothing (bcc + headers)   118 s  download 34, dpkg 64, mkfs 9, qcow2 1, pack 2, box add 8
                                                (before: 204 s without bcc)
-    up, 3 nodes, cached box            147 s, 171 s; 203 s when it also uploaded the image to libvirt
+    up, 3 nodes, cached box            146 s, 147 s, 171 s; 203 s when it also uploaded the image to libvirt
                                                (before: 485 s). 147 s run: DHCP 61-74 s, sshd 66-81 s,
                                                nodes built 128-147 s (agent 14-32 s); 1 vCPU/VM: 204 s
     check                              48/48 in 5-10 s
