@@ -235,7 +235,11 @@ class NodeWiring:
     def _bridged(self, pod: Pod, pp: PodPlan, pns: Netns) -> PodIface:
         bridge = "cbr0" if pod.mode == "bridge" else "cni0"
         host = self._veth(pod.name, pns, "eth0", pp.mtu)
-        self.ns.up(host, master=self.ns.index(bridge))
+        idx = self.ns.up(host, master=self.ns.index(bridge))
+        # Hairpin, as the CNI bridge plugin's hairpinMode and kubelet's hairpin-veth set it: a pod
+        # reaching itself through a Service comes back, DNATed by br_netfilter, to the port it left
+        # from; without it every such connection timed out.
+        self.ns.ipr.brport("set", index=idx, mode=1)  # IFLA_BRPORT_MODE: hairpin
         self._pod_eth0(pns, pp)
         return PodIface(pod.name, host, pns.name, str(pp.ip), pod.mode)
 

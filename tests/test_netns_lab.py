@@ -99,6 +99,24 @@ def test_every_mode_same_node_and_cross_node(make_lab, lab_name):
         assert {(m, o, False) for o in ("macvlan", "veth", "bridge", "overlay")} <= seen, m
 
 
+@pytest.mark.parametrize("datapath", ["iptables-nft", "nftables"])
+def test_a_bridged_pod_reaches_itself_through_its_service(make_lab, lab_name, datapath):
+    """Hairpin: a pod whose Service picks the pod itself. On a bridge (``bridge``, ``overlay``) the
+    DNATed packet goes back out of the port it came in by, so the port needs hairpin mode (as the CNI
+    bridge plugin and kubelet set it); without it every such connection timed out."""
+    from labkit.measure import loadgen
+
+    lb = make_lab(parse_spec({"name": lab_name, "datapath": datapath, "nodes": [{"name": "n1", "pods": [
+        {"name": "p-br", "mode": "bridge", "labels": {"app": "h"}},
+        {"name": "p-ov", "mode": "overlay", "labels": {"app": "h"}}]}],
+        "services": [{"name": "h", "port": 80, "target_port": 8080, "selector": {"app": "h"}}]}))
+    sp = next(iter(lb.services()))
+    for pod in ("p-br", "p-ov"):
+        res = loadgen.who(lb.pod_netns(pod), sp.cluster_ip, sp.port, 60, cgroup=lb.backend.pod_cgroup(lb.spec, pod),
+                          connect_timeout_ms=1000)
+        assert res.errors == 0 and res.counts.get(pod, 0) > 0 and sum(res.counts.values()) == 60, (pod, res)
+
+
 def test_pod_wiring_is_what_the_mode_says(make_lab, lab_name):
     lb = make_lab(parse_spec(modes_spec(lab_name)))
     with nsexec.iproute(lb.pod_netns("a-eni-ex")) as ipr:
