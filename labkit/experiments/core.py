@@ -6,10 +6,9 @@ the experiment's ``setup`` / ``measure`` / ``teardown`` with ``teardown`` in ``f
 run ``complete``, ``interrupted`` or ``failed`` in its manifest. Points already in the run are
 passed to ``measure`` so that a resumed run skips them.
 
-:func:`measure_latency` runs one latency point (``lkclient`` in a pod, pinned to the load CPU, raw
-samples saved) and appends its row. :func:`measure_interleaved` measures several points together,
-interleaved sample by sample, so that each point's samples are spread over the same stretch of
-time (why: see its docstring).
+:func:`measure_interleaved` measures latency points (``lkclient`` in a pod, pinned to the load CPU,
+raw samples saved, a row appended per point) together, interleaved sample by sample, so that every
+point's samples are spread over the same stretch of time (why: see its docstring).
 """
 
 from __future__ import annotations
@@ -95,27 +94,6 @@ def execute(experiment: Experiment, params: Any, resume: str | None = None, prog
         finally:
             run.finish(status)
     return run
-
-
-def measure_latency(ctx: RunContext, netns: str, cgroup: Path | None, metric: str, host: str, port: int,
-                    row: dict[str, Any], samples: int, warmup: int, size: int = 64) -> dict[str, Any]:
-    """One latency point: ``lkclient`` inside ``netns``/``cgroup`` on the load CPUs; raw samples kept."""
-    full = {**row, "metric": metric}
-    key = "-".join(f"{k}={full.get(k)}" for k in ("datapath", "mode", "services", "position", "repeat", "metric"))
-    raw = ctx.run.raw_path(key)
-    try:
-        res = loadgen.run_client(netns, metric, host, port, samples=samples, warmup=warmup, size=size,
-                                 raw_path=raw, cgroup=cgroup,
-                                 cpus=ctx.cpus.load_cpus if ctx.cpus.pinned else None)
-    except MeasurementError as exc:
-        partial = getattr(exc, "result", None) or {}
-        ctx.record({**full, "samples": partial.get("samples", 0), "errors": partial.get("errors", samples),
-                    "raw": raw.name if raw.exists() else ""})
-        raise
-    out = {**full, **{k: res.get(k) for k in ("p50_us", "p90_us", "p99_us", "p999_us", "mean_us", "min_us",
-                                             "max_us", "samples", "errors")}, "raw": raw.name}
-    ctx.record(out)
-    return out
 
 
 def record_value(ctx: RunContext, row: dict[str, Any], metric: str, value: float, unit: str = "s") -> None:
