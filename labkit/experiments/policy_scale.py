@@ -6,10 +6,11 @@ Service datapath ``none``. For each number of policies N: a bulk group of N poli
 ``srv`` (``rules`` generated ingress rules each, peers no pod has, so they isolate ``srv`` and add
 rules to walk) plus one policy ``allow-cli`` that lets ``cli`` reach ``srv`` on TCP 8080. N = 0 is the
 floor: no policy at all. Each engine's table is flushed and loaded with the N+1 policies (timed:
-``load``); then in every repeat the engines are measured in a fresh random order — TCP_CRR (and RR)
-from ``cli`` to ``srv`` with ``allow-cli`` at each ``position`` among the N (``first``/``last``: the
-iptables pod chain walks the policy chains in order, so ``last`` is its worst case) — and finally
-one more bulk policy is added ``updates`` times (timed: ``update``).
+``load``); then, per ``position`` of ``allow-cli`` among the N (``first``/``last``: the iptables pod
+chain walks the policy chains in order, so ``last`` is its worst case), every engine holds that
+table while TCP_CRR (and RR) from ``cli`` to ``srv`` is measured for all engines and repeats
+together, interleaved (:func:`labkit.experiments.core.measure_interleaved`); finally one more bulk
+policy is added ``updates`` times (timed: ``update``).
 
 Rows use the results store's columns: ``datapath`` is the engine, ``services`` the number of
 policies N, ``position`` where ``allow-cli`` sits. CRR shows the rules (a new connection walks them);

@@ -124,16 +124,7 @@ static inline int64_t now_ns(void) {
 	return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
 }
 
-static void json_str_early(const char *s) {
-	putchar('"');
-	for (; *s; s++) {
-		if (*s == '"' || *s == '\\')
-			putchar('\\');
-		if ((unsigned char)*s >= 0x20)
-			putchar(*s);
-	}
-	putchar('"');
-}
+static void json_str(const char *s); /* below, with the rest of the output */
 
 static int serving;         /* --serve: a usage error fails the current line, not the process */
 static jmp_buf serve_next;
@@ -141,7 +132,7 @@ static jmp_buf serve_next;
 static void die_usage(const char *msg) {
 	if (serving) {
 		printf("{\"error\": ");
-		json_str_early(msg);
+		json_str(msg);
 		printf("}\n");
 		fflush(stdout);
 		longjmp(serve_next, 1);
