@@ -1,15 +1,20 @@
 """``service-scale``: Service latency versus the number of services, per datapath (the seed's chart).
 
-One small lab per datapath (a node with a client pod and three backend pods, ``ss-<datapath>``), so
-that every datapath keeps its table loaded while the others are measured. For each number of
-services N: each datapath's table is flushed and loaded with N services (timed: ``load``); then all
-the points of that N — every repeat, datapath and position — are measured together, finely
-interleaved (:func:`labkit.experiments.core.measure_interleaved`: this machine's speed steps every
-few tenths of a second, and every point should see the same mix of steps): TCP_CRR to the service
-at each position of the table (``first``, ``middle``, ``last``, ``random``) and to a backend
-directly (``pod``, the no-Service floor); finally one service is added three times (timed:
-``update``). CRR is the metric that shows the table: a Service rule is walked on a connection's
-first packet only (established connections are flat; add ``rr`` to ``metrics`` to see it).
+One small lab per datapath (``ss<run>-<datapath>``). On the netns backend every N of the sweep has a
+node of its own in it (``n0``, ``n1``, …: a client pod ``cli-<i>`` and three backend pods
+``be-<i>-<k>``, the node's datapath loaded with N services), so all the tables exist at once: each
+node's table is loaded (timed: ``load``); then every point of the sweep — each datapath, N, position
+and repeat — is measured together, finely interleaved
+(:func:`labkit.experiments.core.measure_interleaved`): this machine's speed changes in steps every few
+tenths of a second and, for minutes at a time, by up to ~20 %, so points measured at different times
+are not comparable; interleaved, every point sees the same mix. Points are TCP_CRR to the service at
+each position of the table (``first``, ``middle``, ``last``, ``random``) and to a backend directly
+(``pod``, the no-Service floor); finally one service is added ``updates`` times at each N (timed:
+``update``). CRR is the metric that shows the table: a Service rule is walked on a connection's first
+packet only (established connections are flat; add ``rr`` to ``metrics`` to see it).
+
+On the vagrant backend a node is a VM, so each datapath's lab has one node and the Ns take turns in
+it (``together=False``): flushed and loaded per N, the points of one N measured together.
 """
 
 from __future__ import annotations
@@ -51,6 +56,13 @@ class ServiceScaleParams:
     mode: str = "veth"
     seed: int = 1
     backend: str = "netns"  # where each datapath's lab runs: netns, or vagrant (one VM per datapath)
+    # every N loaded at once (a node per N) and the whole sweep measured interleaved; None: yes on
+    # netns, no on vagrant (a node is a VM there: the Ns take turns in one node)
+    together: bool | None = None
+
+    @property
+    def all_at_once(self) -> bool:
+        return self.backend == "netns" if self.together is None else self.together
 
     @classmethod
     def quick(cls) -> ServiceScaleParams:
@@ -82,17 +94,21 @@ class ServiceScaleParams:
             get_backend(self.backend)
         except LabkitError as exc:
             problems.append(f"backend: {exc}")
+        if self.together and self.backend == "vagrant":
+            problems.append("together: on the vagrant backend a node per N would be a VM per N; leave it unset "
+                            "(the Ns then take turns in one VM per datapath)")
         if problems:
             raise LabkitError("invalid service-scale parameters:\n  " + "\n  ".join(problems))
 
 
-def lab_spec(datapath: str, mode: str, tag: str = "", backend: str = "netns") -> dict:
-    """The lab of one datapath; ``tag`` (from the run id) keeps concurrent runs' labs apart."""
-    pods = [{"name": "cli", "mode": mode}] + [
-        {"name": f"be-{i}", "mode": mode, "labels": {"app": "backend"}} for i in range(BACKENDS)]
+def lab_spec(datapath: str, mode: str, tag: str = "", backend: str = "netns", nodes: int = 1) -> dict:
+    """The lab of one datapath: ``nodes`` nodes ``n<i>``, each with a client ``cli-<i>`` and backends
+    ``be-<i>-<k>``; ``tag`` (from the run id) keeps concurrent runs' labs apart."""
     enis = 1 if mode.startswith("eni-") or mode == "macvlan" else 0
     return {"name": f"ss{tag}-{SHORT.get(datapath, datapath)}", "backend": backend, "datapath": "none",
-            "nodes": [{"name": "node", "enis": enis, "pods": pods}]}
+            "nodes": [{"name": f"n{i}", "enis": enis, "pods": [{"name": f"cli-{i}", "mode": mode}] + [
+                {"name": f"be-{i}-{k}", "mode": mode, "labels": {"app": "backend"}} for k in range(BACKENDS)]}
+                      for i in range(nodes)]}
 
 
 def bulk_service(endpoints: tuple[Endpoint, ...], k: int, service_cidr: str = "10.96.0.0/12") -> ServicePort:
@@ -113,21 +129,25 @@ class ServiceScale:
         p: ServiceScaleParams = ctx.params
         p.validate()
         self.mode = p.mode
+        # N -> index of the node whose table holds N services (all 0 when the Ns take turns)
+        self.node_of = {n: (i if p.all_at_once else 0) for i, n in enumerate(p.services)}
+        nodes = len(p.services) if p.all_at_once else 1
         for dp in p.datapaths:  # the backend checks what it can before any lab exists
-            get_backend(p.backend).preflight(parse_spec({**lab_spec(dp, p.mode, "", p.backend), "datapath": dp}))
+            get_backend(p.backend).preflight(parse_spec({**lab_spec(dp, p.mode, "", p.backend, nodes), "datapath": dp}))
         self.labs, self.paths, self.clients = {}, {}, {}
         for dp in tqdm(p.datapaths, desc="labs", disable=not ctx.progress, leave=False):
-            spec = parse_spec(lab_spec(dp, p.mode, ctx.run.run_id[-4:], p.backend))
+            spec = parse_spec(lab_spec(dp, p.mode, ctx.run.run_id[-4:], p.backend, nodes))
             labmod.down(spec.name)  # left by this run when it was killed (resume)
-            lb = labmod.up(spec, progress=False)
-            self.labs[dp] = lb
-            self.paths[dp] = lb.datapath("node", dp)  # on the vagrant backend it runs in the VM
-            self.clients[dp] = (lb.pod_netns("cli"), lb.backend.pod_cgroup(lb.spec, "cli"))
+            lb = self.labs[dp] = labmod.up(spec, progress=False)
+            for i in range(nodes):
+                self.paths[dp, i] = lb.datapath(f"n{i}", dp)  # on the vagrant backend it runs in the VM
+                self.clients[dp, i] = (lb.pod_netns(f"cli-{i}"), lb.backend.pod_cgroup(lb.spec, f"cli-{i}"))
         first = next(iter(self.labs.values()))
-        self.endpoints = tuple(Endpoint(str(first.plan.pods[f"be-{i}"].ip), 8080, f"be-{i}")
-                               for i in range(BACKENDS))
+        self.endpoints = [tuple(Endpoint(str(first.plan.pods[f"be-{i}-{k}"].ip), 8080, f"be-{i}-{k}")
+                                for k in range(BACKENDS)) for i in range(nodes)]
         # the kernel each datapath ran on (the VM's on the vagrant backend; `machine` is this host)
         ctx.run.update_manifest(labs={dp: lb.name for dp, lb in self.labs.items()}, backend=p.backend,
+                                together=p.all_at_once,
                                 node_kernels={dp: lb.kernels() for dp, lb in self.labs.items()})
 
     def teardown(self, ctx: core.RunContext) -> None:
@@ -137,25 +157,30 @@ class ServiceScale:
     def measure(self, ctx: core.RunContext) -> None:
         p: ServiceScaleParams = ctx.params
         rng = random.Random(p.seed)
+        tables = {n: bulk_table(self.endpoints[self.node_of[n]], n) for n in p.services}
+        picks = {n: {"first": 0, "middle": n // 2, "last": n - 1, "random": rng.randrange(n)} for n in p.services}
         per_n = p.repeats * len(p.datapaths) * len(p.positions) * len(p.metrics) * p.samples
         bar = tqdm(total=per_n * len(p.services), desc="service-scale", unit="sample", unit_scale=True,
                    disable=not ctx.progress)
+        # together: one turn with every N; else a turn per N, flushed and loaded in the same node
+        turns = [list(p.services)] if p.all_at_once else [[n] for n in p.services]
         try:
-            for n in p.services:
-                table = bulk_table(self.endpoints, n)
-                picks = {"first": 0, "middle": n // 2, "last": n - 1, "random": rng.randrange(n)}
+            for ns in turns:
                 with all_cpus():  # nothing is measured meanwhile: load as this machine can
-                    self._load(ctx, n, table)
-                self._settle(ctx, n)
-                points = [self._point(dp, n, table, picks, pos, rep, metric)
+                    for n in ns:
+                        self._load(ctx, n, tables[n])
+                self._settle(ctx, ns)
+                points = [self._point(dp, n, tables[n], picks[n], pos, rep, metric)
                           for rep in range(1, p.repeats + 1)
                           for dp in rng.sample(p.datapaths, len(p.datapaths))
-                          for pos in p.positions for metric in p.metrics]
+                          for n in ns for pos in p.positions for metric in p.metrics]
                 bar.update(sum(core.point_key(pt.full) in ctx.done for pt in points) * p.samples)
+                seed = f"{p.seed}-{ns[0]}" if len(ns) == 1 else f"{p.seed}-all"
                 core.measure_interleaved(ctx, points, p.samples, p.warmup, p.size, p.burst,
-                                         rng=random.Random(f"{p.seed}-{n}"), on_samples=bar.update)
+                                         rng=random.Random(seed), on_samples=bar.update)
                 with all_cpus():
-                    self._updates(ctx, n, table)
+                    for n in ns:
+                        self._updates(ctx, n, tables[n])
         finally:
             bar.close()
 
@@ -163,40 +188,43 @@ class ServiceScale:
         return {"experiment": self.name, "datapath": dp, "mode": self.mode, "services": n, **kw}
 
     def _load(self, ctx: core.RunContext, n: int, table: ServiceTable) -> None:
-        for dp, path in self.paths.items():
+        for dp in ctx.params.datapaths:
+            path = self.paths[dp, self.node_of[n]]
             path.sync(ServiceTable())  # flush, so that the load below is a whole table
             took = path.sync(table).seconds  # the apply where it runs (in the VM: without the ssh trip)
             row = self._row(dp, n, position="", repeat=0)
             if core.point_key({**row, "metric": "load"}) not in ctx.done:
                 core.record_value(ctx, row, "load", took)
 
-    def _settle(self, ctx: core.RunContext, n: int) -> None:
+    def _settle(self, ctx: core.RunContext, ns: list[int]) -> None:
         """Wait for the load CPUs to go idle after the loads (the kernel frees the old tables in
-        the background for seconds); the wait is kept in the manifest (``settle_s``)."""
+        the background for seconds); the wait is kept in the manifest (``settle_s``, by the Ns loaded)."""
         if not ctx.cpus.pinned:
             return
         waited = wait_quiet(ctx.cpus.load_cpus)
-        settle = {**ctx.run.manifest().get("settle_s", {}), str(n): round(waited, 2)}
+        settle = {**ctx.run.manifest().get("settle_s", {}), ",".join(map(str, ns)): round(waited, 2)}
         ctx.run.update_manifest(settle_s=settle)
 
     def _point(self, dp, n, table, picks, pos, rep, metric) -> core.LatencyPoint:
         index = picks.get(pos)
+        node = self.node_of[n]
         row = self._row(dp, n, position=pos, repeat=rep, service_index="" if index is None else index)
         if pos == "pod":
-            host, port = self.endpoints[0].ip, self.endpoints[0].port
+            host, port = self.endpoints[node][0].ip, self.endpoints[node][0].port
         else:
             sp = table.at(index)
             host, port = sp.cluster_ip, sp.port
-        netns, cgroup = self.clients[dp]
-        return core.LatencyPoint(row, metric, netns, cgroup, host, port, self.labs[dp], "cli")
+        netns, cgroup = self.clients[dp, node]
+        return core.LatencyPoint(row, metric, netns, cgroup, host, port, self.labs[dp], f"cli-{node}")
 
     def _updates(self, ctx: core.RunContext, n: int, table: ServiceTable) -> None:
         p: ServiceScaleParams = ctx.params
-        for dp, path in self.paths.items():
+        for dp in p.datapaths:
+            path = self.paths[dp, self.node_of[n]]
             current = table
             for k in range(1, p.updates + 1):
                 row = self._row(dp, n, position="", repeat=k)
-                extra = bulk_service(self.endpoints, n + k - 1)
+                extra = bulk_service(self.endpoints[self.node_of[n]], n + k - 1)
                 current = current.with_ports(extra)
                 # the change is known, as kube-proxy's trackers know it
                 took = path.sync_changes(current, TableDiff(added=(extra,))).seconds
