@@ -7,14 +7,17 @@ Goals: iptables-legacy loads 20k in <= 5 s; nftables loads 20k in <= 30 s and ap
 <= 1 s.
 
 Times are the datapath's own (``SyncResult.seconds``: render + apply; the O(N) service diff that
-``Datapath.sync`` computes first is shared by every datapath and reported apart as "diff"). Next to
+``Datapath.sync`` computes first is shared by every datapath and reported apart as "diff"; for eBPF
+the compile and program load of a fresh instance is taken out and printed apart). Next to
 each wall time the CPU time (user + system, this process and its children) is given: on this shared
 2-core machine a wall time jumps when other work runs, CPU time much less. Updates: median (and
 max) of ``--updates`` runs.
 
 Datapaths are chosen by registry name (``--datapaths``). Any registered datapath runs if the
-NodeContext built here is enough for it; one that needs more (``ebpf``: a cgroup, pods) gets it from
-:data:`CONTEXT_HOOKS` — add a function there, nothing else changes.
+NodeContext built here is enough for it; one that needs more gets it from :data:`CONTEXT_HOOKS`
+(``ebpf``: an empty node cgroup of the benchmark's own) — add a function there, nothing else
+changes. (``ebpf-tc`` attaches to pod interfaces, which this benchmark has none of: its
+load and update times come from `labkit run service-scale --datapaths ebpf-tc`.)
 
 Runs as root in its own node namespace per datapath (``lkbench-dp-<pid>-<n>``), removed at the
 end, also on failure. No traffic is sent.
@@ -30,6 +33,7 @@ import ipaddress
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -51,6 +55,21 @@ GOALS = {("iptables-legacy", "load", 20000): 5.0, ("nftables", "load", 20000): 3
 # name -> fn(node_netns, undo) returning extra NodeContext fields (cgroup, pods ...) for datapaths
 # that need more than a namespace. Registered by the datapath's owner.
 CONTEXT_HOOKS: dict[str, Callable[[str, list], dict]] = {}
+
+
+def _node_cgroup(node: str, undo: list) -> dict:
+    """socket-LB attaches to the node's pod cgroup: an empty one of the benchmark's own (no process
+    is in it, nothing else is rewritten), removed at the end."""
+    root = nsexec.cgroup2_root()
+    if root is None:
+        raise SystemExit("ebpf needs cgroup v2 (labkit doctor says where it is mounted)")
+    cg = root / node
+    cg.mkdir()
+    undo.append(lambda: nsexec.remove_cgroup(cg))
+    return {"cgroup": cg}
+
+
+CONTEXT_HOOKS["ebpf"] = _node_cgroup
 
 
 def service(k: int) -> ServicePort:
@@ -81,8 +100,10 @@ def bench_one(name: str, sizes: list[int], updates: int, undo: list) -> list[dic
     nsexec.create_netns(node)
     undo.append(lambda: nsexec.remove_netns(node))
     extra = CONTEXT_HOOKS[name](node, undo) if name in CONTEXT_HOOKS else {}
+    state = Path(f"/tmp/{PREFIX}-{name}")
+    undo.append(lambda: shutil.rmtree(state, ignore_errors=True))
     ctx = NodeContext(lab=PREFIX, prefix=f"lk-{PREFIX}", node="bench", netns=node, pod_cidr="10.244.0.0/16",
-                      service_cidr="10.96.0.0/12", state_dir=Path(f"/tmp/{PREFIX}-{name}"), **extra)
+                      service_cidr="10.96.0.0/12", state_dir=state, **extra)
     cls = get(name)
     cls.preflight()
     rows = []
@@ -93,6 +114,10 @@ def bench_one(name: str, sizes: list[int], updates: int, undo: list) -> list[dic
         _, diff_s, _ = timed(lambda: diff(None, t))
         res, _, load_cpu = timed(lambda: dp.sync(t))
         row = {"datapath": name, "services": n, "load_s": res.seconds, "load_cpu_s": load_cpu, "diff_s": diff_s}
+        compiled = getattr(dp, "compile_seconds", None)
+        if compiled:  # eBPF: the first sync of a fresh instance compiles and loads the programs too
+            row["compile_s"] = compiled
+            row["load_s"] -= compiled
         adds, add_cpus = [], []
         for i in range(updates):
             t = t.with_ports(service(n + i))
@@ -106,7 +131,8 @@ def bench_one(name: str, sizes: list[int], updates: int, undo: list) -> list[dic
         row.update(add_s=statistics.median(adds), add_max_s=max(adds), add_cpu_s=statistics.median(add_cpus),
                    remove_s=res.seconds, remove_cpu_s=rm_cpu, cleanup_s=clean_s)
         rows.append(row)
-        print(f"  {name:16} N={n:6}  load {row['load_s']:6.2f} s (cpu {load_cpu:5.2f})  add one "
+        extra = f" (+ compile {row['compile_s']:.2f} s)" if "compile_s" in row else ""
+        print(f"  {name:16} N={n:6}  load {row['load_s']:6.2f} s{extra} (cpu {load_cpu:5.2f})  add one "
               f"{row['add_s']:6.3f} s (cpu {row['add_cpu_s']:5.2f})  remove one {row['remove_s']:6.3f} s  "
               f"cleanup {clean_s:5.2f} s", flush=True)
     return rows
