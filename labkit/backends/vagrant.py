@@ -7,8 +7,9 @@ How a lab is realised (``P`` = ``lk-<lab>``, ``h`` = 8 hex digits of a hash of t
 - **Networks**, both transient libvirt networks made by labkit (``virsh net-create``), never forwarded
   or NATed: ``P.mgmt`` (bridge ``lkm<h>``, host-only, DHCP, no DNS: Vagrant's management network, the
   way ``vagrant ssh`` and labkit reach the VMs; its /24 is picked from 192.168.100-199.0 where free)
-  and ``P.vpc`` (bridge ``lkv<h>``, no address, ports isolated from each other): the VPC. Every VM NIC
-  on it (primary ``eth0``, ENIs ``eni<k>``) can talk only to the VPC router, as in a cloud VPC.
+  and ``P.vpc`` (bridge ``lkv<h>``, no address, ports isolated from each other, ``arp_ignore=8`` so
+  that this host never answers ARP on it for its own addresses): the VPC. Every VM NIC on it
+  (primary ``eth0``, ENIs ``eni<k>``) can talk only to the VPC router, as in a cloud VPC.
 - **VPC router**: the namespace ``P.vpc`` on the host, joined to the VPC bridge by a veth (``lkr<h>``
   on the bridge, ``vpc0`` inside). It owns the VPC gateway address, answers ARP for the whole VPC
   (proxy ARP, ``proxy_arp_pvlan`` since everything arrives on one port), and holds the same route
@@ -448,6 +449,12 @@ class VagrantBackend:
   <bridge name='{names.vpc_bridge}' stp='off' delay='0'/>
   <port isolated='yes'/>
 </network>""")
+        # The VPC bridge is an interface of this host's namespace, and Linux answers ARP for any of the
+        # host's own addresses on any interface (arp_ignore=0): a host address inside the VPC CIDR
+        # (this machine has 10.10.0.1/32 on lo, the default VPC gateway) made guests learn the
+        # bridge's MAC for the gateway, and their replies went nowhere. The bridge must never answer
+        # (8); a setting of labkit's own interface, gone with it.
+        Path(f"/proc/sys/net/ipv4/conf/{names.vpc_bridge}/arp_ignore").write_text("8\n")
         return str(mgmt)
 
     def _router(self, spec: Spec, plan: addressing.AddressPlan, names: VmNames, state: LabState) -> None:
