@@ -256,8 +256,8 @@ def _add_measurement(sub) -> None:
     p.add_argument("--services", type=_ints, help="service-scale: numbers of services, e.g. 1,1000,5000")
     p.add_argument("--positions", type=_words, help="service-scale: first,middle,last,random,pod")
     p.add_argument("--mode", help="service-scale: pod network mode of the experiment's pods (default veth)")
-    p.add_argument("--backend", help="service-scale: where its labs run, netns (default) or vagrant (a VM per "
-                   "datapath, e.g. for ipvs; see vagrant/README.md)")
+    p.add_argument("--backend", help="service-scale, pod-modes: where the labs run, netns (default) or vagrant "
+                   "(VMs on Debian's kernel: ipvs, eni-ipvlan; see vagrant/README.md)")
     p.add_argument("--modes", type=_words, help="pod-modes: comma-separated pod network modes")
     p.add_argument("--metrics", type=_words, help="crr,rr (service-scale); crr,rr,udp_rr,bandwidth (pod-modes)")
     p.add_argument("--repeats", type=int)

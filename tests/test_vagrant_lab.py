@@ -399,7 +399,7 @@ def test_tiny_service_scale_runs_on_vms(tmp_path):
     run = results.Run.open(next((tmp_path / "results").iterdir()).name, root=tmp_path / "results")
     m, pts = run.manifest(), run.points()
     assert m["status"] == "complete" and m["params"]["backend"] == "vagrant" and m["backend"] == "vagrant"
-    kernel = m["node_kernels"]["ipvs"]["node"]
+    kernel = m["node_kernels"]["ipvs"]["n0"]
     assert kernel == box.status()["kernel"] and kernel != m["machine"]["kernel"]  # the VM's, not the host's
     lat = pts[pts.metric == "crr"]
     # every sample is there; under TCG a connect can outlast lkclient's 1 s timeout when the host is
@@ -413,3 +413,36 @@ def test_tiny_service_scale_runs_on_vms(tmp_path):
     assert len(updates) == 2 * 3 and (updates.value > 0).all()
     assert "ipvs" in proc.stdout
     assert not _host_leftovers(m["labs"]["ipvs"])
+
+
+@pytest.mark.vm
+@pytest.mark.root
+@pytest.mark.slow
+@vm
+def test_pod_modes_with_ipvlan_run_on_vms(tmp_path):
+    """`labkit run pod-modes --backend vagrant`: the Terway comparison this host's kernel cannot make
+    (no ipvlan here), on two VMs: shared-ENI IPVLAN pods next to veth pods, same node and across
+    nodes, lkclient and iperf3 inside the VMs, the VMs' kernel in the manifest, the lab gone after."""
+    from labkit import results
+
+    env = {**os.environ, "LABKIT_RESULTS": str(tmp_path / "results")}
+    args = ["run", "pod-modes", "--quick", "--backend", "vagrant", "--modes", "eni-ipvlan,veth", "--metrics",
+            "crr,udp_rr,bandwidth", "--repeats", "1", "--samples", "60", "--warmup", "6", "--burst", "30", "-q"]
+    t0 = time.monotonic()
+    proc = subprocess.run([str(ROOT / ".venv/bin/labkit"), *args], capture_output=True, text=True, env=env,
+                          timeout=1500)
+    print(f"pod-modes on VMs: {time.monotonic() - t0:.0f} s\n{proc.stdout[-1500:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = results.Run.open(next((tmp_path / "results").iterdir()).name, root=tmp_path / "results")
+    m, pts = run.manifest(), run.points()
+    assert m["status"] == "complete" and m["backend"] == "vagrant"
+    assert set(m["node_kernels"]) == {"node1", "node2"}
+    assert set(m["node_kernels"].values()) == {box.status()["kernel"]} != {m["machine"]["kernel"]}
+    lat = pts[pts.metric.isin(["crr", "udp_rr"])]
+    assert set(zip(lat["mode"], lat["position"], lat["metric"])) == {
+        (mode, where, metric) for mode in ("eni-ipvlan", "veth") for where in ("same-node", "cross-node")
+        for metric in ("crr", "udp_rr")}
+    assert (lat.samples == 60).all() and (lat.errors <= 6).all(), lat  # TCG: a few counted timeouts
+    bw = pts[pts.metric == "bandwidth"]
+    assert len(bw) == 4 and (bw.value > 0).all(), bw
+    assert not _host_leftovers(m["labs"]["pod-modes"])

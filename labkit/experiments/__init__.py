@@ -32,6 +32,8 @@ def cli_run(args) -> int:
     if wrong:
         raise LabkitError(f"--{', --'.join(wrong)} do(es) not apply to {args.experiment}; its parameters: "
                           f"{', '.join(sorted(fields))}")
+    if args.experiment == "pod-modes" and "backend" in given and "modes" not in given:
+        given["modes"] = pod_modes.default_modes(given["backend"])  # the VMs' kernel has every mode
     params = dataclasses.replace(params, **given)
     if not args.resume:
         params.validate()

@@ -6,12 +6,17 @@ server on the same node (``position=same-node``) and on the other node (``cross-
 point of every repeat is measured interleaved with all the others; then bandwidth with iperf3
 (JSON output), modes in a fresh random order per repeat.
 Modes the kernel lacks (``eni-ipvlan`` here) are refused up front with the doctor's message.
+
+``backend="vagrant"`` runs the same lab on two VMs (Debian's kernel: every mode, IPVLAN included);
+clients and iperf3 run inside the VMs. Under QEMU TCG the figures are functional only (a TCG
+round trip is ~1 ms); with KVM (or VirtualBox on a laptop) they are a real comparison.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import doctor
 from .. import lab as labmod
-from .. import nsexec
+from ..backends import get_backend
 from ..errors import LabkitError, MeasurementError
 from ..spec import MODES, parse_spec
 from . import core
@@ -29,10 +34,14 @@ SHORT = {"eni-exclusive": "ex", "eni-ipvlan": "iv", "eni-policy-route": "pr", "v
 DEFAULT_MODES = ("eni-exclusive", "eni-ipvlan", "eni-policy-route", "veth", "bridge", "overlay", "macvlan")
 
 
+def default_modes(backend: str = "netns") -> list[str]:
+    """Every mode the backend's kernel has: this machine's on netns, all of them in the VMs."""
+    return [m for m in DEFAULT_MODES if backend != "netns" or m != "eni-ipvlan" or doctor.has("ipvlan")]
+
+
 @dataclass
 class PodModesParams:
-    modes: list[str] = field(default_factory=lambda: [m for m in DEFAULT_MODES
-                                                      if m != "eni-ipvlan" or doctor.has("ipvlan")])
+    modes: list[str] = field(default_factory=default_modes)
     metrics: list[str] = field(default_factory=lambda: ["crr", "rr", "udp_rr", "bandwidth"])
     repeats: int = 3
     samples: int = 5000
@@ -41,6 +50,7 @@ class PodModesParams:
     bandwidth_seconds: float = 3.0
     burst: int = 20  # samples per latency point per turn (all latency points are interleaved)
     seed: int = 1
+    backend: str = "netns"  # netns, or vagrant (node1 and node2 are VMs)
 
     @classmethod
     def quick(cls) -> PodModesParams:
@@ -56,16 +66,20 @@ class PodModesParams:
             problems.append(f"burst: must be in 1..samples ({self.samples}); 20 is a good value")
         if "bandwidth" in self.metrics and self.bandwidth_seconds < 1:
             problems.append(f"bandwidth_seconds: {self.bandwidth_seconds} is below iperf3's 1 s minimum test time")
+        try:
+            get_backend(self.backend)
+        except LabkitError as exc:
+            problems.append(f"backend: {exc}")
         if problems:
             raise LabkitError("invalid pod-modes parameters:\n  " + "\n  ".join(problems))
 
 
-def lab_spec(modes: list[str], name: str = "podmodes") -> dict:
+def lab_spec(modes: list[str], name: str = "podmodes", backend: str = "netns") -> dict:
     exclusive = "eni-exclusive" in modes
     shared = any(m in modes for m in ("eni-ipvlan", "eni-policy-route", "macvlan"))
     n1 = [{"name": f"{r}-{SHORT[m]}", "mode": m} for m in modes for r in ("c", "s")]
     n2 = [{"name": f"r-{SHORT[m]}", "mode": m} for m in modes]
-    return {"name": name, "datapath": "none", "nodes": [
+    return {"name": name, "backend": backend, "datapath": "none", "nodes": [
         {"name": "node1", "enis": 2 * exclusive + shared, "pods": n1},
         {"name": "node2", "enis": exclusive + shared, "pods": n2}]}
 
@@ -77,9 +91,11 @@ class PodModes:
         p: PodModesParams = ctx.params
         p.validate()
         name = f"pm{ctx.run.run_id[-4:]}"  # unique per run; a resumed run finds its own
+        spec = parse_spec(lab_spec(p.modes, name, p.backend))
+        get_backend(p.backend).preflight(spec)  # a missing kernel feature or tool: before anything exists
         labmod.down(name)
-        self.lab = labmod.up(parse_spec(lab_spec(p.modes, name)), progress=False)
-        ctx.run.update_manifest(labs={"pod-modes": name})
+        self.lab = labmod.up(spec, progress=False)
+        ctx.run.update_manifest(labs={"pod-modes": name}, backend=p.backend, node_kernels=self.lab.kernels())
 
     def teardown(self, ctx: core.RunContext) -> None:
         if getattr(self, "lab", None):
@@ -116,36 +132,42 @@ class PodModes:
         client = f"c-{SHORT[mode]}"
         return core.LatencyPoint(self._row(mode, where, rep), metric, self.lab.pod_netns(client),
                                  self.lab.backend.pod_cgroup(self.lab.spec, client),
-                                 str(self.lab.plan.pods[server].ip), 8080)
+                                 str(self.lab.plan.pods[server].ip), 8080, self.lab, client)
 
     def _bandwidth(self, ctx, mode, where, server, rep) -> None:
         row = self._row(mode, where, rep)
         if core.point_key({**row, "metric": "bandwidth"}) in ctx.done:
             return
-        client = f"c-{SHORT[mode]}"
-        gbps = self._iperf(self.lab.pod_netns(client), self.lab.pod_netns(server),
-                           str(self.lab.plan.pods[server].ip), ctx.params.bandwidth_seconds, ctx)
+        gbps = self._iperf(f"c-{SHORT[mode]}", server, ctx.params.bandwidth_seconds, ctx)
         core.record_value(ctx, row, "bandwidth", gbps, "Gbit/s")
 
-    def _iperf(self, client_ns: str, server_ns: str, host: str, seconds: float, ctx) -> float:
+    def _iperf(self, client: str, server: str, seconds: float, ctx) -> float:
+        """iperf3 from pod ``client`` to pod ``server`` (wherever they run: namespaces here or in VMs),
+        Gbit/s received. The server serves one test and is bounded by ``timeout``, so that it never
+        outlives the measurement (killing a local ssh would not stop it inside a VM)."""
         cpus = ctx.cpus.load_cpus if ctx.cpus.pinned else None
-        server = nsexec.spawn(["iperf3", "-s", "-1", "-p", "5201"], server_ns, cpus=cpus)
+        host = str(self.lab.plan.pods[server].ip)
+        srv = self.lab.spawn(server, ["timeout", str(int(seconds) + 120), "iperf3", "-s", "-1", "-p", "5201"],
+                             cpus=cpus, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            out = None
+            data: dict = {}
             for _ in range(50):  # the server needs a moment to listen
-                res = nsexec.run(["iperf3", "-c", host, "-p", "5201", "-t", str(seconds), "-J"], client_ns,
-                                 check=False, cpus=cpus, timeout=seconds + 30)
+                res = self.lab.exec(client, ["iperf3", "-c", host, "-p", "5201", "-t", str(int(seconds)), "-J"],
+                                    check=False, cpus=cpus, timeout=seconds + 60)
                 data = json.loads(res.stdout or "{}")
-                if "error" not in data:
-                    out = data
-                    break
+                if "error" not in data and data:
+                    return data["end"]["sum_received"]["bits_per_second"] / 1e9
                 time.sleep(0.05)
-            if out is None:
-                raise MeasurementError(f"iperf3 to {host} failed: {data.get('error')}")
-            return out["end"]["sum_received"]["bits_per_second"] / 1e9
+            raise MeasurementError(f"iperf3 from pod {client} to {server} ({host}) failed: "
+                                   f"{data.get('error') or 'no output'}")
         finally:
-            server.kill()
-            server.wait()
+            if srv.poll() is None:
+                srv.terminate()  # `timeout` passes SIGTERM on to iperf3
+                try:
+                    srv.wait(5)
+                except subprocess.TimeoutExpired:
+                    srv.kill()
+            srv.wait()
 
 
 def run(params: PodModesParams | None = None, resume: str | None = None, progress: bool = True, on_point=None):
