@@ -9,8 +9,9 @@ domain, volume, libvirt network, ``lk-`` namespace or bridge, ssh master, daemon
 iptables chain that labkit started.
 
 The same lab with ``datapath: ebpf`` runs too (the box has bcc and its kernel's headers, so the
-socket-LB programs are compiled inside the VMs), and a small ``labkit run service-scale --backend
-vagrant``. With the box cached, about 6 min on this 2-core machine (TCG): three labs, 1-2 VMs each.
+socket-LB programs are compiled inside the VMs), a small ``labkit run service-scale --backend
+vagrant`` and a small ``labkit run pod-modes --backend vagrant`` (IPVLAN and veth pods). With the box
+cached, about 8 min on this 2-core machine (TCG): four labs, 1-2 VMs each.
 """
 
 from __future__ import annotations
