@@ -1,16 +1,18 @@
 """``policy-scale``: connection latency and policy load/update time versus the number of
 NetworkPolicies, per policy engine (iptables, eBPF).
 
-One small lab per engine (one node, a client pod ``cli`` and a server pod ``srv``, ``ps<run>-<engine>``),
-Service datapath ``none``. For each number of policies N: a bulk group of N policies selecting
-``srv`` (``rules`` generated ingress rules each, peers no pod has, so they isolate ``srv`` and add
-rules to walk) plus one policy ``allow-cli`` that lets ``cli`` reach ``srv`` on TCP 8080. N = 0 is the
-floor: no policy at all. Each engine's table is flushed and loaded with the N+1 policies (timed:
-``load``); then, per ``position`` of ``allow-cli`` among the N (``first``/``last``: the iptables pod
-chain walks the policy chains in order, so ``last`` is its worst case), every engine holds that
-table while TCP_CRR (and RR) from ``cli`` to ``srv`` is measured for all engines and repeats
-together, interleaved (:func:`labkit.experiments.core.measure_interleaved`); finally one more bulk
-policy is added ``updates`` times (timed: ``update``).
+One small lab per engine (``ps<run>-<engine>``, Service datapath ``none``) with a node of its own for
+every (N, position) of the sweep: node ``n<j>`` holds a client pod ``cli-<j>`` and a server pod
+``srv-<j>`` and its engine enforces that N and position's table: a bulk group of N policies selecting
+``srv-<j>`` (``rules`` generated ingress rules each, peers no pod has, so they isolate it and add
+rules to walk) plus one policy ``allow-cli`` that lets ``cli-<j>`` reach ``srv-<j>`` on TCP 8080,
+first or last among them (``position``: the iptables pod chain walks the policy chains in order, so
+``last`` is its worst case). N = 0 is the floor: no policy at all. Every node's table is loaded
+(timed: ``load``, the first position's table of each N, from empty); then TCP_CRR (and RR) from
+``cli-<j>`` to ``srv-<j>`` is measured for every engine, N, position and repeat together,
+interleaved (:func:`labkit.experiments.core.measure_interleaved`: this host's speed drifts by up
+to ~20 % for minutes, so tables measured one after the other are not comparable); finally one more
+bulk policy is added ``updates`` times at each N (timed: ``update``).
 
 Rows use the results store's columns: ``datapath`` is the engine, ``services`` the number of
 policies N, ``position`` where ``allow-cli`` sits. CRR shows the rules (a new connection walks them);
@@ -84,25 +86,29 @@ class PolicyScaleParams:
             raise LabkitError("invalid policy-scale parameters:\n  " + "\n  ".join(problems))
 
 
-def lab_spec(engine: str, mode: str, tag: str = "") -> dict:
-    """The lab of one engine; ``tag`` (from the run id) keeps concurrent runs' labs apart."""
+def lab_spec(engine: str, mode: str, tag: str = "", nodes: int = 1) -> dict:
+    """The lab of one engine: ``nodes`` nodes ``n<j>``, each with ``cli-<j>`` and ``srv-<j>`` (labelled
+    ``app: cli-<j>`` / ``app: srv-<j>``, so that one node's policies select nothing on another);
+    ``tag`` (from the run id) keeps concurrent runs' labs apart."""
     enis = 1 if mode.startswith("eni-") or mode == "macvlan" else 0
     return {"name": f"ps{tag}-{engine}", "datapath": "none", "policy_engine": engine,
-            "nodes": [{"name": "node", "enis": enis, "pods": [
-                {"name": "cli", "mode": mode, "labels": {"app": "cli"}},
-                {"name": "srv", "mode": mode, "labels": {"app": "srv"}}]}]}
+            "nodes": [{"name": f"n{j}", "enis": enis, "pods": [
+                {"name": f"cli-{j}", "mode": mode, "labels": {"app": f"cli-{j}"}},
+                {"name": f"srv-{j}", "mode": mode, "labels": {"app": f"srv-{j}"}}]} for j in range(nodes)]}
 
 
-ALLOW = PolicySpec("allow-cli", {"app": "srv"}, ("Ingress",),
-                   (PolicyRule((PolicyPeer(pod_selector={"app": "cli"}),), (PolicyPort("TCP", SERVER_PORT),)),))
+def allow(j: int = 0) -> PolicySpec:
+    """``allow-cli``: ``cli-<j>`` may reach ``srv-<j>`` on TCP 8080."""
+    return PolicySpec("allow-cli", {"app": f"srv-{j}"}, ("Ingress",),
+                      (PolicyRule((PolicyPeer(pod_selector={"app": f"cli-{j}"}),), (PolicyPort("TCP", SERVER_PORT),)),))
 
 
-def policies(n: int, rules: int, position: str = "last") -> list[PolicySpec]:
-    """N bulk policies on ``srv`` and ``allow-cli`` first or last; nothing for N = 0."""
+def policies(n: int, rules: int, position: str = "last", j: int = 0) -> list[PolicySpec]:
+    """N bulk policies on ``srv-<j>`` and ``allow-cli`` first or last; nothing for N = 0."""
     if n == 0:
         return []
-    bulk = expand([PolicySpec("bulk", {"app": "srv"}, ("Ingress",), count=n, rules=rules)])
-    return [ALLOW, *bulk] if position == "first" else [*bulk, ALLOW]
+    bulk = expand([PolicySpec("bulk", {"app": f"srv-{j}"}, ("Ingress",), count=n, rules=rules)])
+    return [allow(j), *bulk] if position == "first" else [*bulk, allow(j)]
 
 
 class PolicyScale:
@@ -111,65 +117,60 @@ class PolicyScale:
     def setup(self, ctx: core.RunContext) -> None:
         p: PolicyScaleParams = ctx.params
         p.validate()
+        # (N, position) -> its node's index
+        self.node_of = {(n, pos): j for j, (n, pos) in enumerate((n, pos) for n in p.services for pos in p.positions)}
         self.labs, self.engines, self.clients = {}, {}, {}
         for eng in p.datapaths:
             get_engine(eng).preflight("none")
         for eng in tqdm(p.datapaths, desc="labs", disable=not ctx.progress, leave=False):
-            spec = parse_spec(lab_spec(eng, p.mode, ctx.run.run_id[-4:]))
+            spec = parse_spec(lab_spec(eng, p.mode, ctx.run.run_id[-4:], len(self.node_of)))
             labmod.down(spec.name)  # left by this run when it was killed (resume)
-            lb = labmod.up(spec, progress=False)  # no policies in the spec: nothing enforced yet
-            self.labs[eng] = lb
-            node = lb.backend.node_context(lb.spec, "node", lb.plan)
-            node.state_dir.mkdir(parents=True, exist_ok=True)
-            engine = get_engine(eng)(node, "none")
-            self.engines[eng] = engine
-            self.clients[eng] = (lb.pod_netns("cli"), lb.backend.pod_cgroup(lb.spec, "cli"))
-            # load once (eBPF compiles here), so that `load` times the table, not the compiler
-            engine.sync(self._table(eng, policies(1, 1)))
-            engine.sync(self._table(eng, []))
-        self.srv = {eng: str(lb.plan.pods["srv"].ip) for eng, lb in self.labs.items()}
+            lb = self.labs[eng] = labmod.up(spec, progress=False)  # no policies in the spec: nothing enforced yet
+            for j in self.node_of.values():
+                node = lb.backend.node_context(lb.spec, f"n{j}", lb.plan)
+                node.state_dir.mkdir(parents=True, exist_ok=True)
+                engine = self.engines[eng, j] = get_engine(eng)(node, "none")
+                self.clients[eng, j] = (lb.pod_netns(f"cli-{j}"), lb.backend.pod_cgroup(lb.spec, f"cli-{j}"))
+                # load once (eBPF compiles here), so that `load` times the table, not the compiler
+                engine.sync(self._table(eng, j, policies(1, 1, "last", j)))
+                engine.sync(self._table(eng, j, []))
+        self.srv = {(eng, j): str(lb.plan.pods[f"srv-{j}"].ip) for eng, lb in self.labs.items()
+                    for j in self.node_of.values()}
         ctx.run.update_manifest(labs={eng: lb.name for eng, lb in self.labs.items()},
-                                compile_seconds={e: getattr(x, "compile_seconds", None) for e, x in self.engines.items()})
+                                compile_seconds={f"{e}/n{j}": getattr(x, "compile_seconds", None)
+                                                 for (e, j), x in self.engines.items()})
 
-    def _table(self, eng: str, pols: list[PolicySpec]):
+    def _table(self, eng: str, j: int, pols: list[PolicySpec]):
         lb = self.labs[eng]
-        return compile_table(lb.spec, "node", lb.plan, policies=pols)
+        return compile_table(lb.spec, f"n{j}", lb.plan, policies=pols)
 
     def teardown(self, ctx: core.RunContext) -> None:
         for eng, lb in getattr(self, "labs", {}).items():
             try:
-                if eng in self.engines:
-                    self.engines[eng].cleanup()
+                for (e, _), engine in self.engines.items():
+                    if e == eng:
+                        engine.cleanup()
             finally:
                 labmod.down(lb.name)
 
     def measure(self, ctx: core.RunContext) -> None:
-        """Per N and position: every engine holds that position's table while all their points
-        (engines × repeats × metrics) are measured interleaved (see
-        :func:`labkit.experiments.core.measure_interleaved`)."""
         p: PolicyScaleParams = ctx.params
         rng = random.Random(p.seed)
-        per_n = p.repeats * len(p.datapaths) * len(p.positions) * len(p.metrics) * p.samples
-        bar = tqdm(total=per_n * len(p.services), desc="policy-scale", unit="sample", unit_scale=True,
-                   disable=not ctx.progress)
+        total = p.repeats * len(p.datapaths) * len(self.node_of) * len(p.metrics) * p.samples
+        bar = tqdm(total=total, desc="policy-scale", unit="sample", unit_scale=True, disable=not ctx.progress)
         try:
-            for n in p.services:
-                with all_cpus():  # nothing is measured meanwhile: load as this machine can
-                    self._load(ctx, n)
-                for pos in p.positions:
-                    points = [self._point(eng, n, pos, rep, metric) for rep in range(1, p.repeats + 1)
-                              for eng in rng.sample(p.datapaths, len(p.datapaths)) for metric in p.metrics]
-                    todo = [pt for pt in points if core.point_key(pt.full) not in ctx.done]
-                    bar.update((len(points) - len(todo)) * p.samples)
-                    if not todo:
-                        continue
-                    table = policies(n, p.rules, pos)
-                    for eng in p.datapaths:
-                        self.engines[eng].sync(self._table(eng, table))
-                    core.measure_interleaved(ctx, todo, p.samples, p.warmup, p.size, p.burst,
-                                             rng=random.Random(f"{p.seed}-{n}-{pos}"), on_samples=bar.update)
-                with all_cpus():
-                    self._updates(ctx, n)
+            with all_cpus():  # nothing is measured meanwhile: load as this machine can
+                for (n, pos), j in self.node_of.items():
+                    self._load(ctx, n, pos, j, timed=pos == p.positions[0])
+            points = [self._point(eng, n, pos, rep, metric) for rep in range(1, p.repeats + 1)
+                      for eng in rng.sample(p.datapaths, len(p.datapaths))
+                      for n, pos in self.node_of for metric in p.metrics]
+            bar.update(sum(core.point_key(pt.full) in ctx.done for pt in points) * p.samples)
+            core.measure_interleaved(ctx, points, p.samples, p.warmup, p.size, p.burst,
+                                     rng=random.Random(f"{p.seed}-all"), on_samples=bar.update)
+            with all_cpus():
+                for n in p.services:
+                    self._updates(ctx, n, self.node_of[n, p.positions[0]])
         finally:
             bar.close()
 
@@ -180,37 +181,42 @@ class PolicyScale:
     def mode(self) -> str:
         return next(iter(self.labs.values())).spec.nodes[0].pods[0].mode
 
-    def _load(self, ctx: core.RunContext, n: int) -> None:
+    def _load(self, ctx: core.RunContext, n: int, pos: str, j: int, timed: bool) -> None:
         p: PolicyScaleParams = ctx.params
-        pols = policies(n, p.rules, "last")
-        for eng, engine in self.engines.items():
-            engine.sync(self._table(eng, []))  # flush, so that the load below is a whole table
-            table = self._table(eng, pols)
+        pols = policies(n, p.rules, pos, j)
+        for eng in p.datapaths:
+            engine = self.engines[eng, j]
+            engine.sync(self._table(eng, j, []))  # flush, so that the load below is a whole table
+            table = self._table(eng, j, pols)
             t0 = time.perf_counter()
             engine.sync(table)
             took = time.perf_counter() - t0
             row = self._row(eng, n, position="", repeat=0)
-            if core.point_key({**row, "metric": "load"}) not in ctx.done:
+            if timed and core.point_key({**row, "metric": "load"}) not in ctx.done:
                 core.record_value(ctx, row, "load", took)
 
     def _point(self, eng, n, pos, rep, metric) -> core.LatencyPoint:
-        netns, cgroup = self.clients[eng]
+        j = self.node_of[n, pos]
+        netns, cgroup = self.clients[eng, j]
         return core.LatencyPoint(self._row(eng, n, position=pos, repeat=rep), metric, netns, cgroup,
-                                 self.srv[eng], SERVER_PORT)
+                                 self.srv[eng, j], SERVER_PORT)
 
-    def _updates(self, ctx: core.RunContext, n: int) -> None:
+    def _updates(self, ctx: core.RunContext, n: int, j: int) -> None:
+        """One more bulk policy (before ``allow-cli``) ``updates`` times, on node ``j`` (its
+        measurement is over)."""
         p: PolicyScaleParams = ctx.params
         if n == 0:
             return
-        base = policies(n, p.rules, "last")
-        for eng, engine in self.engines.items():
-            engine.sync(self._table(eng, base))
+        base = policies(n, p.rules, "last", j)
+        for eng in p.datapaths:
+            engine = self.engines[eng, j]
+            engine.sync(self._table(eng, j, base))
             current = list(base)
             for k in range(1, p.updates + 1):
-                extra = expand([PolicySpec("extra", {"app": "srv"}, ("Ingress",), count=k, rules=p.rules,
+                extra = expand([PolicySpec("extra", {"app": f"srv-{j}"}, ("Ingress",), count=k, rules=p.rules,
                                            peer_cidr="100.127.0.0/16")])[-1]
                 current.insert(len(current) - 1, extra)  # a new policy before allow-cli
-                table = self._table(eng, current)
+                table = self._table(eng, j, current)
                 t0 = time.perf_counter()
                 engine.sync(table)
                 took = time.perf_counter() - t0
