@@ -28,8 +28,6 @@
 #include "lib/icmp.h"
 
 #define TCP_FLAGS_OFF	13	/* byte of struct tcphdr holding FIN..CWR */
-#define TCP_FLAG_SYN	0x02
-#define TCP_FLAG_ACK	0x10
 
 /* What the programs need from a packet's headers. */
 struct pkt4 {
@@ -98,16 +96,17 @@ static __always_inline int to_self(struct __sk_buff *skb, __u32 self_redirect)
 	return bpf_redirect(skb->ifindex, self_redirect);
 }
 
-/* The backend an existing flow was sent to, if it still holds the same slot of its service
- * (a TCP SYN always starts over: its tuple may be a reused one). */
-static __always_inline struct ct_entry *ct4_current_flow(struct ipv4_ct_tuple *tuple, struct pkt4 *pkt)
+/* The backend a live flow was sent to, if it still holds the same slot of its service (a TCP
+ * SYN always starts over: its tuple may be a reused one). */
+static __always_inline struct ct_entry *ct4_current_flow(struct ipv4_ct_tuple *tuple, struct pkt4 *pkt,
+							 __u32 now)
 {
 	struct ct_entry *ct;
 	struct lb4_backend *be;
 
 	if ((pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
 		return 0;
-	ct = ct4_lookup(tuple);
+	ct = ct4_lookup(tuple, now);
 	if (!ct)
 		return 0;
 	be = lb4_lookup_backend(ct->rev_nat_index, ct->slot);
@@ -137,6 +136,7 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, struct pkt4 *pkt
 	struct ipv4_ct_tuple tuple = {};
 	struct ct_entry *ct;
 	struct lb4_reverse_nat *rnat;
+	__u32 now = ct_now();
 
 	tuple.daddr = pkt->ip.daddr;
 	tuple.saddr = pkt->ip.saddr;
@@ -144,9 +144,10 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, struct pkt4 *pkt
 	tuple.sport = pkt->sport;
 	tuple.nexthdr = pkt->ip.protocol;
 	tuple.flags = CT_REPLY;
-	ct = ct4_lookup(&tuple);
+	ct = ct4_lookup(&tuple, now);
 	if (!ct || !(ct->flags & CT_F_HAIRPIN))
 		return TC_ACT_OK;
+	ct4_refresh(ct, now, pkt->ip.protocol, pkt->tcp_flags);
 	rnat = lb4_lookup_rev_nat(ct->rev_nat_index);
 	if (!rnat)
 		return TC_ACT_OK;
@@ -165,7 +166,7 @@ static __always_inline int handle_from_container(struct __sk_buff *skb, __u32 se
 	struct ct_entry *ct;
 	struct lb4_service *svc;
 	struct lb4_backend be = {};
-	__u32 slot = 0, rev_nat_index;
+	__u32 slot = 0, rev_nat_index, now = ct_now();
 	__u16 flags;
 	int ret;
 
@@ -178,9 +179,11 @@ static __always_inline int handle_from_container(struct __sk_buff *skb, __u32 se
 	tuple.nexthdr = pkt.ip.protocol;
 	tuple.flags = CT_EGRESS;
 
-	ct = ct4_current_flow(&tuple, &pkt);
-	if (ct)
+	ct = ct4_current_flow(&tuple, &pkt, now);
+	if (ct) {
+		ct4_refresh(ct, now, pkt.ip.protocol, pkt.tcp_flags);
 		return xlate_fwd(skb, &pkt, ct->backend_address, ct->backend_port, ct->flags, self_redirect);
+	}
 
 	svc = lb4_lookup_service(pkt.ip.daddr, pkt.dport, pkt.ip.protocol);
 	if (!svc)
@@ -193,7 +196,8 @@ static __always_inline int handle_from_container(struct __sk_buff *skb, __u32 se
 		return ret < 0 ? TC_ACT_SHOT : ret;
 	}
 	flags = be.address == pkt.ip.saddr ? CT_F_HAIRPIN : 0;
-	if (ct4_create(&tuple, be.address, be.port, rev_nat_index, slot, flags) < 0)
+	if (ct4_create(&tuple, be.address, be.port, rev_nat_index, slot, flags,
+		       now + ct_lifetime(pkt.ip.protocol, pkt.tcp_flags, 0)) < 0)
 		return TC_ACT_SHOT;
 	return xlate_fwd(skb, &pkt, be.address, be.port, flags, self_redirect);
 }
@@ -205,6 +209,7 @@ static __always_inline int handle_to_container(struct __sk_buff *skb)
 	struct ipv4_ct_tuple tuple = {};
 	struct ct_entry *ct;
 	struct lb4_reverse_nat *rnat;
+	__u32 now = ct_now();
 
 	if (parse_ipv4_l4(skb, &pkt) < 0)
 		return TC_ACT_OK;
@@ -214,9 +219,10 @@ static __always_inline int handle_to_container(struct __sk_buff *skb)
 	tuple.sport = pkt.sport;
 	tuple.nexthdr = pkt.ip.protocol;
 	tuple.flags = CT_REPLY;
-	ct = ct4_lookup(&tuple);
+	ct = ct4_lookup(&tuple, now);
 	if (!ct)
 		return TC_ACT_OK;
+	ct4_refresh(ct, now, pkt.ip.protocol, pkt.tcp_flags);
 	rnat = lb4_lookup_rev_nat(ct->rev_nat_index);
 	if (!rnat)
 		return TC_ACT_OK;

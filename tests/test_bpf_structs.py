@@ -68,7 +68,7 @@ def test_bcc_typed_views_of_every_map_match(source, maps):
 
     from labkit.datapath.ebpf import flatten_source
 
-    types = {"hash": 1, "lru_hash": 9}  # BPF_MAP_TYPE_*
+    types = {"hash": 1, "array": 2, "lru_hash": 9}  # BPF_MAP_TYPE_*
     bpf = BPF(text=flatten_source(BPF_DIR / source).encode())
     try:
         assert _num_tables(bpf) == len(maps)  # no map the Python side does not know

@@ -163,9 +163,16 @@ while True:
 """
 
 CLIENT = r"""
-import errno, json, socket, sys
+import errno, json, socket, sys, time
 mode, targets = sys.argv[1], json.loads(sys.argv[2])
+opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 out = []
+one = None
+if mode == "udp-one-port":  # one socket, so one source port, for every message
+    one = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    one.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    one.bind(("0.0.0.0", opts.get("sport", 0)))
+    one.settimeout(1.5)
 for ip, port in targets:
     try:
         if mode == "tcp":
@@ -173,7 +180,7 @@ for ip, port in targets:
             s.settimeout(1.5)
             got = s.recv(64).decode()
         else:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s = one or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.settimeout(1.5)
             if mode == "udp-connected":
                 s.connect((ip, port))
@@ -183,10 +190,12 @@ for ip, port in targets:
                 s.sendto(b"x", (ip, port))
                 data, src = s.recvfrom(64)
             got = f"{data.decode()}@{src[0]}:{src[1]}"
-        s.close()
+        if s is not one:
+            s.close()
     except OSError as exc:
         got = "error:" + (errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else "timeout")
     out.append(got)
+    time.sleep(opts.get("pause", 0))
 print(json.dumps(out))
 """
 
@@ -209,10 +218,11 @@ class Lab:
                            state_dir=state_dir or self.state_dir / variant, cgroup=self.node_cgroup, pods=pods)
 
     def client(self, mode: str, targets: list[tuple[str, int]], pod: str = "cli", cgroup: Path | None = None,
-               ) -> list[str]:
+               **opts) -> list[str]:
+        """``opts``: ``pause`` (s after each target), ``sport`` (udp-one-port: its source port)."""
         cg = self.client_cgroup if cgroup is None else cgroup
-        proc = nsexec.run([sys.executable, "-c", CLIENT, mode, json.dumps(targets)], self.netns[pod],
-                          cgroup=cg, timeout=120)
+        proc = nsexec.run([sys.executable, "-c", CLIENT, mode, json.dumps(targets), json.dumps(opts)],
+                          self.netns[pod], cgroup=cg, timeout=120)
         return json.loads(proc.stdout)
 
 
@@ -383,6 +393,41 @@ def test_udp_replies_come_from_the_cluster_ip(lab, dp):
         got = lab.client(mode, [(vip(1), PORT)] * 30)
         assert all(r.endswith(f"@{vip(1)}:{PORT}") for r in got), got
         assert set(names(got)) <= set(BACKENDS) and len(set(names(got))) >= 2, got
+
+
+@needs_kernel
+def test_a_udp_flow_keeps_its_backend_until_it_idles_out(lab, dp):
+    """One UDP socket (one source port) talking to a Service. ebpf-tc (conntrack-lite): the flow
+    keeps its backend while it is busy and is balanced afresh once idle past its lifetime (Cilium's
+    60 s by default; 300 ms here, set through lk_ct_cfg). ebpf (socket-LB, unconnected UDP):
+    sendmsg picks a backend per message, there is no flow to keep."""
+    dp.sync(ServiceTable.of([svc("dns", vip(1), [lab.ips[b] for b in BACKENDS], proto="UDP")]))
+    target = [(vip(1), PORT)]
+    if dp.name == "ebpf":
+        got = lab.client("udp-one-port", target * 60)
+        assert all(r.endswith(f"@{vip(1)}:{PORT}") for r in got), got
+        assert set(names(got)) == set(BACKENDS), got  # a backend missed 60 times: ~1e-10
+        return
+
+    def rounds(n: int) -> list[list[str]]:
+        out = []
+        for _ in range(n):  # 8 messages 20 ms apart, then idle 0.5 s (a new process, same port)
+            got = lab.client("udp-one-port", target * 8, pause=0.02, sport=45678)
+            assert all(r.endswith(f"@{vip(1)}:{PORT}") for r in got), got
+            out.append(names(got))
+            time.sleep(0.5)
+        return out
+
+    dp.set_ct_timeouts(nontcp_ms=300)
+    try:
+        busy = rounds(12)
+        assert all(len(set(r)) == 1 for r in busy), busy  # a busy flow keeps its backend
+        # idle past its lifetime, balanced afresh: one backend for all 12 rounds ~6e-6
+        assert len({r[0] for r in busy}) >= 2, busy
+    finally:
+        dp.set_ct_timeouts()  # Cilium's defaults again: a UDP flow lives 60 s idle
+    kept = rounds(4)
+    assert len({b for r in kept for b in r}) == 1, kept
 
 
 @needs_kernel

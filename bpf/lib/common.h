@@ -138,6 +138,14 @@ struct ipv4_revnat_entry {
 #define CT_REPLY	1	/* ipv4_ct_tuple.flags: backend -> client, as the reply arrives */
 
 #define CT_F_HAIRPIN	1	/* ct_entry.flags: the pod reached itself through a service */
+#define CT_F_CLOSING	2	/* ct_entry.flags: a FIN or RST went by; the entry lives close_ms more */
+
+/* Conntrack-lite lifetimes in ms (Cilium's defaults: CT_CONNECTION_LIFETIME_TCP, CT_SYN_TIMEOUT,
+ * CT_CLOSE_TIMEOUT, CT_CONNECTION_LIFETIME_NONTCP), used where lk_ct_cfg holds 0. */
+#define LK_CT_TCP_MS		21600000	/* an established TCP flow, idle */
+#define LK_CT_SYN_MS		60000		/* a TCP flow that has sent nothing but its SYN */
+#define LK_CT_CLOSE_MS		10000		/* after a FIN or RST */
+#define LK_CT_NONTCP_MS		60000		/* a UDP flow, idle */
 
 /* lk_ct_v4 key: a packet's addresses and ports as they are on the wire where it is looked up.
  * 16 bytes. */
@@ -151,7 +159,7 @@ struct ipv4_ct_tuple {
 	__u16  pad;		/* always 0 */
 };
 
-/* lk_ct_v4 value. 16 bytes. */
+/* lk_ct_v4 value. 20 bytes. */
 struct ct_entry {
 	__be32 backend_address;	/* CT_EGRESS: the backend this flow was sent to, network order; CT_REPLY: 0 */
 	__be16 backend_port;	/* CT_EGRESS: backend port, network order; CT_REPLY: 0 */
@@ -159,6 +167,18 @@ struct ct_entry {
 				 * ClusterIP as source, so that replies route back like service traffic */
 	__u32  rev_nat_index;	/* service id, host order: CT_REPLY restores lk_rnat_v4[rev_nat_index] */
 	__u32  slot;		/* CT_EGRESS: backend slot, host order, re-checked on every packet */
+	__u32  lifetime;	/* when the entry expires, host order: ms of bpf_ktime_get_ns(), as a
+				 * wrapping u32 (compared as a signed difference); each packet of the
+				 * flow in the entry's direction pushes it out */
+};
+
+/* lk_ct_cfg value (an array of one, key 0), written by the loader: lifetimes in ms, 0 = the
+ * LK_CT_*_MS default. 16 bytes. */
+struct ct_config {
+	__u32 tcp_ms;
+	__u32 syn_ms;
+	__u32 close_ms;
+	__u32 nontcp_ms;
 };
 
 #endif /* __LK_LIB_COMMON_H_ */

@@ -965,6 +965,17 @@ class TcLB(_EbpfDatapath):
                                     "nor a namespace")
         return out
 
+    def set_ct_timeouts(self, tcp_ms: int = 0, syn_ms: int = 0, close_ms: int = 0, nontcp_ms: int = 0) -> None:
+        """Conntrack-lite lifetimes in ms (``lk_ct_cfg``; 0 keeps Cilium's default: an established
+        TCP flow 6 h, one that sent only its SYN 60 s, 10 s after a FIN or RST, a UDP flow 60 s).
+        They apply from the next packet on, to running flows too."""
+        self._ensure_loaded()
+        cfg = PinnedMap(S.MAPS["lk_ct_cfg"], self.fs.maps / "lk_ct_cfg")
+        try:
+            cfg.update([S.pack_u32(0)], [bytes(S.CtConfig(tcp_ms, syn_ms, close_ms, nontcp_ms))])
+        finally:
+            cfg.close()
+
     def _check_target(self) -> None:
         if not self.ctx.pods:
             raise DatapathError(f"{self._where()}: the node has no pods to attach tc programs to")

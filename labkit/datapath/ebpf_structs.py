@@ -32,7 +32,9 @@ CT_MAP_SIZE = 262144
 MAX_BACKENDS_PER_SERVICE = 0xFFFF  # lb4_service.count is a __u16
 
 CT_EGRESS, CT_REPLY = 0, 1  # ipv4_ct_tuple.flags
-CT_F_HAIRPIN = 1  # ct_entry.flags
+CT_F_HAIRPIN, CT_F_CLOSING = 1, 2  # ct_entry.flags
+# conntrack-lite lifetimes in ms where lk_ct_cfg holds 0 (Cilium's defaults)
+CT_TCP_MS, CT_SYN_MS, CT_CLOSE_MS, CT_NONTCP_MS = 21600000, 60000, 10000, 60000
 
 
 class Lb4Key(ct.Structure):
@@ -131,6 +133,18 @@ class CtEntry(ct.Structure):
         ("flags", ct.c_uint16),  # CT_F_HAIRPIN
         ("rev_nat_index", ct.c_uint32),
         ("slot", ct.c_uint32),
+        ("lifetime", ct.c_uint32),  # expiry, ms of bpf_ktime_get_ns() as a wrapping u32
+    ]
+
+
+class CtConfig(ct.Structure):
+    """lk_ct_cfg value (key 0). Must match ``struct ct_config``: lifetimes in ms, 0 = default."""
+
+    _fields_ = [
+        ("tcp_ms", ct.c_uint32),
+        ("syn_ms", ct.c_uint32),
+        ("close_ms", ct.c_uint32),
+        ("nontcp_ms", ct.c_uint32),
     ]
 
 
@@ -139,7 +153,7 @@ class MapSpec:
     """One map as the C declares it."""
 
     name: str
-    kind: str  # bcc table type: "hash" / "lru_hash"
+    kind: str  # bcc table type: "hash" / "lru_hash" / "array"
     key: type
     leaf: type
     max_entries: int
@@ -155,6 +169,7 @@ SOCK_MAPS = SERVICE_MAPS + (
 )
 LXC_MAPS = SERVICE_MAPS + (
     MapSpec("lk_ct_v4", "lru_hash", Ipv4CtTuple, CtEntry, CT_MAP_SIZE),
+    MapSpec("lk_ct_cfg", "array", ct.c_uint32, CtConfig, 1),
 )
 MAPS = {m.name: m for m in SOCK_MAPS + LXC_MAPS}
 
@@ -249,6 +264,7 @@ C_STRUCTS = {  # name in bpf/lib/common.h -> its mirror here
     "ipv4_revnat_entry": Ipv4RevnatEntry,
     "ipv4_ct_tuple": Ipv4CtTuple,
     "ct_entry": CtEntry,
+    "ct_config": CtConfig,
 }
 
 C_CONSTANTS = {  # macro in bpf/lib/common.h -> value here
@@ -260,4 +276,9 @@ C_CONSTANTS = {  # macro in bpf/lib/common.h -> value here
     "CT_EGRESS": CT_EGRESS,
     "CT_REPLY": CT_REPLY,
     "CT_F_HAIRPIN": CT_F_HAIRPIN,
+    "CT_F_CLOSING": CT_F_CLOSING,
+    "LK_CT_TCP_MS": CT_TCP_MS,
+    "LK_CT_SYN_MS": CT_SYN_MS,
+    "LK_CT_CLOSE_MS": CT_CLOSE_MS,
+    "LK_CT_NONTCP_MS": CT_NONTCP_MS,
 }
