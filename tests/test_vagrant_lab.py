@@ -347,6 +347,65 @@ def test_vmdemo_load_client_and_datapath_driven_from_the_host(vmdemo, tmp_path):
 @pytest.mark.root
 @pytest.mark.slow
 @vm
+def test_ipvs_partial_syncs_match_a_full_render_and_a_failed_one_resyncs_in_full(vmdemo):
+    """Partial syncs read nothing back (reference counts of set entries instead): after each known
+    change (services sharing endpoints added, one's endpoints changed, one removed) the VM's virtual
+    servers, ipsets and kube-ipvs0 addresses are exactly the desired table's; a partial sync that
+    fails (an address deleted behind the datapath's back) raises, and the next sync is full and repairs."""
+    from labkit.datapath import ipvs
+    from labkit.errors import DatapathError
+    from labkit.experiments.service_scale import bulk_service
+    from labkit.services import TableDiff
+
+    ctx = vmdemo.backend.node_context(vmdemo.spec, "node1")
+
+    def kernel_state():
+        vs = {k: set(v) for k, v in ipvs.parse_ipvsadm_save(ctx.run(["ipvsadm-save", "-n"]).stdout).items()}
+        sets = {name: {line.split()[2] for line in ctx.run(["ipset", "list", "-o", "save", name]).stdout.splitlines()
+                       if line.startswith("add ")} for name in ("KUBE-CLUSTER-IP", "KUBE-LOOP-BACK", "KUBE-IPVS-IPS")}
+        addrs = {line.split()[3] for line in ctx.run(["ip", "-o", "-4", "address", "show", "dev", ipvs.DUMMY]
+                                                     ).stdout.splitlines()}
+        return vs, sets, addrs
+
+    def expected(table):
+        refs = ipvs.set_refs(table)
+        return ({k: set(v) for k, v in ipvs.virtual_servers(table).items()},
+                {name: set(refs[name]) for name in ("KUBE-CLUSTER-IP", "KUBE-LOOP-BACK", "KUBE-IPVS-IPS")},
+                {f"{ip}/32" for ip in refs["KUBE-IPVS-IPS"]})
+
+    base = vmdemo.services()
+    eps = next(iter(base)).endpoints
+    a, b = bulk_service(eps, 20), bulk_service(eps, 21)  # the same endpoints: shared KUBE-LOOP-BACK entries
+    path = vmdemo.datapath("node1", "ipvs")
+    try:
+        table = base.with_ports(a)
+        assert path.sync(table).full
+        steps = [TableDiff(added=(b,))]
+        b2 = bulk_service(eps[:1], 21)
+        steps.append(TableDiff(changed=((b, b2),)))
+        steps.append(TableDiff(removed=(a,)))
+        for change in steps:
+            table = table.without(*(sp.key for sp in change.removed)).with_ports(
+                *change.added, *(new for _, new in change.changed))
+            res = path.sync_changes(table, change)
+            assert not res.full and res.services == len(table)
+            assert kernel_state() == expected(table), change.summary()
+        ctx.run(["ip", "address", "del", f"{b2.cluster_ip}/32", "dev", ipvs.DUMMY])
+        with pytest.raises(DatapathError):
+            path.sync_changes(table.without(b2.key), TableDiff(removed=(b2,)))
+        table = table.without(b2.key)
+        assert path.sync(table).full  # forced: the state after a failed apply is unknown
+        assert kernel_state() == expected(table)
+        path.sync(base)  # back to the spec's table for the other tests
+        assert kernel_state() == expected(base)
+    finally:
+        path.close()
+
+
+@pytest.mark.vm
+@pytest.mark.root
+@pytest.mark.slow
+@vm
 def test_ebpf_service_inside_a_vm():
     """The acceptance lab with ``datapath: ebpf``: bcc in the VMs compiles bpf/bpf_sock.c against the
     box's own kernel headers, every pod (the IPVLAN ones too: socket-LB sees their connect()) reaches
