@@ -19,14 +19,14 @@ A service without endpoints is a virtual server without real servers: IPVS drops
 behaves the same; it has no REJECT in IPVS mode).
 
 Renderers are pure (``render_ipvsadm``, ``render_ipset``, ``render_iptables``); the datapath applies
-the kube-ipvs0 addresses (one ``ip -batch``), then ``ipset restore``, then the virtual servers, then
+the kube-ipvs0 addresses (rtnetlink requests on one socket, batched), then ``ipset restore``, then the virtual servers, then
 ``iptables-restore --noflush``. The virtual servers are ``render_ipvsadm``'s lines (ipvsadm's
 syntax, the golden text) sent as IPVS generic netlink requests on one socket, batched, as kube-proxy
 sends them: the kernel objects are the ones ``ipvsadm -R`` makes (compared attribute by attribute in
 the VM), but ipvsadm opens a socket and resolves the IPVS family for every line (13-16 s of the
 20,000 lines of 5,000 services in a TCG VM, against ~4.5 s). (Never Debian's ``ipvsadm-restore``:
 it runs ``ipvsadm -C`` first.) IPVS has no transactions: a full sync reads the state back
-(kube-ipvs0's addresses with ``ip -o address show``, the virtual servers with ``ipvsadm-save``) and
+(kube-ipvs0's addresses with one RTM_GETADDR dump, the virtual servers with ``ipvsadm-save``) and
 applies the difference, so a failed apply leaves earlier services in place (requests of the failed
 batch after the failure may have been applied too) and the base class forces a full sync next time.
 A partial sync (kube-proxy's, from a known change set) touches only the changed service ports: their
@@ -222,41 +222,122 @@ def _ipvs_family(sock: socket.socket) -> int:
     raise OSError(errno.ENOENT, "IPVS generic netlink family: no id in the answer")
 
 
+def send_batches(sock: socket.socket, messages: list[tuple[bytes, str]], what: str) -> None:
+    """Send netlink requests (each with the text naming it) in batches of ``_BATCH`` on ``sock``, in
+    order, stopping after the batch where one failed; raises OSError naming the first failure. Only
+    a batch's last request asks for an ack: it comes after every failure of the batch."""
+    buf = bytearray(1 << 16)
+    lines = {struct.unpack_from("=I", m, 8)[0]: line for m, line in messages}
+    for i in range(0, len(messages), _BATCH):
+        part = [m for m, _ in messages[i:i + _BATCH]]
+        last = bytearray(part[-1])
+        struct.pack_into("=H", last, 6, struct.unpack_from("=H", last, 6)[0] | _NLM_F_ACK)
+        part[-1] = bytes(last)
+        last_seq = struct.unpack_from("=I", last, 8)[0]
+        sock.send(b"".join(part))
+        failed: list[tuple[int, int]] = []
+        done = False
+        while not done:
+            size = sock.recv_into(buf)
+            off = 0
+            while off + 36 <= size:
+                length, kind = struct.unpack_from("=IH", buf, off)
+                if kind == _NLMSG_ERROR:
+                    err, seq = struct.unpack_from("=i8xI", buf, off + 16)  # the request's own header
+                    if err:
+                        failed.append((seq, -err))
+                    done = done or seq == last_seq
+                off += (length + 3) & ~3
+        if failed:
+            seq, err = failed[0]
+            raise OSError(err, f"{what}: {lines.get(seq, '?')}: {os.strerror(err)} "
+                               f"({len(failed)} failed in this batch of {len(part)})")
+
+
+def _netlink_socket(protocol: int) -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # room for a whole batch of failures
+    sock.settimeout(120)  # never wait forever for an ack
+    sock.bind((0, 0))
+    return sock
+
+
 def ipvs_restore(text: str) -> None:
     """Apply ``render_ipvsadm`` output through one generic netlink socket (this thread's
-    namespace), in order, stopping after the batch where a request failed; raises OSError naming it.
-    Only a batch's last request asks for an ack: it comes after every failure of the batch."""
+    namespace), batched (:func:`send_batches`)."""
+    with _netlink_socket(16) as sock:  # NETLINK_GENERIC
+        send_batches(sock, ipvs_messages(_ipvs_family(sock), text), "IPVS")
+
+
+# ---------------------------------------------------------------- kube-ipvs0's addresses
+
+_RTM_NEWADDR, _RTM_DELADDR, _RTM_GETADDR = 20, 21, 22
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_NLM_F_DUMP, _NLM_F_REPLACE, _NLM_F_CREATE = 0x300, 0x100, 0x400
+_NLMSG_DONE = 3
+
+
+def _ifaddr(cmd: int, flags: int, index: int, ip: str, seq: int) -> bytes:
+    """An rtnetlink address request: ``ip``/32 on interface ``index``."""
+    raw = socket.inet_aton(ip)
+    body = struct.pack("=BBBBI", socket.AF_INET, 32, 0, 0, index) + _nla(_IFA_LOCAL, raw) + _nla(_IFA_ADDRESS, raw)
+    return struct.pack("=IHHII", 16 + len(body), cmd, _NLM_F_REQUEST | flags, seq, 0) + body
+
+
+def interface_addresses(index: int) -> dict[str, int]:
+    """The IPv4 addresses (address -> prefix length) of interface ``index`` in this thread's
+    namespace: one RTM_GETADDR dump, read with struct (pyroute2 parses ~1 ms an address under TCG)."""
+    out: dict[str, int] = {}
     buf = bytearray(1 << 16)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16) as sock:  # NETLINK_GENERIC
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # room for a whole batch of failures
-        sock.settimeout(120)  # never wait forever for an ack
-        sock.bind((0, 0))
-        messages = ipvs_messages(_ipvs_family(sock), text)
-        lines = {struct.unpack_from("=I", m, 8)[0]: line for m, line in messages}
-        for i in range(0, len(messages), _BATCH):
-            part = [m for m, _ in messages[i:i + _BATCH]]
-            last = bytearray(part[-1])
-            struct.pack_into("=H", last, 6, _NLM_F_REQUEST | _NLM_F_ACK)
-            part[-1] = bytes(last)
-            last_seq = struct.unpack_from("=I", last, 8)[0]
-            sock.send(b"".join(part))
-            failed: list[tuple[int, int]] = []
-            done = False
-            while not done:
-                size = sock.recv_into(buf)
-                off = 0
-                while off + 36 <= size:
-                    length, kind = struct.unpack_from("=IH", buf, off)
-                    if kind == _NLMSG_ERROR:
-                        err, seq = struct.unpack_from("=i8xI", buf, off + 16)  # the request's own header
-                        if err:
-                            failed.append((seq, -err))
-                        done = done or seq == last_seq
-                    off += (length + 3) & ~3
-            if failed:
-                seq, err = failed[0]
-                raise OSError(err, f"IPVS: {lines.get(seq, '?')}: {os.strerror(err)} "
-                                   f"({len(failed)} failed in this batch of {len(part)})")
+    with _netlink_socket(socket.NETLINK_ROUTE) as sock:
+        sock.send(struct.pack("=IHHII", 24, _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
+                  + struct.pack("=BBBBI", socket.AF_INET, 0, 0, 0, 0))
+        while True:
+            size = sock.recv_into(buf)
+            off = 0
+            while off + 16 <= size:
+                length, kind = struct.unpack_from("=IH", buf, off)
+                if kind == _NLMSG_DONE:
+                    return out
+                if kind == _NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", buf, off + 16)[0]
+                    raise OSError(err, f"RTM_GETADDR: {os.strerror(err)}")
+                if kind == _RTM_NEWADDR:
+                    prefixlen, ifindex = buf[off + 17], struct.unpack_from("=I", buf, off + 20)[0]
+                    attr, found = off + 24, {}
+                    while attr + 4 <= off + length:
+                        alen, akind = struct.unpack_from("=HH", buf, attr)
+                        if akind in (_IFA_ADDRESS, _IFA_LOCAL) and alen == 8:
+                            found[akind] = socket.inet_ntoa(bytes(buf[attr + 4:attr + 8]))
+                        attr += (alen + 3) & ~3
+                    ip = found.get(_IFA_LOCAL) or found.get(_IFA_ADDRESS)
+                    if ifindex == index and ip:
+                        out[ip] = prefixlen
+                off += (length + 3) & ~3
+
+
+def change_addresses(index: int, add: Iterable[str], delete: Iterable[str]) -> None:
+    """Delete then add (replace: one already there is fine) /32 addresses of interface ``index`` in
+    this thread's namespace, batched (:func:`send_batches`)."""
+    seq = 1
+    messages = []
+    for verb, cmd, flags, ips in (("del", _RTM_DELADDR, 0, delete),
+                                  ("add", _RTM_NEWADDR, _NLM_F_CREATE | _NLM_F_REPLACE, add)):
+        for ip in ips:
+            messages.append((_ifaddr(cmd, flags, index, ip, seq), f"address {verb} {ip}/32"))
+            seq += 1
+    if messages:
+        with _netlink_socket(socket.NETLINK_ROUTE) as sock:
+            send_batches(sock, messages, DUMMY)
+
+
+def _delete_dummy(netns: str | None) -> None:
+    ipr = nsexec.iproute(netns)
+    try:
+        for index in ipr.link_lookup(ifname=DUMMY):
+            ipr.link("del", index=index)
+    finally:
+        ipr.close()
 
 
 # ---------------------------------------------------------------- ipsets
@@ -416,27 +497,34 @@ class IpvsDatapath(Datapath):
     def _ipt(self, verb: str) -> str:
         return f"iptables-{self.iptables_backend}-{verb}"
 
-    def _ip_batch(self, add: Iterable[str], delete: Iterable[str]) -> None:
-        """Add and delete /32 addresses of kube-ipvs0 with one ``ip -batch`` (one process, one netlink
-        socket: under TCG pyroute2 took ~6 ms an address and ~1 ms an address to list them)."""
-        lines = [f"address del {a} dev {DUMMY}" for a in delete]
-        lines += [f"address replace {ip}/32 dev {DUMMY}" for ip in add]  # replace: already there is fine
-        if lines:
-            self.ctx.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n")
+    def _dummy(self) -> int:
+        """kube-ipvs0's index (created if missing; pyroute2, in the node)."""
+        ipr = nsexec.iproute(self.ctx.netns)
+        try:
+            found = ipr.link_lookup(ifname=DUMMY)
+            if not found:
+                ipr.link("add", ifname=DUMMY, kind="dummy")
+                found = ipr.link_lookup(ifname=DUMMY)
+            return found[0]
+        finally:
+            ipr.close()
+
+    def _change_dummy(self, add: Iterable[str], delete: Iterable[str]) -> None:
+        """Add and delete /32 addresses of kube-ipvs0: rtnetlink requests on one socket, batched
+        (under TCG pyroute2 took ~6 ms an address)."""
+        add, delete = list(add), list(delete)
+        if add or delete:
+            index = self._dummy()
+            nsexec.in_netns(self.ctx.netns, lambda: change_addresses(index, add, delete))
 
     def _sync_dummy(self, ips: Iterable[str]) -> None:
         """kube-ipvs0 exists and holds exactly ``ips`` as /32 addresses (a full sync: read it back)."""
-        shown = self.ctx.run(["ip", "-o", "-4", "address", "show", "dev", DUMMY], check=False)
-        have: dict[str, str] = {}  # address -> address/prefix as listed
-        if shown.returncode != 0:
-            self.ctx.run(["ip", "link", "add", DUMMY, "type", "dummy"])
-        else:
-            for line in shown.stdout.splitlines():
-                f = line.split()
-                if len(f) > 3 and f[2] == "inet":
-                    have[f[3].split("/")[0]] = f[3]
+        index = self._dummy()
+        have = nsexec.in_netns(self.ctx.netns, lambda: interface_addresses(index))
         want = set(ips)
-        self._ip_batch([ip for ip in ips if ip not in have], [cidr for ip, cidr in have.items() if ip not in want])
+        add = [ip for ip in ips if have.get(ip) != 32]
+        delete = [ip for ip, plen in have.items() if ip not in want or plen != 32]
+        nsexec.in_netns(self.ctx.netns, lambda: change_addresses(index, add, delete))
 
     def apply(self, desired: ServiceTable, changes: TableDiff) -> None:
         nsexec.write_sysctls(self.ctx.netns, SYSCTLS)
@@ -452,7 +540,7 @@ class IpvsDatapath(Datapath):
             refs = self._refs
             gone, new = change_sides(changes)
             dels, adds = set_delta(refs, gone, new)
-            self._ip_batch(adds["KUBE-IPVS-IPS"], [f"{ip}/32" for ip in dels["KUBE-IPVS-IPS"]])
+            self._change_dummy(adds["KUBE-IPVS-IPS"], dels["KUBE-IPVS-IPS"])
             self.ctx.run(["ipset", "restore"], input=render_ipset_delta(dels, adds))
             text = render_ipvsadm(virtual_servers(gone), virtual_servers(new))
         if text:
@@ -474,5 +562,5 @@ class IpvsDatapath(Datapath):
         self.ctx.run(["ipvsadm", "-C"], check=False)
         for name in IPSETS:
             self.ctx.run(["ipset", "destroy", name], check=False)
-        self.ctx.run(["ip", "link", "del", DUMMY], check=False)
+        _delete_dummy(self.ctx.netns)
         self._applied = None
