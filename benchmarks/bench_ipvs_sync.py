@@ -24,6 +24,10 @@ Measured here (2 cores, QEMU TCG, Debian 6.1 guest, 26 Nov 2026; 3 endpoints a s
 
 service-scale (--services 1,5000 --backend vagrant --datapaths ipvs): load 5,000 62 s -> 15.5 s ->
 6.1 s; one update at 5,000 9.1 s -> 0.30-0.40 s -> 0.24-0.39 s.
+
+kube-ipvs0's addresses through rtnetlink (one RTM_GETADDR dump, batched RTM_NEWADDR/DELADDR) instead
+of ``ip -o address show`` / ``ip -batch``: load 5,000 5.2 s (commands 1.7 s: ipset restore 1.5 s),
++1 service 0.21-0.35 s, full resync 6.6 s (ipvsadm-save 4.0 s, ipset 1.4 s).
 """
 
 from __future__ import annotations
