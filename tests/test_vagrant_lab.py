@@ -437,6 +437,19 @@ def test_ebpf_service_inside_a_vm():
     assert not _host_leftovers(spec.name)
 
 
+def _labkit_run(tmp_path: Path, args: list[str]):
+    """`labkit run ARGS -q` with a results store in ``tmp_path``: it must succeed; (process, run)."""
+    from labkit import results
+
+    env = {**os.environ, "LABKIT_RESULTS": str(tmp_path / "results")}
+    t0 = time.monotonic()
+    proc = subprocess.run([str(ROOT / ".venv/bin/labkit"), "run", *args, "-q"], capture_output=True, text=True,
+                          env=env, timeout=1500)
+    print(f"labkit run {args[0]} on VMs: {time.monotonic() - t0:.0f} s\n{proc.stdout[-1500:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, results.Run.open(next((tmp_path / "results").iterdir()).name, root=tmp_path / "results")
+
+
 @pytest.mark.vm
 @pytest.mark.root
 @pytest.mark.slow
@@ -445,18 +458,9 @@ def test_tiny_service_scale_runs_on_vms(tmp_path):
     """`labkit run service-scale --backend vagrant`, small: IPVS (which this host's kernel lacks) in its
     own VM, lkclient in the VM's client pod, every row, raw samples back here, the VM's kernel in the
     manifest, the lab gone afterwards."""
-    from labkit import results
-
-    env = {**os.environ, "LABKIT_RESULTS": str(tmp_path / "results")}
-    args = ["run", "service-scale", "--backend", "vagrant", "--datapaths", "ipvs", "--services", "1,20",
-            "--positions", "first,last,pod", "--repeats", "1", "--samples", "60", "--warmup", "6", "--burst", "30",
-            "-q"]
-    t0 = time.monotonic()
-    proc = subprocess.run([str(ROOT / ".venv/bin/labkit"), *args], capture_output=True, text=True, env=env,
-                          timeout=1500)
-    print(f"service-scale on a VM: {time.monotonic() - t0:.0f} s\n{proc.stdout[-1500:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = results.Run.open(next((tmp_path / "results").iterdir()).name, root=tmp_path / "results")
+    proc, run = _labkit_run(tmp_path, ["service-scale", "--backend", "vagrant", "--datapaths", "ipvs", "--services",
+                                       "1,20", "--positions", "first,last,pod", "--repeats", "1", "--samples", "60",
+                                       "--warmup", "6", "--burst", "30"])
     m, pts = run.manifest(), run.points()
     assert m["status"] == "complete" and m["params"]["backend"] == "vagrant" and m["backend"] == "vagrant"
     kernel = m["node_kernels"]["ipvs"]["n0"]
@@ -483,17 +487,9 @@ def test_pod_modes_with_ipvlan_run_on_vms(tmp_path):
     """`labkit run pod-modes --backend vagrant`: the Terway comparison this host's kernel cannot make
     (no ipvlan here), on two VMs: shared-ENI IPVLAN pods next to veth pods, same node and across
     nodes, lkclient and iperf3 inside the VMs, the VMs' kernel in the manifest, the lab gone after."""
-    from labkit import results
-
-    env = {**os.environ, "LABKIT_RESULTS": str(tmp_path / "results")}
-    args = ["run", "pod-modes", "--quick", "--backend", "vagrant", "--modes", "eni-ipvlan,veth", "--metrics",
-            "crr,udp_rr,bandwidth", "--repeats", "1", "--samples", "60", "--warmup", "6", "--burst", "30", "-q"]
-    t0 = time.monotonic()
-    proc = subprocess.run([str(ROOT / ".venv/bin/labkit"), *args], capture_output=True, text=True, env=env,
-                          timeout=1500)
-    print(f"pod-modes on VMs: {time.monotonic() - t0:.0f} s\n{proc.stdout[-1500:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = results.Run.open(next((tmp_path / "results").iterdir()).name, root=tmp_path / "results")
+    _, run = _labkit_run(tmp_path, ["pod-modes", "--quick", "--backend", "vagrant", "--modes", "eni-ipvlan,veth",
+                                    "--metrics", "crr,udp_rr,bandwidth", "--repeats", "1", "--samples", "60",
+                                    "--warmup", "6", "--burst", "30"])
     m, pts = run.manifest(), run.points()
     assert m["status"] == "complete" and m["backend"] == "vagrant"
     assert set(m["node_kernels"]) == {"node1", "node2"}
