@@ -6,9 +6,14 @@ values below are the ones the VM's kernel reported for services made by ``ipvsad
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 import struct
 
+import pytest
+
+from labkit import nsexec
 from labkit.datapath import ipvs
 from labkit.services import Endpoint, ServicePort, ServiceTable, diff
 
@@ -78,3 +83,23 @@ def test_netlink_requests_carry_what_ipvsadm_sends():
     assert _attrs(_attrs(msgs[2][0][20:])[2]) == {1: bytes([10, 244, 1, 3]) + bytes(12), 2: struct.pack("!H", 53),
                                                   11: struct.pack("=H", 2)}
     assert set(_attrs(msgs[3][0][20:])) == {1}
+
+
+@pytest.mark.root
+def test_interface_addresses_are_dumped_and_changed_in_batches(tmp_path):
+    """kube-ipvs0's address helpers on the real kernel (``lo`` of a scratch namespace: this host has
+    no dummy driver): more addresses than one batch and one dump buffer hold, replace of one already
+    there, delete, and a failing request named in the error."""
+    ns = f"lktest-ipvs-{os.getpid()}"
+    nsexec.create_netns(ns)
+    try:
+        index = nsexec.in_netns(ns, lambda: socket.if_nametoindex("lo"))
+        ips = [f"10.96.{i // 250}.{i % 250 + 1}" for i in range(3000)]
+        nsexec.in_netns(ns, lambda: ipvs.change_addresses(index, ips, []))
+        assert nsexec.in_netns(ns, lambda: ipvs.interface_addresses(index)) == dict.fromkeys(ips, 32)
+        nsexec.in_netns(ns, lambda: ipvs.change_addresses(index, ips[:5], ips[5:10]))
+        assert set(nsexec.in_netns(ns, lambda: ipvs.interface_addresses(index))) == set(ips) - set(ips[5:10])
+        with pytest.raises(OSError, match="address del 10.99.9.9/32"):
+            nsexec.in_netns(ns, lambda: ipvs.change_addresses(index, [], ["10.99.9.9"]))
+    finally:
+        nsexec.remove_netns(ns)

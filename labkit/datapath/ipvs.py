@@ -493,6 +493,7 @@ class IpvsDatapath(Datapath):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._refs: SetRefs | None = None  # what the sets hold for the table applied (None: full next)
+        self._dummy_index: int | None = None  # kube-ipvs0's, found by the last full sync
 
     def _ipt(self, verb: str) -> str:
         return f"iptables-{self.iptables_backend}-{verb}"
@@ -510,21 +511,20 @@ class IpvsDatapath(Datapath):
             ipr.close()
 
     def _change_dummy(self, add: Iterable[str], delete: Iterable[str]) -> None:
-        """Add and delete /32 addresses of kube-ipvs0: rtnetlink requests on one socket, batched
-        (under TCG pyroute2 took ~6 ms an address)."""
-        add, delete = list(add), list(delete)
+        """Add and delete /32 addresses of kube-ipvs0 (its index as the last full sync found it: a
+        partial sync follows one): rtnetlink requests on one socket, batched (under TCG pyroute2
+        took ~6 ms an address)."""
+        add, delete, index = list(add), list(delete), self._dummy_index
         if add or delete:
-            index = self._dummy()
             nsexec.in_netns(self.ctx.netns, lambda: change_addresses(index, add, delete))
 
     def _sync_dummy(self, ips: Iterable[str]) -> None:
         """kube-ipvs0 exists and holds exactly ``ips`` as /32 addresses (a full sync: read it back)."""
-        index = self._dummy()
+        self._dummy_index = index = self._dummy()
         have = nsexec.in_netns(self.ctx.netns, lambda: interface_addresses(index))
         want = set(ips)
-        add = [ip for ip in ips if have.get(ip) != 32]
-        delete = [ip for ip, plen in have.items() if ip not in want or plen != 32]
-        nsexec.in_netns(self.ctx.netns, lambda: change_addresses(index, add, delete))
+        self._change_dummy([ip for ip in ips if have.get(ip) != 32],
+                           [ip for ip, plen in have.items() if ip not in want or plen != 32])
 
     def apply(self, desired: ServiceTable, changes: TableDiff) -> None:
         nsexec.write_sysctls(self.ctx.netns, SYSCTLS)
@@ -555,7 +555,7 @@ class IpvsDatapath(Datapath):
             self._refs = refs
 
     def cleanup(self) -> None:
-        self._refs = None
+        self._refs = self._dummy_index = None
         text = render_cleanup(parse_save(self.ctx.run([self._ipt("save")], check=False).stdout))
         if text:
             self.ctx.run([self._ipt("restore"), "-w", "--noflush"], input=text)
