@@ -37,7 +37,8 @@
  * --serve (the only argument): run many measurements in one process, one per line read from stdin.
  * Each line holds the options of one run, separated by spaces (e.g. "--mode crr --host 10.96.0.10
  * --port 80 -n 100 -w 5 --raw /path/x.i64"); each gets its JSON line on stdout as above. A line
- * with bad options gets {"error": "..."} and the process waits for the next; EOF ends it (exit 0).
+ * with bad options gets {"error": "..."}, having freed whatever it allocated for that line, and the
+ * process waits for the next; EOF ends it (exit 0).
  * A line may name several targets instead of --host/--port/--raw: "--target HOST:PORT:RAWFILE"
  * repeated (crr, rr, udp_rr). The targets are then measured in turn, one attempt each, until each
  * has -n samples after its -w warm-up, and each one's samples are APPENDED to its file; the reply
@@ -57,6 +58,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <getopt.h>
+#include <stdarg.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -67,7 +69,6 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <time.h>
-#include <setjmp.h>
 #include <unistd.h>
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -79,6 +80,7 @@
 #define MAX_NAMES 1024
 #define NAME_LEN 256
 #define WHO_BUF 4096
+#define ERR_LEN 160 /* a usage message is cut there: a long bad value does not flood the reply */
 
 enum mode { M_CRR, M_RR, M_UDP_RR, M_WHO };
 static const char *const mode_names[] = {"crr", "rr", "udp_rr", "who"};
@@ -124,23 +126,16 @@ static inline int64_t now_ns(void) {
 	return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
 }
 
-static void json_str(const char *s); /* below, with the rest of the output */
-
-static int serving;         /* --serve: a usage error fails the current line, not the process */
-static jmp_buf serve_next;
-
-static void die_usage(const char *msg) {
-	if (serving) {
-		printf("{\"error\": ");
-		json_str(msg);
-		printf("}\n");
-		fflush(stdout);
-		longjmp(serve_next, 1);
-	}
-	fprintf(stderr, "lkclient: %s\nusage: lkclient --mode crr|rr|udp_rr|who --host IP --port P [-n N] [-w N] "
-			"[-s BYTES] [--duration S] [--raw FILE] [--connect-timeout-ms MS] [--timeout-ms MS] "
-			"[--max-errors N]\n", msg);
-	exit(1);
+/* Usage errors travel up as return values: the function that finds one writes the message into
+ * its caller's err buffer (ERR_LEN bytes) and returns -1; whoever allocated frees on the way up,
+ * and the top decides: --serve replies {"error": ...} on that line and reads the next, a single
+ * run prints the usage and exits 1. In a long-lived --serve process nothing may leak on that path. */
+static int __attribute__((format(printf, 2, 3))) usage_error(char *err, const char *fmt, ...) {
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(err, ERR_LEN, fmt, ap);
+	va_end(ap);
+	return -1;
 }
 
 /* ------------------------------------------------------------------ tallies and errors */
@@ -169,12 +164,12 @@ static void tally_free(struct tally *t) {
 	free(t->count);
 }
 
-static void tally_init(struct tally *t, int cap) {
+/* -1 when memory runs out; tally_free frees what was allocated either way. */
+static int tally_init(struct tally *t, int cap) {
 	t->key = calloc((size_t)cap, sizeof *t->key);
 	t->count = calloc((size_t)cap, sizeof *t->count);
 	t->cap = cap;
-	if (!t->key || !t->count)
-		die_usage("out of memory");
+	return t->key && t->count ? 0 : -1;
 }
 
 /* The name of an errno value (ECONNREFUSED...); a timed-out blocking call reports EAGAIN or
@@ -486,19 +481,18 @@ static int write_raw(const char *path, const struct run *r, int append) {
 
 /* ------------------------------------------------------------------ options */
 
-static long parse_long(const char *s, const char *what, long lo, long hi) {
+/* *v = the integer s, which must lie in [lo, hi]; 0, or -1 with the message in err. */
+static int parse_long(const char *s, const char *what, long lo, long hi, long *v, char *err) {
 	char *end;
 	errno = 0;
-	long v = strtol(s, &end, 10);
-	if (*s == '\0' || *end != '\0' || errno || v < lo || v > hi) {
-		char msg[160];
-		snprintf(msg, sizeof msg, "%s must be an integer in [%ld, %ld], got '%s'", what, lo, hi, s);
-		die_usage(msg);
-	}
-	return v;
+	*v = strtol(s, &end, 10);
+	if (*s == '\0' || *end != '\0' || errno || *v < lo || *v > hi)
+		return usage_error(err, "%s must be an integer in [%ld, %ld], got '%s'", what, lo, hi, s);
+	return 0;
 }
 
-static void parse_opts(int argc, char **argv, struct opts *o) {
+/* The options of one run into o; 0, or -1 with the message in err. Allocates nothing. */
+static int parse_opts(int argc, char **argv, struct opts *o, char *err) {
 	static const struct option lo[] = {
 		{"mode", required_argument, 0, 'm'},         {"host", required_argument, 0, 'H'},
 		{"port", required_argument, 0, 'p'},         {"samples", required_argument, 0, 'n'},
@@ -509,53 +503,63 @@ static void parse_opts(int argc, char **argv, struct opts *o) {
 		{0, 0, 0, 0},
 	};
 	const char *mode = NULL;
-	int opt;
+	long port, ms;
+	int opt, rc = 0;
 	*o = (struct opts){.n = 1000, .warmup = -1, .size = 64, .max_errors = -1,
 			   .connect_timeout_ms = 1000, .timeout_ms = 1000};
-	while ((opt = getopt_long(argc, argv, "n:w:s:", lo, NULL)) != -1) {
+	while (rc == 0 && (opt = getopt_long(argc, argv, "n:w:s:", lo, NULL)) != -1) {
 		switch (opt) {
 		case 'm': mode = optarg; break;
 		case 'H': o->host = optarg; break;
-		case 'p': o->port = optarg; parse_long(optarg, "--port", 1, 65535); break;
-		case 'n': o->n = parse_long(optarg, "-n", 1, MAX_SAMPLES); break;
-		case 'w': o->warmup = parse_long(optarg, "-w", 0, MAX_SAMPLES); break;
-		case 's': o->size = parse_long(optarg, "-s", 1, 65536); break;
+		case 'p': o->port = optarg; rc = parse_long(optarg, "--port", 1, 65535, &port, err); break;
+		case 'n': rc = parse_long(optarg, "-n", 1, MAX_SAMPLES, &o->n, err); break;
+		case 'w': rc = parse_long(optarg, "-w", 0, MAX_SAMPLES, &o->warmup, err); break;
+		case 's': rc = parse_long(optarg, "-s", 1, 65536, &o->size, err); break;
 		case 'd': o->duration = atof(optarg); break;
 		case 'r': o->raw = optarg; break;
-		case 'c': o->connect_timeout_ms = (int)parse_long(optarg, "--connect-timeout-ms", 1, 3600000); break;
-		case 't': o->timeout_ms = (int)parse_long(optarg, "--timeout-ms", 1, 3600000); break;
-		case 'e': o->max_errors = parse_long(optarg, "--max-errors", 1, MAX_SAMPLES); break;
-		default: die_usage("bad option");
+		case 'c':
+			rc = parse_long(optarg, "--connect-timeout-ms", 1, 3600000, &ms, err);
+			o->connect_timeout_ms = (int)ms;
+			break;
+		case 't':
+			rc = parse_long(optarg, "--timeout-ms", 1, 3600000, &ms, err);
+			o->timeout_ms = (int)ms;
+			break;
+		case 'e': rc = parse_long(optarg, "--max-errors", 1, MAX_SAMPLES, &o->max_errors, err); break;
+		default: return usage_error(err, "bad option");
 		}
 	}
+	if (rc != 0)
+		return rc;
 	if (!mode || !o->host || !o->port || optind != argc)
-		die_usage("--mode, --host and --port are required");
+		return usage_error(err, "--mode, --host and --port are required");
 	int m;
 	for (m = 0; m < 4 && strcmp(mode, mode_names[m]) != 0; m++)
 		;
 	if (m == 4)
-		die_usage("--mode must be crr, rr, udp_rr or who");
+		return usage_error(err, "--mode must be crr, rr, udp_rr or who");
 	o->mode = (enum mode)m;
 	if (o->mode == M_UDP_RR && o->size > 65507)
-		die_usage("-s is at most 65507 for udp_rr");
+		return usage_error(err, "-s is at most 65507 for udp_rr");
 	if (o->warmup < 0)
 		o->warmup = o->mode == M_WHO ? 0 : 100;
 	if (o->max_errors < 0) {
 		long b = o->n / 10 < 100 ? o->n / 10 : 100;
 		o->max_errors = o->mode == M_WHO ? LONG_MAX : (b > 10 ? b : 10);
 	}
+	return 0;
 }
 
-static void init_ctx(struct ctx *c, const struct opts *o) {
+/* The address and buffers of one run; 0, or -1 with the message in err. Either way c is left
+ * safe to release(): whatever it holds is freed there. */
+static int init_ctx(struct ctx *c, const struct opts *o, char *err) {
 	struct addrinfo hints = {.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV, .ai_family = AF_UNSPEC};
 	struct addrinfo *ai;
+	*c = (struct ctx){.o = o, .fd = -1};
 	int rc = getaddrinfo(o->host, o->port, &hints, &ai);
-	if (rc != 0) { /* numeric only: labkit never resolves names, so nothing leaves the lab */
-		char msg[200];
-		snprintf(msg, sizeof msg, "--host must be a numeric IP address: %s", gai_strerror(rc));
-		die_usage(msg);
-	}
-	*c = (struct ctx){.o = o, .fd = -1, .addrlen = ai->ai_addrlen};
+	if (rc != 0) /* numeric only: labkit never resolves names, so nothing leaves the lab */
+		return usage_error(err, "--host must be a numeric IP address: %s", gai_strerror(rc));
+	c->addrlen = ai->ai_addrlen;
 	memcpy(&c->addr, ai->ai_addr, ai->ai_addrlen);
 	freeaddrinfo(ai);
 	c->cto = (struct timeval){o->connect_timeout_ms / 1000, (o->connect_timeout_ms % 1000) * 1000};
@@ -564,23 +568,46 @@ static void init_ctx(struct ctx *c, const struct opts *o) {
 	c->req = malloc(bufsize);
 	c->resp = malloc(bufsize);
 	if (!c->req || !c->resp)
-		die_usage("out of memory");
+		return usage_error(err, "out of memory");
 	memset(c->req, 'x', bufsize);
+	return 0;
 }
 
-/* One measurement with these options; returns the process exit status it would have. */
-static int run_once(int argc, char **argv) {
+/* The sample array (zeroed) and tallies of a run of n samples; 0, or -1 with the message in err.
+ * Either way r is left safe to release(). */
+static int init_run(struct run *r, long n, int names, char *err) {
+	*r = (struct run){0};
+	r->lat = calloc((size_t)n, sizeof *r->lat);
+	if (!r->lat)
+		return usage_error(err, "cannot allocate the sample array");
+	if (tally_init(&r->kinds, MAX_KINDS) != 0 || tally_init(&r->names, names) != 0)
+		return usage_error(err, "out of memory");
+	return 0;
+}
+
+/* Frees what init_ctx and init_run allocated, also when they failed half-way (free(NULL) is a
+ * no-op). The socket is not closed here: measure and run_burst close it after the last sample. */
+static void release(struct ctx *c, struct run *r) {
+	free(r->lat);
+	free(c->req);
+	free(c->resp);
+	tally_free(&r->kinds);
+	tally_free(&r->names);
+}
+
+/* One measurement with these options; returns the process exit status it would have, or -1 with
+ * a usage error in err (nothing printed, nothing left allocated). */
+static int run_once(int argc, char **argv, char *err) {
 	struct opts o;
-	struct ctx c;
+	struct ctx c = {.fd = -1};
 	struct run r = {0};
-	parse_opts(argc, argv, &o);
-	init_ctx(&c, &o);
-	r.lat = malloc((size_t)o.n * sizeof *r.lat);
-	if (!r.lat)
-		die_usage("cannot allocate the sample array");
+	if (parse_opts(argc, argv, &o, err) != 0)
+		return -1;
+	if (init_ctx(&c, &o, err) != 0 || init_run(&r, o.n, MAX_NAMES, err) != 0) {
+		release(&c, &r);
+		return -1;
+	}
 	memset(r.lat, 0, (size_t)o.n * sizeof *r.lat); /* fault every page in before the first sample */
-	tally_init(&r.kinds, MAX_KINDS);
-	tally_init(&r.names, MAX_NAMES);
 	measure(&c, &r);
 	int raw_failed = o.raw ? write_raw(o.raw, &r, 0) : 0; /* raw samples first: keep the data */
 	report(&o, &r);
@@ -590,11 +617,7 @@ static int run_once(int argc, char **argv) {
 				"%ld samples kept\n", r.consecutive, c.err, o.host, o.port, r.kept);
 		rc = 2;
 	}
-	free(r.lat);
-	free(c.req);
-	free(c.resp);
-	tally_free(&r.kinds);
-	tally_free(&r.names);
+	release(&c, &r);
 	return rc;
 }
 
@@ -621,15 +644,16 @@ static int attempt(struct ctx *c, struct run *r, long *warm) {
 /* A burst: the options of one run, with the targets given as repeated "--target HOST:PORT:RAW"
  * (crr, rr or udp_rr). Each target gets -w warm-up then -n kept samples, taken one attempt per
  * target in turn, so that every target sees the same moments; each one's samples are appended
- * to its RAW file. Output: {"targets": [one run object per target, in order]}. */
-static int run_burst(int argc, char **argv) {
+ * to its RAW file. Output: {"targets": [one run object per target, in order]}. Returns as run_once:
+ * the exit status, or -1 with a usage error in err (nothing printed, nothing left allocated). */
+static int run_burst(int argc, char **argv, char *err) {
 	static char *rest[SERVE_ARGS + 8];
 	static char *spec[MAX_TARGETS];
 	int nr = 0, nt = 0;
 	for (int i = 0; i < argc; i++) {
 		if (strcmp(argv[i], "--target") == 0 && i + 1 < argc) {
 			if (nt == MAX_TARGETS)
-				die_usage("too many --target");
+				return usage_error(err, "too many --target");
 			spec[nt++] = argv[++i];
 		} else {
 			rest[nr++] = argv[i];
@@ -642,7 +666,7 @@ static int run_burst(int argc, char **argv) {
 	for (int t = 0; t < nt; t++) {
 		char *host = spec[t], *port = strchr(host, ':'), *path = port ? strchr(port + 1, ':') : NULL;
 		if (!port || !path)
-			die_usage("--target is HOST:PORT:RAWFILE (IPv4 only)");
+			return usage_error(err, "--target is HOST:PORT:RAWFILE (IPv4 only)");
 		*port++ = '\0';
 		*path++ = '\0';
 		raw[t] = path;
@@ -653,18 +677,18 @@ static int run_burst(int argc, char **argv) {
 		args[nr + 2] = "--port";
 		args[nr + 3] = port;
 		optind = 0;
-		parse_opts(nr + 4, args, &o[t]);
+		if (parse_opts(nr + 4, args, &o[t], err) != 0)
+			return -1;
 		if (o[t].mode == M_WHO || o[t].duration > 0)
-			die_usage("interleaved targets take crr, rr or udp_rr, without --duration");
+			return usage_error(err, "interleaved targets take crr, rr or udp_rr, without --duration");
 	}
 	for (int t = 0; t < nt; t++) {
-		init_ctx(&c[t], &o[t]);
-		r[t] = (struct run){0};
-		r[t].lat = calloc((size_t)o[t].n, sizeof *r[t].lat);
-		if (!r[t].lat)
-			die_usage("cannot allocate the sample array");
-		tally_init(&r[t].kinds, MAX_KINDS);
-		tally_init(&r[t].names, 1);
+		r[t] = (struct run){0}; /* init_ctx may fail before init_run clears it */
+		if (init_ctx(&c[t], &o[t], err) != 0 || init_run(&r[t], o[t].n, 1, err) != 0) {
+			for (int u = 0; u <= t; u++) /* a later target's bad host frees the earlier ones */
+				release(&c[u], &r[u]);
+			return -1;
+		}
 	}
 	long warm[MAX_TARGETS];
 	int done[MAX_TARGETS] = {0}, left = nt;
@@ -690,36 +714,35 @@ static int run_burst(int argc, char **argv) {
 		report_obj(&o[t], &r[t]);
 		if (c[t].fd >= 0)
 			close_rst(c[t].fd);
-		free(r[t].lat);
-		free(c[t].req);
-		free(c[t].resp);
-		tally_free(&r[t].kinds);
-		tally_free(&r[t].names);
+		release(&c[t], &r[t]);
 	}
 	printf("]}\n");
 	fflush(stdout);
 	return rc;
 }
 
+static void reply_error(const char *msg) {
+	printf("{\"error\": ");
+	json_str(msg);
+	printf("}\n");
+	fflush(stdout);
+}
+
 static int serve(void) {
 	static char line[SERVE_LINE];
-	serving = 1;
+	char err[ERR_LEN];
 	while (fgets(line, sizeof line, stdin)) {
 		char *args[SERVE_ARGS + 1] = {"lkclient"};
 		int n = 1;
 		for (char *tok = strtok(line, " \t\n"); tok && n < SERVE_ARGS; tok = strtok(NULL, " \t\n"))
 			args[n++] = tok;
 		args[n] = NULL;
-		volatile int burst = 0;
+		int burst = 0;
 		for (int i = 1; i < n; i++)
 			burst |= strcmp(args[i], "--target") == 0;
-		if (setjmp(serve_next) == 0) {
-			optind = 0; /* GNU getopt: start over for the next argv */
-			if (burst)
-				run_burst(n, args);
-			else
-				run_once(n, args);
-		}
+		optind = 0; /* GNU getopt: start over for the next argv */
+		if ((burst ? run_burst(n, args, err) : run_once(n, args, err)) < 0)
+			reply_error(err);
 	}
 	return 0;
 }
@@ -727,5 +750,13 @@ static int serve(void) {
 int main(int argc, char **argv) {
 	if (argc == 2 && strcmp(argv[1], "--serve") == 0)
 		return serve();
-	return run_once(argc, argv);
+	char err[ERR_LEN];
+	int rc = run_once(argc, argv, err);
+	if (rc < 0) {
+		fprintf(stderr, "lkclient: %s\nusage: lkclient --mode crr|rr|udp_rr|who --host IP --port P [-n N] [-w N] "
+				"[-s BYTES] [--duration S] [--raw FILE] [--connect-timeout-ms MS] [--timeout-ms MS] "
+				"[--max-errors N]\n", err);
+		return 1;
+	}
+	return rc;
 }
