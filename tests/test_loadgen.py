@@ -7,6 +7,7 @@ namespace ``lktest-lg-<pid>`` and remove it even when a test fails.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -285,6 +286,69 @@ def test_client_session_burst_interleaves_targets_and_appends(server, tmp_path):
         with pytest.raises(MeasurementError, match="interleaved targets take crr, rr or udp_rr"):
             s.burst("who", [("127.0.0.1", PORT, a)], 5)
         assert s.run("crr", "127.0.0.1", PORT, samples=10)["samples"] == 10  # still serving
+
+
+def _bad_requests(a, b) -> list[str]:
+    """Malformed --serve lines, each worth one {"error": ...}. A burst allocates every target's
+    buffers and sample array only after all targets' options parsed, then checks each host: a bad
+    host in a LATER target fails after the earlier targets' allocations (the lines marked so)."""
+    two = f"--target 127.0.0.1:{PORT}:{a} --target 127.0.0.1:{PORT2}:{b}"
+    return [
+        f"--mode crr -n 1000 {two} --target not-an-ip:{PORT}:{b}",  # after allocations
+        f"--mode rr -n 500 -s 20000 {two} --target 127.0.0.300:{PORT}:{a}",  # after allocations
+        f"--mode udp_rr -n 100 -w 3 {two} --target :{PORT2}:{b}",  # after allocations (no host)
+        f"--mode crr -n 2000 -s 4000 {two} --target 127.0.0.1.5:{PORT}:{a}",  # after allocations
+        f"--mode tcp_rr -n 10 {two}",
+        f"--mode crr -n 10 --target 127.0.0.1:{PORT}:{a} --target 127.0.0.1:0:{b}",
+        "--mode crr --host 127.0.0.1 --port 65536 -n 10",
+        f"--mode crr -n -5 {two}",
+        f"--mode rr -n 100000001 {two}",
+        f"--mode crr -n 99999999999999999999999 --host 127.0.0.1 --port {PORT}",
+        "--mode crr -n 1 " + " ".join(f"--target 127.0.0.1:{PORT}:{a}" for _ in range(129)),
+        f'{{"mode": "crr", "targets": [["127.0.0.1", {PORT}}}',  # JSON, and broken at that
+        "--mode crr -n 5 -w 0 -s 64 --connect-timeout-ms 1000 --timeout-ms 1000",  # burst() with no targets
+        f"--mode crr -n 1000 --target 127.0.0.1:{PORT}:{a} --target 127.0.0.1:{PORT2}",  # cut
+        f"--mode crr -n 1000 --target 127.0.0.1:{PORT}:{a} --targ",  # cut
+        "--mode crr -n",  # cut
+        f"--mode who -n 5 {two}",
+        f"--mode crr --port {PORT}",
+        "",
+    ]
+
+
+def _vm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@needs_root
+def test_client_session_memory_stays_flat_over_ten_thousand_bad_requests(server, tmp_path):
+    """One lkclient --serve lives for a whole experiment: 10,000 malformed lines, mixed with valid
+    bursts so that the heap is in use, each get one {"error": ...} and leave nothing allocated."""
+    a, b = tmp_path / "a.i64", tmp_path / "b.i64"
+    bad, modes = _bad_requests(a, b), ("crr", "rr", "udp_rr")
+    with loadgen.ClientSession(server, cpus=LOAD_CPUS) as s:
+        def ask(line):
+            s.proc.stdin.write(line.encode() + b"\n")
+            s.proc.stdin.flush()
+            reply = loadgen._read_line(s.proc, 5)
+            assert reply.endswith("\n") and reply.count("\n") == 1, (line[:200], reply[:200])
+            return json.loads(reply)
+
+        rss = []
+        for i in range(10_000):
+            if i == 500:
+                rss.append(_vm_rss_kib(s.proc.pid))  # after the warm-up: heap and stdio settled
+            if i % 9 == 0:
+                out = ask(f"--mode {modes[i // 9 % 3]} -n 2 -w 0 --target 127.0.0.1:{PORT}:{a} "
+                          f"--target 127.0.0.1:{PORT2}:{b}")
+                assert [r["samples"] for r in out["targets"]] == [2, 2], out
+            line = bad[i % len(bad)]
+            assert list(ask(line)) == ["error"], line[:200]
+        rss.append(_vm_rss_kib(s.proc.pid))
+        assert s.run("crr", "127.0.0.1", PORT, samples=50)["samples"] == 50  # the same process goes on
+        assert rss[1] - rss[0] < 1024, f"VmRSS grew from {rss[0]} to {rss[1]} KiB"
+    assert stats.load_raw(a).size == stats.load_raw(b).size == 2 * len(range(0, 10_000, 9))
 
 
 @needs_root
