@@ -38,7 +38,8 @@ import platform
 import shutil
 import time
 
-from labkit import box, lab
+from labkit import lab
+from labkit.backends.vagrant import box
 from labkit.backends import vagrant as vg
 from labkit.spec import parse_spec
 

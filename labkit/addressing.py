@@ -2,11 +2,11 @@
 
 The VPC (``vpc_cidr``) is the cloud network. Its first host address is the VPC gateway (the virtual
 router). From host address 10 on, in node order: the node's primary NIC, its ENIs' primary
-addresses, then one secondary address per VPC-addressed pod (``eni-*`` and ``macvlan`` modes).
+addresses, then one secondary address per pod of a mode that takes one (``PodMode.pool == "vpc"``).
 
 Pod-CIDR pods get addresses from per-node subnets of ``pod_cidr`` (``/node_pod_prefix`` each):
 node *i* (0-based) owns the *native* subnet number *i* (routed by the VPC route table to the node's
-primary address, for ``veth`` and ``bridge`` pods) and, when the lab has overlay pods, the *overlay*
+primary address, for pods of the ``native`` pool) and, when the lab has overlay pods, the *overlay*
 subnet number ``len(nodes) + i`` (routed only through VXLAN, Flannel style). In a native subnet ``.1``
 is the node bridge's address and pods start at ``.2``; in an overlay subnet ``.0`` is the node's VXLAN
 address, ``.1`` the overlay bridge's and pods start at ``.2``.
@@ -14,19 +14,14 @@ address, ``.1`` the overlay bridge's and pods start at ``.2``.
 
 from __future__ import annotations
 
-import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
-from .spec import VPC_ADDRESSED_MODES, Node, Pod, Spec
+from . import modes
+from .spec.types import Node, Pod, Spec
 
 VPC_FIRST_HOST = 10
 POD_FIRST_HOST = 2
-ROUTED_GATEWAY = IPv4Address("169.254.1.1")  # node side of routed veths, as Calico/Terway do
-VXLAN_PORT = 8472  # Flannel's
-VXLAN_VNI = 1
-VXLAN_OVERHEAD = 50
-VPC_MTU = 1500
 
 
 @dataclass(frozen=True)
@@ -55,7 +50,7 @@ class PodPlan:
     ip: IPv4Address
     prefixlen: int  # on the pod's eth0
     gateway: IPv4Address
-    nic: int | None  # node NIC the pod hangs off (ENI and macvlan modes)
+    nic: int | None  # node NIC the pod hangs off (modes with a NIC: see PodMode.nic)
     mtu: int
 
 
@@ -66,7 +61,7 @@ class NodePlan:
     nics: tuple[NicPlan, ...]
     native_subnet: IPv4Network
     overlay_subnet: IPv4Network | None
-    exclusive: dict[str, int]  # eni-exclusive pod -> ENI index it takes
+    exclusive: dict[str, int]  # pod with an ENI of its own -> ENI index it takes
 
     @property
     def primary(self) -> NicPlan:
@@ -86,24 +81,64 @@ class AddressPlan:
     pods: dict[str, PodPlan]
 
 
+@dataclass
+class AddressPools:
+    """Where a node's pods take addresses from, in the order they are planned (what a mode's
+    :meth:`~labkit.modes.base.PodMode.address` draws on)."""
+
+    vpc: IPv4Network
+    vpc_gateway: IPv4Address
+    nics: tuple[NicPlan, ...]
+    native: IPv4Network
+    overlay: IPv4Network | None
+    next_vpc: int  # the next secondary VPC address (an int), shared by every node
+    _hosts: dict[str, int] = field(default_factory=lambda: {"native": POD_FIRST_HOST, "overlay": POD_FIRST_HOST})
+
+    def nic_ip(self, nic: int) -> IPv4Address:
+        return self.nics[nic].ip
+
+    def take_vpc(self) -> IPv4Address:
+        ip = IPv4Address(self.next_vpc)
+        self.next_vpc += 1
+        return ip
+
+    def _take(self, pool: str, net: IPv4Network | None) -> IPv4Address:
+        ip = net.network_address + self._hosts[pool]
+        self._hosts[pool] += 1
+        return ip
+
+    def take_native(self) -> IPv4Address:
+        return self._take("native", self.native)
+
+    def take_overlay(self) -> IPv4Address:
+        return self._take("overlay", self.overlay)
+
+
 def _subnet(net: IPv4Network, prefix: int, k: int) -> IPv4Network:
     size = 1 << (32 - prefix)
     return IPv4Network((int(net.network_address) + k * size, prefix))
 
 
 def default_nic(node: Node, pod: Pod) -> int | None:
-    """The node NIC a pod uses: its own ENI (exclusive), the chosen or first shared ENI, else eth0."""
-    exclusive = [p.name for p in node.pods if p.mode == "eni-exclusive"]
-    if pod.mode == "eni-exclusive":
+    """The node NIC a pod uses: its own ENI (exclusive), the chosen or first shared ENI, else eth0
+    (see :attr:`labkit.modes.base.PodMode.nic`)."""
+    kind = modes.get(pod.mode).nic
+    if kind is None:
+        return None
+    exclusive = [p.name for p in node.pods if modes.get(p.mode).nic == "exclusive"]
+    if kind == "exclusive":
         return exclusive.index(pod.name) + 1
-    if pod.mode in ("eni-ipvlan", "eni-policy-route", "macvlan"):
-        if pod.eni is not None:
-            return pod.eni
-        first_shared = len(exclusive) + 1
-        if first_shared <= node.enis:
-            return first_shared
-        return 0  # macvlan without a shared ENI hangs off the primary NIC
-    return None
+    if pod.eni is not None:
+        return pod.eni
+    first_shared = len(exclusive) + 1
+    if first_shared <= node.enis:
+        return first_shared
+    return 0  # a "shared-or-primary" pod without a shared ENI hangs off the primary NIC
+
+
+def has_overlay(spec: Spec) -> bool:
+    """Whether some pod takes an overlay address (then every node gets an overlay subnet)."""
+    return any(modes.get(m).pool == "overlay" for m in spec.modes())
 
 
 def plan(spec: Spec) -> AddressPlan:
@@ -111,45 +146,25 @@ def plan(spec: Spec) -> AddressPlan:
     pod_cidr = IPv4Network(spec.pod_cidr)
     gateway = vpc.network_address + 1
     nxt = int(vpc.network_address) + VPC_FIRST_HOST
-    overlay = any(p.mode == "overlay" for _, p in spec.pods())
+    overlay = has_overlay(spec)
     nodes: dict[str, NodePlan] = {}
     pods: dict[str, PodPlan] = {}
     n_nodes = len(spec.nodes)
     for i, node in enumerate(spec.nodes):
-        nics = []
-        for k in range(node.enis + 1):
-            nics.append(NicPlan(node.name, k, IPv4Address(nxt)))
-            nxt += 1
-        native = _subnet(pod_cidr, spec.node_pod_prefix, i)
-        over = _subnet(pod_cidr, spec.node_pod_prefix, n_nodes + i) if overlay else None
-        host = {"native": POD_FIRST_HOST, "overlay": POD_FIRST_HOST}
+        nics = tuple(NicPlan(node.name, k, IPv4Address(nxt + k)) for k in range(node.enis + 1))
+        pools = AddressPools(vpc, gateway, nics, _subnet(pod_cidr, spec.node_pod_prefix, i),
+                             _subnet(pod_cidr, spec.node_pod_prefix, n_nodes + i) if overlay else None,
+                             nxt + len(nics))
         exclusive = {}
         for pod in node.pods:
+            mode = modes.get(pod.mode)
             nic = default_nic(node, pod)
-            if pod.mode == "eni-exclusive":
+            if mode.nic == "exclusive":
                 exclusive[pod.name] = nic
-                ip, plen, gw, mtu = nics[nic].ip, vpc.prefixlen, gateway, VPC_MTU
-            elif pod.mode in VPC_ADDRESSED_MODES:
-                ip, plen, gw, mtu = IPv4Address(nxt), vpc.prefixlen, gateway, VPC_MTU
-                nxt += 1
-                if pod.mode == "eni-policy-route":
-                    plen, gw = 32, ROUTED_GATEWAY
-                else:  # slaves: /32, everything via the VPC gateway (as AWS's VPC CNI does), since
-                    plen = 32  # neighbours on the same ENI would be ARPed on-link and never answer
-            elif pod.mode == "overlay":
-                ip, plen, gw = over.network_address + host["overlay"], over.prefixlen, over.network_address + 1
-                mtu = VPC_MTU - VXLAN_OVERHEAD
-                host["overlay"] += 1
-            else:
-                ip = native.network_address + host["native"]
-                host["native"] += 1
-                if pod.mode == "bridge":
-                    plen, gw = native.prefixlen, native.network_address + 1
-                else:  # routed veth
-                    plen, gw = 32, ROUTED_GATEWAY
-                mtu = VPC_MTU
+            ip, plen, gw, mtu = mode.address(pools, nic)
             pods[pod.name] = PodPlan(node.name, pod.name, pod.mode, ip, plen, gw, nic, mtu)
-        nodes[node.name] = NodePlan(node.name, i, tuple(nics), native, over, exclusive)
+        nxt = pools.next_vpc
+        nodes[node.name] = NodePlan(node.name, i, nics, pools.native, pools.overlay, exclusive)
     return AddressPlan(vpc, gateway, pod_cidr, nodes, pods)
 
 
@@ -158,13 +173,13 @@ def exhaustion_problems(spec: Spec) -> list[tuple[str, str]]:
     problems = []
     vpc = IPv4Network(spec.vpc_cidr)
     pod_cidr = IPv4Network(spec.pod_cidr)
-    need_vpc = sum(n.enis + 1 + sum(p.mode in VPC_ADDRESSED_MODES and p.mode != "eni-exclusive" for p in n.pods)
-                   for n in spec.nodes)
+    pools = {name: modes.get(name).pool for name in spec.modes()}
+    need_vpc = sum(n.enis + 1 + sum(pools[p.mode] == "vpc" for p in n.pods) for n in spec.nodes)
     have_vpc = vpc.num_addresses - VPC_FIRST_HOST - 1
     if need_vpc > have_vpc:
         problems.append(("vpc_cidr", f"{vpc} has {max(have_vpc, 0)} usable addresses for NICs and ENI pods but the "
                                      f"lab needs {need_vpc}; use a larger vpc_cidr"))
-    overlay = any(p.mode == "overlay" for _, p in spec.pods())
+    overlay = "overlay" in pools.values()
     subnets_needed = len(spec.nodes) * (2 if overlay else 1)
     subnets_have = 1 << (spec.node_pod_prefix - pod_cidr.prefixlen)
     if subnets_needed > subnets_have:
@@ -174,8 +189,8 @@ def exhaustion_problems(spec: Spec) -> list[tuple[str, str]]:
                                      + "; use a larger pod_cidr or a longer node_pod_prefix"))
     per_subnet = (1 << (32 - spec.node_pod_prefix)) - POD_FIRST_HOST - 1
     for ni, node in enumerate(spec.nodes):
-        for kind, modes in (("native", ("veth", "bridge")), ("overlay", ("overlay",))):
-            count = sum(p.mode in modes for p in node.pods)
+        for kind in ("native", "overlay"):
+            count = sum(pools[p.mode] == kind for p in node.pods)
             if count > per_subnet:
                 problems.append((f"nodes[{ni}].pods", f"{count} {kind} pods do not fit a /{spec.node_pod_prefix} "
                                                       f"node subnet ({per_subnet} addresses); lower node_pod_prefix"))
@@ -208,5 +223,5 @@ def service_ips(spec: Spec):
             yield svc, [IPv4Address(svc.cluster_ip) if svc.cluster_ip else alloc()]
 
 
-__all__ = ["AddressPlan", "NodePlan", "NicPlan", "PodPlan", "plan", "exhaustion_problems", "service_ips",
-           "ROUTED_GATEWAY", "VXLAN_PORT", "VXLAN_VNI", "ipaddress"]
+__all__ = ["AddressPlan", "AddressPools", "NodePlan", "NicPlan", "PodPlan", "plan", "default_nic", "has_overlay",
+           "exhaustion_problems", "service_ips"]

@@ -27,7 +27,7 @@ def _cmd_up(args) -> int:
 
     spec = load_spec(args.spec)
     if args.datapath:
-        spec = type(spec)(**{**spec.__dict__, "datapath": args.datapath})
+        spec = spec.replace(datapath=args.datapath)  # lab.up validates it
     lab.up(spec, progress=not args.quiet)
     print(f"lab {spec.name} is up: {len(spec.nodes)} nodes, {len(spec.pods())} pods, datapath {spec.datapath}. "
           f"Next: labkit check {spec.name}")
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_measurement(sub)
     _add_sweep(sub)
-    from . import box  # `labkit box build|status|rm` (vagrant backend's VM box; light imports)
+    from .backends.vagrant import box  # `labkit box build|status|rm` (vagrant backend's VM box; light imports)
 
     box.add_cli(sub)
     return p

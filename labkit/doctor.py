@@ -45,11 +45,9 @@ VM_BACKEND = "use the VM backend (`backend: vagrant`, Debian 6.1 kernel) — see
 SETUP = "run ./setup.sh"
 DEBIAN_BCC = Path("/usr/lib/python3/dist-packages/bcc")
 
-# What a missing feature takes away, for the summary line.
+# What a missing feature takes away, for the summary line (pod modes add theirs: used_by()).
 USED_BY = {
-    "ipvlan": "pod mode eni-ipvlan",
     "ip_vs": "datapath ipvs",
-    "macvlan": "pod mode macvlan",
     "br_netfilter": "iptables on bridged pod traffic",
     "iptables-legacy": "datapath iptables-legacy",
     "iptables-nft": "datapath iptables-nft",
@@ -549,7 +547,7 @@ def _kvm(p: _Probe) -> _Result:
 
 @_check("box", "vm")
 def _box(p: _Probe) -> _Result:
-    from labkit import box
+    from labkit.backends.vagrant import box
 
     return _Result(*box.doctor_row())
 
@@ -611,6 +609,14 @@ def require(feature: str, needed_by: str) -> Capability:
     return cap
 
 
+def used_by(feature: str) -> str:
+    """What a missing ``feature`` takes away: the pod modes that need it, or a datapath."""
+    from . import modes
+
+    users = [f"pod mode {m.name}" for m in modes.MODES if feature in m.features]
+    return " and ".join(users) if users else USED_BY.get(feature, feature)
+
+
 def netns_backend_ready(results: Iterable[Capability]) -> bool:
     """True when every NETNS_CORE feature is among ``results`` and not missing."""
     status = {c.name: c.status for c in results}
@@ -626,7 +632,7 @@ def summary(results: list[Capability]) -> str:
     vm_missing = [c.name for c in missing if c.group == "vm"]
     parts = ["netns backend: " + ("ready" if not core else f"NOT ready ({', '.join(core)} missing)")]
     if to_vm:
-        users = " and ".join(USED_BY.get(c.name, c.name) for c in to_vm)
+        users = " and ".join(used_by(c.name) for c in to_vm)
         parts.append(f"({', '.join(c.name for c in to_vm)} missing: {users} run on the VM backend)")
     if other:
         parts.append(f"; also missing: {', '.join(other)} (fixes above)")

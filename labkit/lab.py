@@ -15,25 +15,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from . import addressing, nsexec
+from . import addressing, modes, nsexec
 from .backends import get_backend
+from .datapath import get as get_datapath
 from .errors import LabStateError
 from .services import ServiceTable, table_from_spec
-from .spec import Spec, load_spec
+from .spec import Spec, load_spec, validate
 from .state import LabState, list_labs
 
-# Pods whose traffic reaches the node's netfilter (kube-proxy): not ipvlan/macvlan slaves, which
-# leave through their ENI directly (Terway solved this with eBPF in the pod, as the ebpf datapaths do).
-NETFILTER_CLIENT_MODES = ("veth", "bridge", "overlay", "eni-policy-route", "eni-exclusive")
-SERVICE_CLIENT_MODES = {
-    "none": (),
-    "iptables-legacy": NETFILTER_CLIENT_MODES,
-    "iptables-nft": NETFILTER_CLIENT_MODES,
-    "nftables": NETFILTER_CLIENT_MODES,
-    "ipvs": NETFILTER_CLIENT_MODES,
-    "ebpf": ("veth", "bridge", "overlay", "eni-policy-route", "eni-exclusive", "eni-ipvlan", "macvlan"),
-    "ebpf-tc": ("veth", "bridge", "overlay", "eni-policy-route", "eni-exclusive", "eni-ipvlan", "macvlan"),
-}
 SERVER_PORT = 8080
 BULK_SAMPLE = 5
 POLICY_TIMEOUT = 1.0  # a policy row's connection timeout: a denied connection waits this long
@@ -73,16 +62,12 @@ class Lab:
 
     def exec(self, pod: str, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
         """Run a command inside a pod (its namespace and cgroup) and wait for it, like ``docker exec``."""
-        if hasattr(self.backend, "pod_run"):  # pods inside VMs (vagrant backend)
-            return self.backend.pod_run(self.spec, pod, list(argv), **kw)
-        return nsexec.run(argv, self.pod_netns(pod), cgroup=self.backend.pod_cgroup(self.spec, pod), **kw)
+        return self.backend.pod_run(self.spec, pod, list(argv), **kw)
 
     def spawn(self, pod: str, argv: Sequence[str], **popen) -> subprocess.Popen:
         """Start a command inside a pod without waiting (stdio as for :class:`subprocess.Popen`).
         ``argv[0] == sys.executable`` means labkit's Python, whichever machine the pod is on."""
-        if hasattr(self.backend, "pod_spawn"):  # pods inside VMs (vagrant backend)
-            return self.backend.pod_spawn(self.spec, pod, list(argv), **popen)
-        return nsexec.spawn(argv, self.pod_netns(pod), cgroup=self.backend.pod_cgroup(self.spec, pod), **popen)
+        return self.backend.pod_spawn(self.spec, pod, list(argv), **popen)
 
     def run_client(self, pod: str, mode: str, host: str, port: int, **kw) -> dict:
         """Run the load client (``lkclient``, a ``mode`` of :data:`labkit.measure.loadgen.MODES`) once in
@@ -199,8 +184,9 @@ class Lab:
         if bulk:
             picks = {0, len(bulk) - 1} | set(rng.sample(range(len(bulk)), min(BULK_SAMPLE, len(bulk))))
             chosen += [bulk[i] for i in sorted(picks)]
-        modes = SERVICE_CLIENT_MODES.get(self.spec.datapath, ())
-        clients = [p.name for _, p in self.spec.pods() if p.mode in modes]
+        datapath = get_datapath(self.spec.datapath)
+        # only pods whose ClusterIP traffic the datapath sees (kube-proxy never sees an IPVLAN pod's)
+        clients = [p.name for _, p in self.spec.pods() if modes.get(p.mode).served_by(datapath)]
         for sp in chosen:
             eps = sorted({e.pod for e in sp.endpoints})
             expected = f"one of {','.join(eps)}" if eps else "refused"
@@ -254,7 +240,9 @@ def results_json(results: list[CheckResult]) -> list[dict]:
 
 @nsexec.outside_event_loop
 def up(spec: Spec | str, progress: bool = True) -> Lab:
-    spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    """Build a lab from a spec (a :class:`Spec`, validated here before anything exists, or a YAML
+    file or text)."""
+    spec = validate(spec) if isinstance(spec, Spec) else load_spec(spec)
     get_backend(spec.backend).up(spec, progress=progress)
     return Lab(spec)
 

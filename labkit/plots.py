@@ -35,8 +35,6 @@ from .results import Run
 
 COLORS = {"iptables-legacy": "#d62728", "iptables-nft": "#ff7f0e", "nftables": "#2ca02c", "nftables-vmap": "#17becf",
           "ebpf": "#1f77b4", "ebpf-tc": "#9467bd", "ipvs": "#8c564b", "none": "#7f7f7f"}
-MODE_COLORS = {"eni-exclusive": "#1f77b4", "eni-ipvlan": "#17becf", "eni-policy-route": "#2ca02c", "veth": "#ff7f0e",
-               "bridge": "#bcbd22", "overlay": "#d62728", "macvlan": "#9467bd"}
 POSITION_DASH = {"last": "solid", "middle": "dash", "first": "dot", "random": "dashdot", "pod": "longdash"}
 STAT_NAMES = {"p50_us": "p50", "p90_us": "p90", "p99_us": "p99", "p999_us": "p99.9", "mean_us": "mean"}
 PUBLISHED = {"line": {"dash": "dot", "width": 1.5}, "marker": {"symbol": "diamond-open", "size": 10}}
@@ -270,9 +268,10 @@ def mode_bars(source, metric: str = "crr", relative: bool = False, anchors: bool
     df = df[df["metric"] == metric].copy()
     col = "value" if metric == "bandwidth" else "p50_us"
     fig = go.Figure()
-    from .spec import MODES
+    from .modes import names as mode_names
 
-    present = sorted(dict.fromkeys(df["mode"]), key=lambda m: MODES.index(m) if m in MODES else len(MODES))
+    order = mode_names()
+    present = sorted(dict.fromkeys(df["mode"]), key=lambda m: order.index(m) if m in order else len(order))
     if relative and baseline not in present:
         raise ValueError(f"mode_bars(relative=True): baseline mode {baseline!r} was not measured "
                          f"(measured: {', '.join(present)}); pass baseline=one of them")
@@ -317,7 +316,7 @@ def topology(lab_or_spec, plan=None, title: str | None = None) -> go.Figure:
     ``eni<k>``) wired to the router, and the pods below, coloured by network mode and attached where
     their traffic leaves the node (their ENI for ENI modes, the node for veth/bridge/overlay; VXLAN
     drawn between nodes). Hover shows every address. Works on a live Lab or a Spec never built."""
-    from . import addressing
+    from . import addressing, modes
 
     spec = getattr(lab_or_spec, "spec", lab_or_spec)
     plan = plan or getattr(lab_or_spec, "plan", None) or addressing.plan(spec)
@@ -378,20 +377,21 @@ def topology(lab_or_spec, plan=None, title: str | None = None) -> go.Figure:
             d["hover"].append(f"<b>{pod.name}</b> ({pod.mode}) on {node.name}<br>{pp.ip}/{pp.prefixlen} "
                               f"gw {pp.gateway}, MTU {pp.mtu}<br>via {via}"
                               + (f"<br>labels {dict(pod.labels)}" if pod.labels else ""))
-            if pod.mode == "overlay" and node.name not in overlay_nodes:
+            if modes.get(pod.mode).pool == "overlay" and node.name not in overlay_nodes:
                 overlay_nodes.append(node.name)
         x0 += w + gap
     fig.add_trace(go.Scatter(x=wires_x, y=wires_y, mode="lines", line={"color": "#bbb", "width": 1},
                              name="pod attachment", hoverinfo="skip", showlegend=False))
     if len(overlay_nodes) > 1:
         xs = [attach[n][0] for n in overlay_nodes]
+        overlay = next(m for m in modes.MODES if m.pool == "overlay")
         fig.add_trace(go.Scatter(x=xs, y=[node_y0 - 0.25] * len(xs), mode="lines",
-                                 line={"color": MODE_COLORS["overlay"], "dash": "dash"},
+                                 line={"color": overlay.color, "dash": "dash"},
                                  name="VXLAN (overlay pods)", hoverinfo="skip"))
     for mode, d in by_mode.items():
         fig.add_trace(go.Scatter(x=d["x"], y=d["y"], mode="markers+text", name=mode, text=d["text"],
                                  textposition="bottom center", hovertext=d["hover"], hoverinfo="text",
-                                 marker={"size": 18, "color": MODE_COLORS.get(mode, "#777")}))
+                                 marker={"size": 18, "color": modes.get(mode).color}))
     n_svc = sum(s.count or 1 for s in spec.services)
     fig.update_layout(
         title=title or f"lab {spec.name}: {len(spec.nodes)} nodes, {len(spec.pods())} pods, "

@@ -59,7 +59,7 @@ class LabState:
         path = self.dir / "spec.yaml"
         if not path.exists():
             raise LabStateError(f"no lab named {self.name!r} (see `labkit ls`)")
-        return load_spec(path)
+        return load_spec(path, validate=False)  # validated before it was written
 
     def remove(self) -> None:
         self.close()

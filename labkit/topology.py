@@ -4,27 +4,19 @@ This is the part of a lab that is the same on every backend: a node is a network
 a VM's own namespace on the ``vagrant`` backend; pods are namespaces inside it. The VPC fabric
 (how node NICs and ENIs reach each other) belongs to the backend.
 
-Names inside a node: ``eth0`` primary NIC, ``eni<k>`` ENIs, ``lx-<pod>`` the node side of a pod's veth,
-``cbr0`` the bridge of ``bridge`` pods (kubenet), ``cni0`` the bridge of ``overlay`` pods and
-``vxlan0`` the VXLAN device (Flannel's cni0 / flannel.1). Inside a pod: ``eth0``, and ``veth1`` for an
-``eni-exclusive`` pod's path to its node (Terway routes ClusterIP traffic of exclusive-ENI pods
-through a veth to the host, so that kube-proxy sees it).
+Names inside a node: ``eth0`` primary NIC, ``eni<k>`` ENIs, ``lx-<pod>`` the node side of a pod's veth;
+node-wide objects of a mode are named in its module (bridges, the VXLAN device). Inside a pod:
+``eth0``, and whatever else its mode adds.
 
-Pod modes (the Terway study's, plus the usual CNI ones):
-- ``eni-exclusive``: the ENI is moved into the pod; the pod has the ENI's VPC address.
-- ``eni-ipvlan``: an IPVLAN slave (l2, l3 or l3s) of a shared ENI, with a secondary VPC address.
-- ``eni-policy-route``: a veth to the node; a secondary VPC address of a shared ENI; source-based
-  policy routing sends the pod's traffic out of that ENI (Terway's shared-ENI veth mode).
-- ``veth``: routed veth, gateway 169.254.1.1 (Calico/Cilium style), address from the node's subnet.
-- ``bridge``: veth into the node bridge ``cbr0`` (kubenet), address from the node's subnet.
-- ``overlay``: veth into ``cni0``, address from the node's overlay subnet, other nodes reached by
-  VXLAN (VNI 1, UDP 8472, MTU 1450), static FDB/ARP entries as Flannel programs them.
-- ``macvlan``: a macvlan (bridge mode) slave of a shared ENI (or of ``eth0``), a VPC address.
+How each pod is wired is its mode's business (:mod:`labkit.modes`): this module builds the node
+(NICs, ENI routing tables, the node-wide objects modes ask for) and gives modes the small steps they
+are made of (:meth:`NodeWiring.veth`, :meth:`NodeWiring.routed_host`, :meth:`NodeWiring.pod_eth0`,
+:meth:`NodeWiring.add_bridge`).
 
 Sysctls are written only inside the lab's namespaces: in a node ``net.ipv4.ip_forward=1``,
-``proxy_arp`` on ``cbr0`` (bridge pods reach routed-veth pods of the same subnet), and
-``net.bridge.bridge-nf-call-iptables=1`` where bridges exist (kube-proxy needs it for traffic between
-two pods on one bridge).
+``rp_filter=0``, what a mode sets on its own objects (``proxy_arp`` on a bridge), and
+``net.bridge.bridge-nf-call-iptables=1`` where pods sit on a bridge (kube-proxy needs it for traffic
+between two pods on one bridge).
 """
 
 from __future__ import annotations
@@ -35,19 +27,15 @@ from ipaddress import IPv4Address
 
 from pyroute2 import IPRoute  # noqa: F401  (type of Netns.ipr)
 
-from . import nsexec
-from .addressing import ROUTED_GATEWAY, VXLAN_OVERHEAD, VXLAN_PORT, VXLAN_VNI, AddressPlan, NodePlan, PodPlan
+from . import modes, naming, nsexec
+from .addressing import AddressPlan, NodePlan, PodPlan
 from .datapath.base import PodIface
+from .modes.base import ENI_TABLE_BASE, ROUTED_GATEWAY, RT_SCOPE_LINK
 from .spec import Node, Pod, Spec
 
 IFA_F_NOPREFIXROUTE = 0x200
-NUD_PERMANENT = 0x80
-RT_SCOPE_LINK = 253
 RTNH_F_ONLINK = 4
 RTN_THROW = 9
-ENI_TABLE_BASE = 100  # routing table of ENI k is 100 + k
-POLICY_PRIORITY = 1000
-IPVLAN_MODES = {"l2": 0, "l3": 1, "l3s": 2}
 
 
 @dataclass
@@ -133,6 +121,11 @@ class NodeWiring:
         ns.addr("eth0", me.primary.ip, vpc.prefixlen)
         ns.route("default", gateway=str(self.plan.vpc_gateway), oif=ns.index("eth0"))
         exclusive = set(me.exclusive.values())
+        # this node's own pod subnets, and pods it reaches over their node-side veth, go back from an
+        # ENI's table to the main table: a reply that kube-proxy de-NATs here must not leave and come
+        # back (it would arrive as a stray, INVALID packet)
+        local = [str(s) for s in (me.native_subnet, me.overlay_subnet) if s]
+        local += [t for p in self.node.pods for t in modes.get(p.mode).eni_table_throws(self.plan.pods[p.name])]
         for nic in me.nics[1:]:
             if nic.index in exclusive:
                 continue  # moved into its pod as is
@@ -143,26 +136,17 @@ class NodeWiring:
             table = ENI_TABLE_BASE + nic.index
             ns.route("default", gateway=str(self.plan.vpc_gateway), oif=ns.index(nic.ifname), table=table,
                      flags=RTNH_F_ONLINK)
-            # …but this node's own pod subnets go back to the main table: a reply that kube-proxy
-            # de-NATs here must not leave and come back (it would arrive as a stray, INVALID packet)
-            local = [str(s) for s in (me.native_subnet, me.overlay_subnet) if s]
-            local += [f"{self.plan.pods[p.name].ip}/32" for p in self.node.pods
-                      if p.mode in ("eni-policy-route", "eni-exclusive")]  # reached over their lx- veth
             for dst in local:
                 ns.route(dst, table=table, type=RTN_THROW)
-        modes = {p.mode for p in self.node.pods}
-        if "bridge" in modes:
-            self._bridge("cbr0", me.native_subnet.network_address + 1, me.native_subnet.prefixlen, 1500)
-            ns.sysctl({"net.ipv4.conf.cbr0.proxy_arp": 1})
-        if me.overlay_subnet is not None:
-            self._vxlan()
-            if "overlay" in modes:
-                self._bridge("cni0", me.overlay_subnet.network_address + 1, me.overlay_subnet.prefixlen,
-                             1500 - VXLAN_OVERHEAD)
-        if modes & {"bridge", "overlay"}:
+        here = {p.mode for p in self.node.pods}
+        lab_modes = self.spec.modes()
+        for name in (m for m in modes.names() if m in lab_modes):  # in registry order, every node alike
+            modes.get(name).prepare_node(self, local=name in here)
+        if any(modes.get(m).bridge for m in here):
             self._br_netfilter()
 
-    def _bridge(self, name: str, ip: IPv4Address, prefixlen: int, mtu: int) -> None:
+    def add_bridge(self, name: str, ip: IPv4Address, prefixlen: int, mtu: int) -> None:
+        """A node bridge with an address (a mode's, e.g. kubenet's cbr0)."""
         self.ns.ipr.link("add", ifname=name, kind="bridge")
         self.ns.up(name, mtu=mtu)
         self.ns.addr(name, ip, prefixlen)
@@ -173,43 +157,36 @@ class NodeWiring:
         except FileNotFoundError:
             pass  # no br_netfilter: Service hairpin between two pods of one bridge is not DNATed back
 
-    def _vxlan(self) -> None:
-        ns, me = self.ns, self.me
-        ns.ipr.link("add", ifname="vxlan0", kind="vxlan", vxlan_id=VXLAN_VNI, vxlan_local=str(me.primary.ip),
-                    vxlan_port=VXLAN_PORT, vxlan_learning=0, vxlan_link=ns.index("eth0"))
-        ns.up("vxlan0", mtu=1500 - VXLAN_OVERHEAD, address=me.vxlan_mac)
-        ns.addr("vxlan0", me.overlay_subnet.network_address, 32)
-        vx = ns.index("vxlan0")
-        for other in self.plan.nodes.values():
-            if other.name == me.name:
-                continue
-            gw = str(other.overlay_subnet.network_address)
-            ns.ipr.neigh("add", dst=gw, lladdr=other.vxlan_mac, ifindex=vx, state=NUD_PERMANENT)
-            ns.ipr.fdb("add", ifindex=vx, lladdr=other.vxlan_mac, dst=str(other.primary.ip))
-            ns.route(str(other.overlay_subnet), gateway=gw, oif=vx, flags=RTNH_F_ONLINK)
-
     # ------------------------------------------------------------ pods
     def add_pod(self, pod: Pod) -> PodIface:
         pp = self.plan.pods[pod.name]
         name = self.pod_ns(pod.name)
         pns = create_netns(name, self.record)
         try:
-            wire = {"eni-exclusive": self._exclusive, "eni-ipvlan": self._slave, "macvlan": self._slave,
-                    "eni-policy-route": self._routed, "veth": self._routed,
-                    "bridge": self._bridged, "overlay": self._bridged}[pod.mode]
-            iface = wire(pod, pp, pns)
+            host = modes.get(pod.mode).wire(self, pod, pp, pns)
         finally:
             pns.close()
+        iface = PodIface(pod.name, host, name, str(pp.ip), pod.mode)
         self.pods.append(iface)
         return iface
 
-    def _veth(self, pod: str, pns: Netns, pod_ifname: str, mtu: int) -> str:
-        host = f"lx-{pod}"
+    # ------------------------------------------------------------ steps modes are made of
+    def veth(self, pod: str, pns: Netns, pod_ifname: str, mtu: int) -> str:
+        """A veth pair: ``lx-<pod>`` here (down), ``pod_ifname`` in the pod. Returns the node side."""
+        host = naming.node_iface(pod)
         self.ns.ipr.link("add", ifname=host, kind="veth", mtu=mtu,
                          peer={"ifname": pod_ifname, "net_ns_fd": pns.name, "mtu": mtu})
         return host
 
-    def _pod_eth0(self, pns: Netns, pp: PodPlan, ifname: str = "eth0", default: bool = True) -> None:
+    def routed_host(self, host: str, pp: PodPlan) -> int:
+        """The node side of a routed veth: up, 169.254.1.1/32, a /32 route to the pod through it."""
+        idx = self.ns.up(host)
+        self.ns.addr(host, ROUTED_GATEWAY, 32)
+        self.ns.route(f"{pp.ip}/32", oif=idx, scope=RT_SCOPE_LINK)
+        return idx
+
+    def pod_eth0(self, pns: Netns, pp: PodPlan, ifname: str = "eth0", default: bool = True) -> None:
+        """The pod's address on ``ifname``, up, and (``default``) its default route via its gateway."""
         pns.up(ifname, mtu=pp.mtu)
         pns.addr(ifname, pp.ip, pp.prefixlen)
         if not default:
@@ -219,68 +196,13 @@ class NodeWiring:
             pns.route(f"{pp.gateway}/32", oif=idx, scope=RT_SCOPE_LINK)
         pns.route("default", gateway=str(pp.gateway), oif=idx)
 
-    def _routed(self, pod: Pod, pp: PodPlan, pns: Netns) -> PodIface:
-        """veth (pod CIDR) and eni-policy-route (ENI secondary address + source policy routing)."""
-        host = self._veth(pod.name, pns, "eth0", pp.mtu)
-        idx = self.ns.up(host)
-        self.ns.addr(host, ROUTED_GATEWAY, 32)
-        self.ns.route(f"{pp.ip}/32", oif=idx, scope=RT_SCOPE_LINK)
-        self._pod_eth0(pns, pp)
-        if pod.mode == "eni-policy-route":
-            # only what comes from the pod's veth: the same source seen again on eth0 must not loop
-            self.ns.ipr.rule("add", table=ENI_TABLE_BASE + pp.nic, priority=POLICY_PRIORITY, src=str(pp.ip),
-                             src_len=32, iifname=host)
-        return PodIface(pod.name, host, pns.name, str(pp.ip), pod.mode)
-
-    def _bridged(self, pod: Pod, pp: PodPlan, pns: Netns) -> PodIface:
-        bridge = "cbr0" if pod.mode == "bridge" else "cni0"
-        host = self._veth(pod.name, pns, "eth0", pp.mtu)
-        idx = self.ns.up(host, master=self.ns.index(bridge))
-        # Hairpin, as the CNI bridge plugin's hairpinMode and kubelet's hairpin-veth set it: a pod
-        # reaching itself through a Service comes back, DNATed by br_netfilter, to the port it left
-        # from; without it every such connection timed out.
-        self.ns.ipr.brport("set", index=idx, mode=1)  # IFLA_BRPORT_MODE: hairpin
-        self._pod_eth0(pns, pp)
-        return PodIface(pod.name, host, pns.name, str(pp.ip), pod.mode)
-
-    def _exclusive(self, pod: Pod, pp: PodPlan, pns: Netns) -> PodIface:
-        """Move the ENI into the pod, plus a veth to the node for ClusterIP traffic (Terway)."""
-        self.ns.move(f"eni{pp.nic}", pns, "eth0")
-        self._pod_eth0(pns, pp)
-        host = self._veth(pod.name, pns, "veth1", 1500)
-        idx = self.ns.up(host)
-        self.ns.addr(host, ROUTED_GATEWAY, 32)
-        self.ns.route(f"{pp.ip}/32", oif=idx, scope=RT_SCOPE_LINK)
-        vidx = pns.up("veth1")
-        pns.route(f"{ROUTED_GATEWAY}/32", oif=vidx, scope=RT_SCOPE_LINK)
-        pns.route(self.spec.service_cidr, gateway=str(ROUTED_GATEWAY), oif=vidx, prefsrc=str(pp.ip))
-        return PodIface(pod.name, host, pns.name, str(pp.ip), pod.mode)
-
-    def _slave(self, pod: Pod, pp: PodPlan, pns: Netns) -> PodIface:
-        """macvlan / ipvlan slave of an ENI (or of eth0), created in the node and moved in."""
-        parent = self.ns.index("eth0" if pp.nic == 0 else f"eni{pp.nic}")
-        tmp = f"lx-{pod.name}"
-        if pod.mode == "macvlan":
-            self.ns.ipr.link("add", ifname=tmp, kind="macvlan", link=parent, macvlan_mode="bridge")
-        else:
-            self.ns.ipr.link("add", ifname=tmp, kind="ipvlan", link=parent, ipvlan_mode=IPVLAN_MODES[pod.ipvlan_mode])
-        self.ns.move(tmp, pns, "eth0")
-        if pod.mode == "eni-ipvlan" and pod.ipvlan_mode != "l2":
-            self._pod_eth0(pns, pp, default=False)
-            pns.route("default", oif=pns.index("eth0"))
-        else:
-            self._pod_eth0(pns, pp)
-        # the node cannot talk to its own slaves directly: go round through the VPC router
-        self.ns.route(f"{pp.ip}/32", gateway=str(self.plan.vpc_gateway), oif=self.ns.index("eth0"))
-        return PodIface(pod.name, "", pns.name, str(pp.ip), pod.mode)
-
 
 def pod_ifaces(spec: Spec, plan: AddressPlan, node_name: str, netns_of: Callable[[str], str]) -> tuple[PodIface, ...]:
     """A node's pods as datapaths see them: the node-side interface facing each pod (``lx-<pod>``;
-    none for macvlan/ipvlan slaves, which hang off an ENI) and the pod's namespace and address."""
+    none for modes without one) and the pod's namespace and address."""
     node = next(n for n in spec.nodes if n.name == node_name)
-    return tuple(PodIface(p.name, "" if p.mode in ("eni-ipvlan", "macvlan") else f"lx-{p.name}", netns_of(p.name),
-                          str(plan.pods[p.name].ip), p.mode) for p in node.pods)
+    return tuple(PodIface(p.name, modes.get(p.mode).host_ifname(p.name), netns_of(p.name), str(plan.pods[p.name].ip),
+                          p.mode) for p in node.pods)
 
 
 def vpc_routes(plan: AddressPlan) -> list[tuple[str, dict]]:
@@ -294,13 +216,11 @@ def vpc_routes(plan: AddressPlan) -> list[tuple[str, dict]]:
         if node.overlay_subnet is not None:
             routes.append((str(node.overlay_subnet), {"dev": primary.router_ifname, "gateway": str(primary.ip)}))
     for pod in plan.pods.values():
-        if pod.nic is None or pod.mode == "eni-exclusive":
+        if pod.nic is None:
             continue
-        nic = plan.nodes[pod.node].nics[pod.nic]
-        if pod.mode == "macvlan":
-            routes.append((f"{pod.ip}/32", {"dev": nic.router_ifname}))
-        else:
-            routes.append((f"{pod.ip}/32", {"dev": nic.router_ifname, "gateway": str(nic.ip)}))
+        via = modes.get(pod.mode).vpc_route(pod, plan.nodes[pod.node].nics[pod.nic])
+        if via is not None:
+            routes.append((f"{pod.ip}/32", via))
     return routes
 
 

@@ -49,11 +49,10 @@ class Cancelled(KeyboardInterrupt):
 
 
 def _registered_datapaths() -> list[str]:
-    from .datapath import REGISTRY, load_all
+    from .datapath import DATAPATHS
 
-    load_all()
-    names = [d for d in service_scale.DEFAULT_DATAPATHS if d in REGISTRY]
-    return names + sorted(d for d in REGISTRY if d not in names and d != "none")
+    names = [d for d in service_scale.DEFAULT_DATAPATHS if d in DATAPATHS]
+    return names + sorted(d for d in DATAPATHS.names() if d not in names and d != "none")
 
 
 def _ints(text: str) -> list[int]:
@@ -253,9 +252,9 @@ class ServiceScalePanel(RunPanel):
                                placeholder="e.g. 1,1000,5000", style=style)
         self.positions = W.SelectMultiple(options=list(service_scale.POSITIONS), value=list(p.positions),
                                           description="positions", rows=5, style=style)
-        from .spec import MODES
+        from .modes import names as mode_names
 
-        self.mode = W.Dropdown(options=list(MODES), value=p.mode, description="pod mode", style=style)
+        self.mode = W.Dropdown(options=mode_names(), value=p.mode, description="pod mode", style=style)
         self.repeats = W.BoundedIntText(value=p.repeats, min=1, max=50, description="repeats", style=style)
         self.samples = W.BoundedIntText(value=p.samples, min=10, max=1_000_000, step=100, description="samples",
                                         style=style)
@@ -298,9 +297,9 @@ class PodModesPanel(RunPanel):
         self.base = p
         super().__init__()
         style = {"description_width": "100px"}
-        from .spec import MODES
+        from .modes import names as mode_names
 
-        self.modes = W.SelectMultiple(options=list(MODES), value=list(p.modes), description="pod modes", rows=7,
+        self.modes = W.SelectMultiple(options=mode_names(), value=list(p.modes), description="pod modes", rows=7,
                                       style=style)
         self.metrics = W.SelectMultiple(options=["crr", "rr", "udp_rr", "bandwidth"], value=list(p.metrics),
                                         description="metrics", rows=4, style=style)

@@ -55,12 +55,11 @@ def jupyter(tmp_path):
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
-    from labkit.datapath import REGISTRY, load_all
+    from labkit.datapath import DATAPATHS
 
-    load_all()
     work, results = tmp_path / "work", tmp_path / "results"
     work.mkdir()
-    dps = [d for d in ("iptables-nft", "ebpf") if d in REGISTRY]
+    dps = [d for d in ("iptables-nft", "ebpf") if d in DATAPATHS]
     nb = load_notebook_node(str(ROOT / "notebooks" / "03-service-scale.ipynb"))  # papermill's view of it
     nb = parameterize_notebook(nb, {"results_dir": str(results), "datapaths": dps, "services": [1, 500],
                                     "positions": ["first", "middle", "last"], "repeats": 2, "samples": 300,

@@ -27,10 +27,9 @@ SMALL_SCALE = {"datapaths": ["iptables-nft", "ebpf"], "services": [1, 500], "rep
 
 def _datapaths(wanted):
     """The wanted datapaths that are registered here (others are being written concurrently)."""
-    from labkit.datapath import REGISTRY, load_all
+    from labkit.datapath import DATAPATHS
 
-    load_all()
-    return [d for d in wanted if d in REGISTRY] or ["ebpf"]
+    return [d for d in wanted if d in DATAPATHS] or ["ebpf"]
 
 
 def _netns_of(lab: str) -> list[str]:

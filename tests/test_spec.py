@@ -10,7 +10,7 @@ import yaml
 from labkit import addressing
 from labkit.errors import SpecError
 from labkit.services import diff, table_from_spec
-from labkit.spec import Node, Pod, ServiceSpec, Spec, load_spec, parse_spec
+from labkit.spec import Node, Pod, ServiceSpec, Spec, load_spec, parse_spec, validate
 
 from conftest import EXAMPLES
 
@@ -117,11 +117,15 @@ def test_services_validation():
 
 
 def test_python_objects_validate_too():
+    """Types are plain data; validate() checks them as parse_spec checks YAML, and up() refuses them
+    before anything exists."""
+    bad = Spec(name="py", nodes=[Node("n1", pods=[Pod("a", mode="tunnel")])])
     with pytest.raises(SpecError) as exc:
-        Spec(name="py", nodes=[Node("n1", pods=[Pod("a", mode="tunnel")])])
-    assert "nodes[0].pods[0].mode" in str(exc.value)
+        validate(bad)
+    assert "nodes[0].pods[0].mode" in str(exc.value) and "unknown mode 'tunnel'" in str(exc.value)
     spec = Spec(name="py", nodes=[Node("n1", pods=[Pod("a", labels={"app": "x"})])],
                 services=[ServiceSpec("s", port=80, selector={"app": "x"})])
+    assert validate(spec) is spec
     assert parse_spec(yaml.safe_load(spec.to_yaml())) == spec
 
 

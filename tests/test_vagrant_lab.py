@@ -26,9 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from labkit import addressing, box
+from labkit import addressing
 from labkit.backends import vagrant as vg
+from labkit.backends.vagrant import backend as vgb
+from labkit.backends.vagrant import box
+from labkit.backends.vagrant import libvirt as lv
+from labkit.backends.vagrant.up import VagrantUp
+from labkit.remote import payload, wire
 from labkit.spec import load_spec
+from labkit.state import LabState
 
 ROOT = Path(__file__).resolve().parent.parent
 VMDEMO = ROOT / "vagrant" / "vmdemo.yaml"
@@ -70,7 +76,7 @@ def test_ssh_config_reaches_every_node_at_its_fixed_address(tmp_path, monkeypatc
     spec = load_spec(VMDEMO)
     lab = vg.VagrantBackend()._lab_json(spec, vg.VmNames(spec.name), box.box_for(), "192.168.150.0/24", "qemu",
                                         tmp_path)
-    monkeypatch.setattr(vg, "vagrant_dir", lambda name: tmp_path)
+    monkeypatch.setattr(vgb, "vagrant_dir", lambda name: tmp_path)
     cfg = vg.VagrantBackend()._write_ssh_config(spec.name, lab).read_text()
     for n in lab["nodes"]:
         assert f"Host {n['name']}\n  HostName {n['mgmt_ip']}\n" in cfg
@@ -86,25 +92,24 @@ def test_vagrant_milestones_are_read_per_vm():
              (4.0, "==> node1: Starting domain."), (5.0, "==> node1: Waiting for domain to get an IP address..."),
              (40.2, "==> node1: Waiting for machine to boot. This may take a few minutes..."),
              (61.7, "==> node1: Machine booted and ready!")]
-    steps = vg.VagrantUp.parse_steps(lines)
+    steps = VagrantUp.parse_steps(lines)
     assert steps["node1"] == {"define": 2.5, "start": 4.0, "wait_ip": 5.0, "wait_ssh": 40.2, "ready": 61.7}
     assert steps["node2"] == {"define": 3.0}
 
 
 def test_service_tables_cross_to_the_agent_and_back():
-    from labkit import agent
     from labkit.services import Endpoint, ServicePort, ServiceTable, diff
 
     eps = (Endpoint("10.0.0.2", 8080, "be-0", "n"), Endpoint("10.0.0.3", 8080, "be-1", "n"))
     table = ServiceTable.of(ServicePort("ns", f"s{k}", "", "TCP", f"10.96.0.{k + 10}", 80, eps) for k in range(5))
-    assert agent.table_from_json(json.loads(json.dumps(agent.table_to_json(table)))) == table
+    assert wire.table_from_json(json.loads(json.dumps(wire.table_to_json(table)))) == table
     new = table.without("ns/s1").with_ports(ServicePort("ns", "s9", "", "UDP", "10.96.0.99", 53, eps[:1]),
                                             ServicePort("ns", "s2", "", "TCP", "10.96.0.12", 80, eps[:1]))
     changes = diff(table, new)
-    back = agent.changes_from_json(json.loads(json.dumps(agent.changes_to_json(changes))))
+    back = wire.changes_from_json(json.loads(json.dumps(wire.changes_to_json(changes))))
     assert back == changes
-    assert agent.apply_changes(table, back) == new  # what the agent applies is the host's table, in order
-    assert list(agent.apply_changes(table, back).ports) == list(new.ports)
+    assert wire.apply_changes(table, back) == new  # what the agent applies is the host's table, in order
+    assert list(wire.apply_changes(table, back).ports) == list(new.ports)
 
 
 def test_vm_commands_use_the_vm_copies_of_python_and_the_native_helpers():
@@ -113,9 +118,10 @@ def test_vm_commands_use_the_vm_copies_of_python_and_the_native_helpers():
     from labkit import native
 
     client = native.cache_dir() / "lkclient-0123abcd"
-    assert vg._vm_argv([str(client), "--mode", "crr"]) == [f"{vg.VM_ROOT}/cache/bin/lkclient-0123abcd", "--mode", "crr"]
-    assert vg._vm_argv([sys.executable, "-m", "labkit.probe"]) == ["python3", "-m", "labkit.probe"]
-    assert vg._vm_argv(["ip", "addr"]) == ["ip", "addr"]
+    assert payload.remote_argv([str(client), "--mode", "crr"]) == [f"{payload.REMOTE_ROOT}/cache/bin/lkclient-0123abcd",
+                                                                   "--mode", "crr"]
+    assert payload.remote_argv([sys.executable, "-m", "labkit.probe"]) == ["python3", "-m", "labkit.probe"]
+    assert payload.remote_argv(["ip", "addr"]) == ["ip", "addr"]
 
 
 def test_vagrantfile_reads_everything_the_backend_writes():
@@ -133,7 +139,7 @@ def test_box_recipe_key_is_stable_and_the_default_box_has_bcc_and_headers():
     default = box.BoxRecipe().all_packages
     assert {"python3-bpfcc", "linux-headers-amd64", "linux-image-amd64"} <= set(default)
     assert "python3-bpfcc" not in box.BoxRecipe(with_bcc=False).all_packages
-    assert vg.box_recipe(load_spec(VMDEMO)) == box.BoxRecipe()  # every lab, whatever its datapath
+    assert vgb.box_recipe(load_spec(VMDEMO)) == box.BoxRecipe()  # every lab, whatever its datapath
     assert box.box_for().name.startswith(box.BOX_PREFIX)
 
 
@@ -170,9 +176,9 @@ def test_payload_holds_labkit_pyroute2_natives_and_spec(tmp_path):
     if shutil.which("gcc") is None:
         pytest.skip("gcc builds the native helpers shipped into the VMs")
     spec = load_spec(VMDEMO)
-    tar_path = vg.build_payload(spec, tmp_path / "payload")
+    tar_path = payload.build_payload(spec, tmp_path / "payload")
     names = set(tarfile.open(tar_path).getnames())
-    assert "./lib/labkit/agent.py" in names and "./lib/pyroute2/__init__.py" in names
+    assert "./lib/labkit/remote/agent.py" in names and "./lib/pyroute2/__init__.py" in names
     assert "./spec.yaml" in names and any(n.startswith("./cache/bin/lkserver-") for n in names)
     # the eBPF datapaths compile bpf/ in the VM
     assert {"./lib/labkit/_bpf/bpf_sock.c", "./lib/labkit/_bpf/bpf_lxc.c", "./lib/labkit/_bpf/lib/lb.h"} <= names
@@ -180,7 +186,7 @@ def test_payload_holds_labkit_pyroute2_natives_and_spec(tmp_path):
 
 
 def test_mgmt_subnet_avoids_host_routes():
-    net = vg.pick_mgmt_subnet("vmdemo")
+    net = vg.names.pick_mgmt_subnet("vmdemo")
     assert net.prefixlen == 24 and str(net).startswith("192.168.")
 
 
@@ -215,14 +221,14 @@ def _host_leftovers(lab: str) -> dict:
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     out["links"] = [x for x in (names.mgmt_bridge, names.vpc_bridge, names.router_veth) if f" {x}:" in links
                     or f" {x}@" in links]
-    if vg.LIBVIRT_SOCK.exists():
-        out["domains"] = [d for d in vg.virsh("list", "--all", "--name", check=False).stdout.split()
+    if lv.LIBVIRT_SOCK.exists():
+        out["domains"] = [d for d in lv.virsh("list", "--all", "--name", check=False).stdout.split()
                           if d.startswith(names.domain_prefix)]
-        out["networks"] = [n for n in vg.virsh("net-list", "--all", "--name", check=False).stdout.split()
+        out["networks"] = [n for n in lv.virsh("net-list", "--all", "--name", check=False).stdout.split()
                            if n.startswith(names.prefix + ".")]
-        out["volumes"] = [v for v in vg.virsh("vol-list", "default", check=False).stdout.split()
+        out["volumes"] = [v for v in lv.virsh("vol-list", "default", check=False).stdout.split()
                           if v.startswith(names.domain_prefix)]
-    out["state"] = [str(p) for p in [vg.LabState(lab).dir] if p.exists()]
+    out["state"] = [str(p) for p in [LabState(lab).dir] if p.exists()]
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     out["ssh"] = [ln for ln in ps.splitlines() if f"/run/labkit/{lab}/vagrant" in ln]
     return {k: v for k, v in out.items() if v}
@@ -234,9 +240,9 @@ def vmdemo():
     from labkit import lab as labmod
 
     spec = load_spec({**load_spec(VMDEMO).to_dict(), "name": "tvmdemo"})  # never a user's own vmdemo
-    daemons_before = vg._load_daemons()["started"] if vg.DAEMONS_FILE.exists() else {}
-    libvirt_running = vg.LIBVIRT_SOCK.exists()
-    labmod.down(spec.name) if vg.LabState(spec.name).exists else None
+    daemons_before = lv.load_daemons()["started"] if lv.DAEMONS_FILE.exists() else {}
+    libvirt_running = lv.LIBVIRT_SOCK.exists()
+    labmod.down(spec.name) if LabState(spec.name).exists else None
     t0 = time.monotonic()
     try:
         lb = labmod.up(spec, progress=False)
@@ -248,7 +254,7 @@ def vmdemo():
     left = _host_leftovers(spec.name)
     assert not left, f"down left {left}"
     if not libvirt_running and not daemons_before:
-        assert not vg.LIBVIRT_SOCK.exists(), "libvirtd started by labkit is still running"
+        assert not lv.LIBVIRT_SOCK.exists(), "libvirtd started by labkit is still running"
         for tool in ("iptables", "ip6tables"):
             rules = subprocess.run([tool, "-S"], capture_output=True, text=True).stdout
             assert "LIBVIRT_" not in rules, f"{tool} keeps libvirt's chains"
@@ -273,7 +279,7 @@ def test_box_builds_offline_and_doctor_reports_it():
 @vm
 def test_vmdemo_check_passes_across_vms(vmdemo):
     print(f"{vmdemo.name} up in {vmdemo.up_seconds:.0f} s")
-    meta = vg.LabState(vmdemo.name).meta()
+    meta = LabState(vmdemo.name).meta()
     assert set(meta["kernels"]) == {"node1", "node2"}
     assert all(k != os.uname().release for k in meta["kernels"].values()), "pods must run on the VMs' kernel"
     results = vmdemo.check()
@@ -300,7 +306,7 @@ def test_vmdemo_exec_and_ipvs_inside_the_vm(vmdemo):
     assert f"{svc.cluster_ip}:{svc.port}" in table and table.count("Masq") == 3
     proc = subprocess.run([str(ROOT / ".venv/bin/labkit"), "exec", vmdemo.name, "cli-0", "--", "uname", "-r"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == vg.LabState(vmdemo.name).meta()["kernels"]["node1"]
+    assert proc.returncode == 0 and proc.stdout.strip() == LabState(vmdemo.name).meta()["kernels"]["node1"]
 
 
 @pytest.mark.vm
@@ -413,12 +419,12 @@ def test_ebpf_service_inside_a_vm():
     from labkit import lab as labmod
 
     spec = load_spec({**load_spec(VMDEMO).to_dict(), "name": "tvmebpf", "datapath": "ebpf"})
-    labmod.down(spec.name) if vg.LabState(spec.name).exists else None
+    labmod.down(spec.name) if LabState(spec.name).exists else None
     try:
         t0 = time.monotonic()
         lb = labmod.up(spec, progress=False)
-        print(f"{spec.name} up in {time.monotonic() - t0:.0f} s: {vg.LabState(spec.name).meta()['times']}")
-        sync = vg.LabState(spec.name).meta()["nodes"]["node1"]["datapath"]
+        print(f"{spec.name} up in {time.monotonic() - t0:.0f} s: {LabState(spec.name).meta()['times']}")
+        sync = LabState(spec.name).meta()["nodes"]["node1"]["datapath"]
         assert sync["datapath"] == "ebpf" and sync["services"] == 1, sync
         results = lb.check()
         failed = [r for r in results if not r.ok]

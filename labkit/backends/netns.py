@@ -21,56 +21,46 @@ from __future__ import annotations
 import os
 import platform
 import signal
+import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .. import addressing, doctor, nsexec, topology
+from .. import addressing, doctor, modes, naming, nsexec, topology
 from ..datapath import NodeContext
 from ..datapath import get as get_datapath
-from ..errors import BackendError
-from ..services import table_from_spec
+from ..node import NodeRuntime, lab_cgroup
 from ..spec import Spec
 from ..state import LabState
-
-MODE_FEATURES = {"eni-ipvlan": ("ipvlan",), "macvlan": ("macvlan",), "overlay": ("vxlan", "bridge"),
-                 "bridge": ("bridge",)}
-SERVER_PORT = 8080
+from . import BACKENDS
+from .base import Backend
 
 
-class NetnsBackend:
+@BACKENDS.register
+class NetnsBackend(Backend):
     name = "netns"
 
     # ------------------------------------------------------------ names
-    @staticmethod
-    def netns_name(lab: str, obj: str) -> str:
-        return f"lk-{lab}.{obj}"
-
-    @staticmethod
-    def cgroup_dir(lab: str) -> Path:
-        root = nsexec.cgroup2_root()
-        if root is None:
-            raise BackendError("no cgroup v2 hierarchy is mounted; see `labkit doctor` (cgroup2)")
-        return root / f"lk-{lab}"
+    def node(self, spec: Spec, node: str, plan: addressing.AddressPlan | None = None) -> NodeRuntime:
+        return NodeRuntime(spec, node, plan)
 
     def pod_netns(self, spec: Spec, pod: str) -> str:
         spec.pod(pod)  # KeyError with the list of pods if unknown
-        return self.netns_name(spec.name, pod)
+        return naming.netns_name(spec.name, pod)
 
     def pod_cgroup(self, spec: Spec, pod: str) -> Path:
         node, _ = spec.pod(pod)
-        return self.cgroup_dir(spec.name) / node.name / pod
+        return lab_cgroup(spec.name) / node.name / pod
 
     # ------------------------------------------------------------ preflight
     def preflight(self, spec: Spec) -> None:
         """Fail before creating anything if the kernel lacks what the spec needs."""
-        doctor.require("root", "the netns backend")
-        doctor.require("netns", "the netns backend")
-        doctor.require("veth", "the netns backend")
-        doctor.require("cgroup2", "the netns backend")
+        for feature in ("root", "netns", "veth", "cgroup2"):
+            doctor.require(feature, "the netns backend")
         for mode in sorted(spec.modes()):
-            for feature in MODE_FEATURES.get(mode, ()):
+            for feature in modes.get(mode).features:
                 doctor.require(feature, f"pod mode {mode}")
         get_datapath(spec.datapath).preflight()
         if spec.policies and spec.policy_engine != "none":
@@ -95,23 +85,20 @@ class NetnsBackend:
     def _build(self, spec: Spec, state: LabState, progress: bool, start_servers: bool) -> None:
         plan = addressing.plan(spec)
         record = state.record
-        cg = self.cgroup_dir(spec.name)
-        record("cgroup", path=str(cg))
-        for node in spec.nodes:
-            for pod in node.pods:
-                (cg / node.name / pod.name).mkdir(parents=True, exist_ok=True)
+        record("cgroup", path=str(lab_cgroup(spec.name)))
+        runtimes = [self.node(spec, node.name, plan) for node in spec.nodes]
         n_pods = len(spec.pods())
         bar = tqdm(total=len(spec.nodes) + n_pods + (n_pods if start_servers else 0), desc=f"up {spec.name}",
                    unit="obj", disable=not progress, leave=False)
-        router = topology.create_netns(self.netns_name(spec.name, "vpc"), record)
+        router = topology.create_netns(naming.netns_name(spec.name, "vpc"), record)
         nodes: dict[str, topology.Netns] = {}
         try:
             router.sysctl({"net.ipv4.ip_forward": 1, "net.ipv4.conf.all.send_redirects": 0,
                            "net.ipv4.conf.default.send_redirects": 0})
             router.addr("lo", plan.vpc_gateway, 32)
-            for node in spec.nodes:
-                nodes[node.name] = ns = topology.create_netns(self.netns_name(spec.name, node.name), record)
-                for nic in plan.nodes[node.name].nics:
+            for rt in runtimes:
+                nodes[rt.node.name] = ns = topology.create_netns(rt.netns, record)
+                for nic in plan.nodes[rt.node.name].nics:
                     router.ipr.link("add", ifname=nic.router_ifname, kind="veth",
                                     peer={"ifname": nic.ifname, "net_ns_fd": ns.name})
                     router.up(nic.router_ifname)
@@ -123,77 +110,40 @@ class NetnsBackend:
                 else:
                     kw["scope"] = topology.RT_SCOPE_LINK
                 router.route(dst, **kw)
-            wirings = []
-            for node in spec.nodes:
-                w = topology.NodeWiring(spec, plan, node, nodes[node.name],
-                                        lambda pod: self.netns_name(spec.name, pod), record)
-                w.setup_node()
-                bar.update()
-                for pod in node.pods:
-                    w.add_pod(pod)
-                    bar.update()
-                wirings.append(w)
+            for rt in runtimes:
+                rt.build(nodes[rt.node.name], record)
+                bar.update(1 + len(rt.node.pods))
         finally:
             router.close()
             for ns in nodes.values():
                 ns.close()
         if start_servers:
-            self._start_servers(spec, state, bar)
-        self._sync_datapaths(spec, plan, wirings)
-        self._sync_policies(spec, plan)
+            cpus = server_cpus()
+            for rt in runtimes:
+                rt.start_servers(state, cpus)
+                bar.update(len(rt.node.pods))
+        for rt in runtimes:
+            rt.sync_datapath()
+        for rt in runtimes:
+            rt.sync_policies()
         bar.close()
 
-    def _start_servers(self, spec: Spec, state: LabState, bar) -> None:
-        from ..native import binary
+    # ------------------------------------------------------------ pods
+    def pod_run(self, spec: Spec, pod: str, argv: Sequence[str], input=None, check: bool = True,
+                timeout: float | None = 300, text: bool = True, cpus=None) -> subprocess.CompletedProcess:
+        return nsexec.run(argv, self.pod_netns(spec, pod), cgroup=self.pod_cgroup(spec, pod), input=input,
+                          check=check, timeout=timeout, text=text, cpus=cpus)
 
-        exe = str(binary("lkserver"))
-        logs = state.dir / "logs"
-        logs.mkdir(exist_ok=True)
-        ports = {SERVER_PORT} | {s.target_port for s in spec.services} | _policy_ports(spec)
-        port_arg = ",".join(str(p) for p in sorted(ports))
-        cpus = server_cpus()
-        pending = {}
-        for node, pod in spec.pods():
-            log = open(logs / f"{pod.name}.log", "w")
-            proc = nsexec.spawn([exe, "--name", pod.name, "--ports", port_arg], self.netns_name(spec.name, pod.name),
-                                cgroup=self.pod_cgroup(spec, pod.name), cpus=cpus, stdout=log, stderr=log,
-                                detach=True)
-            log.close()
-            state.record("process", pid=proc.pid, pod=pod.name)
-            pending[pod.name] = proc
-        deadline = time.monotonic() + 10
-        for name, proc in pending.items():
-            log = logs / f"{name}.log"
-            while not log.read_text().startswith("ready"):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise BackendError(f"in-pod server of {name} did not start: {log.read_text().strip()[-500:]}")
-                time.sleep(0.002)
-            bar.update()
+    def pod_spawn(self, spec: Spec, pod: str, argv: Sequence[str], **popen) -> subprocess.Popen:
+        return nsexec.spawn(argv, self.pod_netns(spec, pod), cgroup=self.pod_cgroup(spec, pod), **popen)
 
-    # ------------------------------------------------------------ datapaths
+    # ------------------------------------------------------------ datapaths, measurement
     def node_context(self, spec: Spec, node_name: str, plan: addressing.AddressPlan | None = None) -> NodeContext:
-        plan = plan or addressing.plan(spec)
-        node = next(n for n in spec.nodes if n.name == node_name)
-        pods = topology.pod_ifaces(spec, plan, node.name, lambda pod: self.netns_name(spec.name, pod))
-        return NodeContext(lab=spec.name, prefix=spec.prefix, node=node.name,
-                           netns=self.netns_name(spec.name, node.name), pod_cidr=spec.pod_cidr,
-                           service_cidr=spec.service_cidr,
-                           state_dir=LabState(spec.name).dir / "nodes" / node.name,
-                           cgroup=self.cgroup_dir(spec.name) / node.name, pods=tuple(pods),
-                           node_ip=str(plan.nodes[node.name].primary.ip))
+        return self.node(spec, node_name, plan).context()
 
     def datapath(self, spec: Spec, node: str, name: str, plan: addressing.AddressPlan | None = None):
         """Datapath ``name`` of ``node``, an object of this process (its state folder made)."""
-        ctx = self.node_context(spec, node, plan)
-        ctx.state_dir.mkdir(parents=True, exist_ok=True)
-        return get_datapath(name)(ctx)
-
-    def run_client(self, spec: Spec, pod: str, mode: str, host: str, port: int, **kw) -> dict:
-        """``lkclient`` in the pod's namespace and cgroup: :func:`labkit.measure.loadgen.run_client`."""
-        from ..measure import loadgen
-
-        return loadgen.run_client(self.pod_netns(spec, pod), mode, host, port,
-                                  cgroup=self.pod_cgroup(spec, pod), **kw)
+        return self.node(spec, node, plan).datapath(name)
 
     def client_session(self, spec: Spec, pod: str, cpus=None):
         """:class:`labkit.measure.loadgen.ClientSession` in the pod's namespace and cgroup."""
@@ -204,40 +154,18 @@ class NetnsBackend:
     def kernels(self, spec: Spec) -> dict[str, str]:
         return {node.name: platform.release() for node in spec.nodes}
 
-    def _sync_datapaths(self, spec: Spec, plan: addressing.AddressPlan, wirings) -> None:
-        if spec.datapath == "none":
-            return
-        table = table_from_spec(spec, plan)
-        cls = get_datapath(spec.datapath)
-        for node in spec.nodes:
-            ctx = self.node_context(spec, node.name, plan)
-            ctx.state_dir.mkdir(parents=True, exist_ok=True)
-            cls(ctx).sync(table)
-
-    def _sync_policies(self, spec: Spec, plan: addressing.AddressPlan) -> None:
-        """NetworkPolicy enforcement per node, after the Service datapath (:mod:`labkit.policy`)."""
-        if not spec.policies or spec.policy_engine == "none":
-            return
-        from ..policy import sync_node
-
-        for node in spec.nodes:
-            ctx = self.node_context(spec, node.name, plan)
-            ctx.state_dir.mkdir(parents=True, exist_ok=True)
-            sync_node(spec, ctx, plan)
-
     # ------------------------------------------------------------ down
     def down(self, name: str) -> dict[str, int]:
         """Remove lab ``name``: processes, mounts, namespaces, cgroups, state. Returns counts."""
         state = LabState(name)
-        prefix = f"lk-{name}."
+        prefix = naming.netns_name(name, "")
         journal = list(state.objects())
         names = {o["name"] for o in journal if o.get("kind") == "netns"}
         names |= set(nsexec.list_netns(prefix))
         names = {n for n in names if n.startswith(prefix)}  # never another lab's
         counts = {"processes": 0, "mounts": 0, "netns": 0, "cgroups": 0}
         # 1. processes: the lab's cgroup, journaled pids, and anything still inside its namespaces
-        cg = nsexec.cgroup2_root()
-        cgdir = cg / f"lk-{name}" if cg else None
+        cgdir = lab_cgroup(name) if nsexec.cgroup2_root() else None
         if cgdir and cgdir.exists():
             counts["processes"] += sum(len(p.read_text().split()) for p in cgdir.rglob("cgroup.procs"))
             nsexec.kill_cgroup(cgdir)
@@ -277,15 +205,6 @@ def server_cpus() -> list[int] | None:
     return list(plan.load_cpus) if plan.pinned else None
 
 
-def _policy_ports(spec: Spec) -> set[int]:
-    """Ports of the policy matrix (labkit check probes them on every pod)."""
-    if not spec.policies:
-        return set()
-    from ..policy.model import server_ports
-
-    return server_ports(spec)
-
-
 def _mounts_under(path: Path) -> list[Path]:
     base = str(path.resolve()) if path.exists() else str(path)
     out = []
@@ -295,8 +214,3 @@ def _mounts_under(path: Path) -> list[Path]:
             if mnt == base or mnt.startswith(base + "/"):
                 out.append(Path(mnt))
     return sorted(out, key=lambda p: len(p.parts), reverse=True)
-
-
-def lab_netns_names(name: str) -> list[str]:
-    return nsexec.list_netns(f"lk-{name}.")
-

@@ -8,21 +8,6 @@ backend), ``ipvs`` (kube-proxy IPVS mode), ``nftables`` (kube-proxy nftables mod
 
 from __future__ import annotations
 
-import importlib
+from .base import DATAPATHS, Datapath, NodeContext, PodIface, SyncResult, get, register
 
-from .base import REGISTRY, Datapath, NodeContext, PodIface, SyncResult, get, register
-
-_MODULES = ("none", "iptables", "nftables", "ipvs", "ebpf")
-
-
-def load_all() -> None:
-    """Import every datapath module so that it registers itself (missing ones are skipped)."""
-    for mod in _MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{mod}":
-                raise
-
-
-__all__ = ["Datapath", "NodeContext", "PodIface", "SyncResult", "REGISTRY", "get", "register", "load_all"]
+__all__ = ["Datapath", "NodeContext", "PodIface", "SyncResult", "DATAPATHS", "get", "register"]

@@ -9,7 +9,8 @@ previous kernel state as it was (restore/transactions do); the base then forgets
 the next sync is a full one (kube-proxy's ``needFullSync`` after a failed sync).
 :meth:`Datapath.cleanup` removes everything the datapath created and is safe to call twice.
 
-Datapaths are chosen by name from :data:`REGISTRY` (``datapath:`` in the spec).
+Datapaths are chosen by name from :data:`DATAPATHS` (``datapath:`` in the spec); each module of this
+package registers its classes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import ClassVar
 
 from .. import nsexec
 from ..errors import DatapathError, LabkitError
+from ..registry import Registry
 from ..services import ServiceTable, TableDiff, diff
 
 
@@ -37,6 +39,13 @@ class PodIface:
     netns: str | None  # the pod's namespace
     ip: str
     mode: str
+
+    @property
+    def pod_mode(self):
+        """The pod's :class:`~labkit.modes.base.PodMode` (where its traffic goes, what it allows)."""
+        from .. import modes
+
+        return modes.get(self.mode)
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,9 @@ class Datapath(ABC):
 
     name: ClassVar[str]
     features: ClassVar[tuple[str, ...]] = ()  # `labkit doctor` names this datapath needs
+    # which pods' ClusterIP traffic it sees: "node" (rules in the node's stack: pods whose traffic
+    # crosses the node), "pod" (in each pod's cgroup or on its own interface: every pod), "none"
+    scope: ClassVar[str] = "node"
 
     def __init__(self, ctx: NodeContext):
         self.ctx = ctx
@@ -142,20 +154,10 @@ def guarded_apply(owner, label: str, apply) -> None:
         raise DatapathError(f"{label}: {exc} {detail}".strip()) from exc
 
 
-REGISTRY: dict[str, type[Datapath]] = {}
-
-
-def register(cls: type[Datapath]) -> type[Datapath]:
-    REGISTRY[cls.name] = cls
-    return cls
+DATAPATHS: Registry[type[Datapath]] = Registry("datapath", "labkit.datapath")
+register = DATAPATHS.register
 
 
 def get(name: str) -> type[Datapath]:
     """The datapath class registered as ``name``; a clear error listing the known ones otherwise."""
-    from . import load_all
-
-    load_all()
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise LabkitError(f"unknown datapath {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+    return DATAPATHS.get(name)

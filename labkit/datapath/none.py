@@ -9,6 +9,7 @@ from .base import Datapath, register
 @register
 class NoDatapath(Datapath):
     name = "none"
+    scope = "none"
 
     def apply(self, desired: ServiceTable, changes: TableDiff) -> None:
         pass

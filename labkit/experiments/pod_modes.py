@@ -26,17 +26,17 @@ from .. import doctor
 from .. import lab as labmod
 from ..backends import get_backend
 from ..errors import LabkitError, MeasurementError
-from ..spec import MODES, parse_spec
+from .. import modes as podmodes
+from ..spec import parse_spec
 from . import core
-
-SHORT = {"eni-exclusive": "ex", "eni-ipvlan": "iv", "eni-policy-route": "pr", "veth": "ve", "bridge": "br",
-         "overlay": "ov", "macvlan": "mv"}
-DEFAULT_MODES = ("eni-exclusive", "eni-ipvlan", "eni-policy-route", "veth", "bridge", "overlay", "macvlan")
-
 
 def default_modes(backend: str = "netns") -> list[str]:
     """Every mode the backend's kernel has: this machine's on netns, all of them in the VMs."""
-    return [m for m in DEFAULT_MODES if backend != "netns" or m != "eni-ipvlan" or doctor.has("ipvlan")]
+    return [m.name for m in podmodes.MODES if backend != "netns" or all(doctor.has(f) for f in m.features)]
+
+
+def short(mode: str) -> str:
+    return podmodes.get(mode).short
 
 
 @dataclass
@@ -57,7 +57,8 @@ class PodModesParams:
         return cls(repeats=3, samples=1000, warmup=100, bandwidth_seconds=1.0)
 
     def validate(self) -> None:
-        problems = [f"modes: unknown {m!r}; expected some of {', '.join(MODES)}" for m in self.modes if m not in MODES]
+        problems = [f"modes: unknown {m!r}; expected some of {', '.join(podmodes.names())}" for m in self.modes
+                    if m not in podmodes.MODES]
         problems += [f"metrics: unknown {m!r}; expected crr, rr, udp_rr, bandwidth" for m in self.metrics
                      if m not in ("crr", "rr", "udp_rr", "bandwidth")]
         if self.repeats < 1 or self.samples < 10:
@@ -75,13 +76,11 @@ class PodModesParams:
 
 
 def lab_spec(modes: list[str], name: str = "podmodes", backend: str = "netns") -> dict:
-    exclusive = "eni-exclusive" in modes
-    shared = any(m in modes for m in ("eni-ipvlan", "eni-policy-route", "macvlan"))
-    n1 = [{"name": f"{r}-{SHORT[m]}", "mode": m} for m in modes for r in ("c", "s")]
-    n2 = [{"name": f"r-{SHORT[m]}", "mode": m} for m in modes]
+    n1 = [{"name": f"{r}-{short(m)}", "mode": m} for m in modes for r in ("c", "s")]
+    n2 = [{"name": f"r-{short(m)}", "mode": m} for m in modes]
     return {"name": name, "backend": backend, "datapath": "none", "nodes": [
-        {"name": "node1", "enis": 2 * exclusive + shared, "pods": n1},
-        {"name": "node2", "enis": exclusive + shared, "pods": n2}]}
+        {"name": "node1", "enis": podmodes.enis_needed([p["mode"] for p in n1]), "pods": n1},
+        {"name": "node2", "enis": podmodes.enis_needed([p["mode"] for p in n2]), "pods": n2}]}
 
 
 class PodModes:
@@ -109,7 +108,7 @@ class PodModes:
         rng = random.Random(p.seed)
         lat = [m for m in p.metrics if m != "bandwidth"]
         order = [(rep, mode) for rep in range(1, p.repeats + 1) for mode in rng.sample(p.modes, len(p.modes))]
-        points = [self._point(mode, where, f"{server}-{SHORT[mode]}", rep, metric) for rep, mode in order
+        points = [self._point(mode, where, f"{server}-{short(mode)}", rep, metric) for rep, mode in order
                   for where, server in (("same-node", "s"), ("cross-node", "r")) for metric in lat]
         todo = [pt for pt in points if core.point_key(pt.full) not in ctx.done]
         bw = len(order) * 2 if "bandwidth" in p.metrics else 0
@@ -121,7 +120,7 @@ class PodModes:
                                          rng=random.Random(f"{p.seed}-lat"), on_samples=bar.update)
             for rep, mode in order if bw else ():
                 for where, server in (("same-node", "s"), ("cross-node", "r")):
-                    self._bandwidth(ctx, mode, where, f"{server}-{SHORT[mode]}", rep)
+                    self._bandwidth(ctx, mode, where, f"{server}-{short(mode)}", rep)
                     bar.update(p.samples)
 
     def _row(self, mode, where, rep) -> dict:
@@ -129,7 +128,7 @@ class PodModes:
                 "repeat": rep}
 
     def _point(self, mode, where, server, rep, metric) -> core.LatencyPoint:
-        client = f"c-{SHORT[mode]}"
+        client = f"c-{short(mode)}"
         return core.LatencyPoint(self._row(mode, where, rep), metric, self.lab.pod_netns(client),
                                  self.lab.backend.pod_cgroup(self.lab.spec, client),
                                  str(self.lab.plan.pods[server].ip), 8080, self.lab, client)
@@ -138,7 +137,7 @@ class PodModes:
         row = self._row(mode, where, rep)
         if core.point_key({**row, "metric": "bandwidth"}) in ctx.done:
             return
-        gbps = self._iperf(f"c-{SHORT[mode]}", server, ctx.params.bandwidth_seconds, ctx)
+        gbps = self._iperf(f"c-{short(mode)}", server, ctx.params.bandwidth_seconds, ctx)
         core.record_value(ctx, row, "bandwidth", gbps, "Gbit/s")
 
     def _iperf(self, client: str, server: str, seconds: float, ctx) -> float:

@@ -32,6 +32,7 @@ from ..errors import LabkitError
 from ..measure.cpus import all_cpus
 from ..policy import compile_table, expand
 from ..policy import get as get_engine
+from .. import modes as podmodes
 from ..spec import MAX_BULK_RULES, PolicyPeer, PolicyPort, PolicyRule, PolicySpec, parse_spec
 from . import core
 
@@ -90,7 +91,7 @@ def lab_spec(engine: str, mode: str, tag: str = "", nodes: int = 1) -> dict:
     """The lab of one engine: ``nodes`` nodes ``n<j>``, each with ``cli-<j>`` and ``srv-<j>`` (labelled
     ``app: cli-<j>`` / ``app: srv-<j>``, so that one node's policies select nothing on another);
     ``tag`` (from the run id) keeps concurrent runs' labs apart."""
-    enis = 1 if mode.startswith("eni-") or mode == "macvlan" else 0
+    enis = podmodes.enis_needed([mode, mode])
     return {"name": f"ps{tag}-{engine}", "datapath": "none", "policy_engine": engine,
             "nodes": [{"name": f"n{j}", "enis": enis, "pods": [
                 {"name": f"cli-{j}", "mode": mode, "labels": {"app": f"cli-{j}"}},

@@ -31,6 +31,7 @@ from ..datapath import get as get_datapath
 from ..errors import LabkitError
 from ..measure.cpus import all_cpus, wait_quiet
 from ..services import Endpoint, ServicePort, ServiceTable, TableDiff
+from .. import modes as podmodes
 from ..spec import parse_spec
 from . import core
 
@@ -104,7 +105,7 @@ class ServiceScaleParams:
 def lab_spec(datapath: str, mode: str, tag: str = "", backend: str = "netns", nodes: int = 1) -> dict:
     """The lab of one datapath: ``nodes`` nodes ``n<i>``, each with a client ``cli-<i>`` and backends
     ``be-<i>-<k>``; ``tag`` (from the run id) keeps concurrent runs' labs apart."""
-    enis = 1 if mode.startswith("eni-") or mode == "macvlan" else 0
+    enis = podmodes.enis_needed([mode] * (1 + BACKENDS))
     return {"name": f"ss{tag}-{SHORT.get(datapath, datapath)}", "backend": backend, "datapath": "none",
             "nodes": [{"name": f"n{i}", "enis": enis, "pods": [{"name": f"cli-{i}", "mode": mode}] + [
                 {"name": f"be-{i}-{k}", "mode": mode, "labels": {"app": "backend"}} for k in range(BACKENDS)]}

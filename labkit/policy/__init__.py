@@ -7,7 +7,7 @@ spec and sync the spec's engine there.
 
 from __future__ import annotations
 
-from .base import REGISTRY, PolicyEngine, PolicySyncResult, get, register
+from .base import ENGINES, PolicyEngine, PolicySyncResult, get, register
 from .model import Oracle, PolicyDiff, PolicyTable, compile_table, diff, expand, matrix_ports, server_ports
 
 
@@ -22,5 +22,5 @@ def sync_node(spec, ctx, plan=None) -> PolicySyncResult | None:
         engine.close()
 
 
-__all__ = ["PolicyEngine", "PolicySyncResult", "REGISTRY", "get", "register", "Oracle", "PolicyDiff",
+__all__ = ["PolicyEngine", "PolicySyncResult", "ENGINES", "get", "register", "Oracle", "PolicyDiff",
            "PolicyTable", "compile_table", "diff", "expand", "matrix_ports", "server_ports", "sync_node"]

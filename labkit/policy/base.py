@@ -8,20 +8,19 @@ subclass's :meth:`PolicyEngine.apply`, which renders and applies it in as few st
 interface allows. A failed apply makes the next sync a full one. :meth:`PolicyEngine.cleanup`
 removes everything the engine created and is safe to call twice.
 
-Engines are chosen by name from :data:`REGISTRY` (``policy_engine:`` in the spec): ``iptables``
+Engines are chosen by name from :data:`ENGINES` (``policy_engine:`` in the spec): ``iptables``
 (:mod:`.iptables`) and ``ebpf`` (:mod:`.ebpf`).
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
 from ..datapath.base import NodeContext, guarded_apply
-from ..errors import LabkitError
+from ..registry import Registry
 from .model import PolicyDiff, PolicyTable, diff
 
 
@@ -85,24 +84,10 @@ class PolicyEngine(ABC):
                 "policies": None if self._applied is None else len(self._applied)}
 
 
-REGISTRY: dict[str, type[PolicyEngine]] = {}
-_MODULES = ("iptables", "ebpf")
-
-
-def register(cls: type[PolicyEngine]) -> type[PolicyEngine]:
-    REGISTRY[cls.name] = cls
-    return cls
+ENGINES: Registry[type[PolicyEngine]] = Registry("policy engine", "labkit.policy")
+register = ENGINES.register
 
 
 def get(name: str) -> type[PolicyEngine]:
     """The engine registered as ``name``; a clear error listing the known ones otherwise."""
-    for mod in _MODULES:
-        try:
-            importlib.import_module(f"labkit.policy.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"labkit.policy.{mod}":
-                raise
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise LabkitError(f"unknown policy engine {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+    return ENGINES.get(name)

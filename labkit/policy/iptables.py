@@ -46,9 +46,6 @@ from .model import INGRESS, CompiledRule, PodPolicy, PolicyDiff, PolicyTable, di
 
 MARK = "0x20000"  # bit 17: kube-proxy uses 14 (masquerade) and 15 (drop)
 PREFIX = "LKPOL-"
-NODE_MODES = ("veth", "eni-policy-route", "bridge", "overlay")
-BRIDGED = {"bridge": "cbr0", "overlay": "cni0"}
-POD_MODES = ("eni-exclusive", "eni-ipvlan", "macvlan")
 TOP = {"node": ("FORWARD",), "pod": ("INPUT", "OUTPUT")}
 
 
@@ -81,8 +78,8 @@ class Target:
 
 def targets(node_netns: str | None, pods: Iterable[PodIface]) -> list[Target]:
     pods = list(pods)
-    out = [Target("node", node_netns, tuple(p for p in pods if p.mode in NODE_MODES))]
-    out += [Target("pod", p.netns, (p,)) for p in pods if p.mode in POD_MODES]
+    out = [Target("node", node_netns, tuple(p for p in pods if not p.pod_mode.bypasses_node))]
+    out += [Target("pod", p.netns, (p,)) for p in pods if p.pod_mode.bypasses_node]
     return out
 
 
@@ -149,7 +146,7 @@ def pod_lines(pp: PodPolicy, direction: str) -> list[str]:
 
 def _match(pod: PodIface, direction: str) -> str:
     """How a node's FORWARD recognises traffic to (ingress) or from (egress) a pod."""
-    if pod.mode in BRIDGED:  # on a bridge -i/-o name the bridge: match the address
+    if pod.pod_mode.bridge:  # on a bridge -i/-o name the bridge: match the address
         return f"-d {pod.ip}/32" if direction == INGRESS else f"-s {pod.ip}/32"
     return f"-o {pod.ifname}" if direction == INGRESS else f"-i {pod.ifname}"
 

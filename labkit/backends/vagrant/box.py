@@ -19,7 +19,7 @@ under TCG. Neither Recommends nor Suggests are installed (debootstrap resolves D
 
 Inside the box, the first NIC (Vagrant's management NIC, the one ``vagrant ssh`` uses) is renamed
 ``mgmt0`` by a udev rule and gets DHCP from systemd-networkd with no default route and no DNS, so the
-names ``eth0`` / ``eni<k>`` and the routing table stay free for the lab (:mod:`labkit.agent` renames
+names ``eth0`` / ``eni<k>`` and the routing table stay free for the lab (:mod:`labkit.remote.agent` renames
 the VPC NICs by MAC address).
 
 Cache (``$LABKIT_CACHE`` or ``~/.cache/labkit``)::
@@ -51,7 +51,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import LabkitError, MissingFeature
+from ...errors import LabkitError, MissingFeature
 
 SUITE = "bookworm"
 BOX_PREFIX = "labkit/debian12"

@@ -1,0 +1,153 @@
+"""The node runtime: one node of a lab, on the machine where the node is.
+
+The same code builds and runs a node whether the node is a network namespace on this machine (the
+``netns`` backend calls it in-process) or a whole machine (a Vagrant VM or a real host: labkit's
+agent calls it there, :mod:`labkit.remote.agent`). It knows:
+
+- names: the node's and its pods' namespaces (:mod:`labkit.naming`), the cgroup folder
+  ``lk-<lab>/<node>/<pod>`` under this machine's cgroup v2 mount, the node's state folder
+- :meth:`NodeRuntime.context`: the :class:`~labkit.datapath.base.NodeContext` datapaths and policy
+  engines act on (built here and nowhere else)
+- :meth:`NodeRuntime.build`: the node's wiring and its pods (:class:`labkit.topology.NodeWiring`)
+- :meth:`NodeRuntime.start_servers`: the in-pod server on every port the lab's checks and Services
+  use, pinned where measurements want it, journaled for ``down``
+- :meth:`NodeRuntime.sync_datapath` / :meth:`NodeRuntime.sync_policies`: program the node.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import addressing, naming, nsexec, topology
+from .datapath.base import NodeContext, SyncResult
+from .errors import BackendError
+from .spec import Spec
+from .state import LabState
+
+SERVER_PORT = 8080  # every pod serves here (labkit check's pod-to-pod rows)
+
+
+def cgroup_root() -> Path:
+    root = nsexec.cgroup2_root()
+    if root is None:
+        raise BackendError("no cgroup v2 hierarchy is mounted; see `labkit doctor` (cgroup2)")
+    return root
+
+
+def lab_cgroup(lab: str) -> Path:
+    """The lab's cgroup folder on this machine."""
+    return cgroup_root() / naming.lab_prefix(lab)
+
+
+class NodeRuntime:
+    """Node ``node`` of ``spec`` on this machine: the lab's namespace for it, or, with
+    ``whole_machine``, this machine's own namespace (the node is a VM or a host)."""
+
+    def __init__(self, spec: Spec, node: str, plan: addressing.AddressPlan | None = None,
+                 whole_machine: bool = False):
+        self.spec = spec
+        self.node = next((n for n in spec.nodes if n.name == node), None)
+        if self.node is None:
+            raise BackendError(f"no node {node!r} in lab {spec.name!r}")
+        self.plan = plan or addressing.plan(spec)
+        self.netns = None if whole_machine else naming.netns_name(spec.name, node)
+
+    # ------------------------------------------------------------ names
+    def pod_netns(self, pod: str) -> str:
+        return naming.netns_name(self.spec.name, pod)
+
+    @property
+    def cgroup(self) -> Path:
+        """This node's cgroup folder: its pods' folders are inside."""
+        return lab_cgroup(self.spec.name) / self.node.name
+
+    def pod_cgroup(self, pod: str) -> Path:
+        return self.cgroup / pod
+
+    @property
+    def state_dir(self) -> Path:
+        """Per-node folder for datapath state (e.g. a bpffs mount); removed with the lab's state."""
+        return LabState(self.spec.name).dir / "nodes" / self.node.name
+
+    def context(self) -> NodeContext:
+        """What datapaths and policy engines need to act on this node."""
+        spec, node = self.spec, self.node
+        return NodeContext(lab=spec.name, prefix=spec.prefix, node=node.name, netns=self.netns,
+                           pod_cidr=spec.pod_cidr, service_cidr=spec.service_cidr, state_dir=self.state_dir,
+                           cgroup=self.cgroup, pods=topology.pod_ifaces(spec, self.plan, node.name, self.pod_netns),
+                           node_ip=str(self.plan.nodes[node.name].primary.ip))
+
+    # ------------------------------------------------------------ build
+    def build(self, ns: topology.Netns, record) -> None:
+        """Wire the node inside ``ns`` (holding ``eth0`` and the ``eni<k>`` NICs, no addresses yet)
+        and every pod; ``record`` journals each object before it is created."""
+        for pod in self.node.pods:
+            self.pod_cgroup(pod.name).mkdir(parents=True, exist_ok=True)
+        wiring = topology.NodeWiring(self.spec, self.plan, self.node, ns, self.pod_netns, record)
+        wiring.setup_node()
+        for pod in self.node.pods:
+            wiring.add_pod(pod)
+
+    def server_ports(self) -> list[int]:
+        """Every port a pod serves: labkit check's, the Services' target ports, the policy matrix's."""
+        ports = {SERVER_PORT} | {s.target_port for s in self.spec.services}
+        if self.spec.policies:
+            from .policy.model import server_ports
+
+            ports |= server_ports(self.spec)
+        return sorted(ports)
+
+    def start_servers(self, state: LabState, cpus: list[int] | None = None, timeout: float = 10) -> None:
+        """Start ``lkserver`` in every pod (its namespace and cgroup, pinned to ``cpus``), journaled,
+        and wait until each says it is ready."""
+        from .native import binary
+
+        exe = str(binary("lkserver"))
+        logs = state.dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        port_arg = ",".join(map(str, self.server_ports()))
+        pending = {}
+        for pod in self.node.pods:
+            with open(logs / f"{pod.name}.log", "w") as log:
+                proc = nsexec.spawn([exe, "--name", pod.name, "--ports", port_arg], self.pod_netns(pod.name),
+                                    cgroup=self.pod_cgroup(pod.name), cpus=cpus, stdout=log, stderr=log, detach=True)
+            state.record("process", pid=proc.pid, pod=pod.name)
+            pending[pod.name] = proc
+        deadline = time.monotonic() + timeout
+        for name, proc in pending.items():
+            log = logs / f"{name}.log"
+            while not log.read_text().startswith("ready"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise BackendError(f"in-pod server of {name} did not start: {log.read_text().strip()[-500:]}")
+                time.sleep(0.002)
+
+    # ------------------------------------------------------------ program
+    def datapath(self, name: str):
+        """Service datapath ``name`` of this node, an object of this process (state folder made)."""
+        from .datapath import get
+
+        ctx = self.context()
+        ctx.state_dir.mkdir(parents=True, exist_ok=True)
+        return get(name)(ctx)
+
+    def sync_datapath(self) -> SyncResult | None:
+        """Program the spec's datapath with the spec's services (nothing for ``none``)."""
+        if self.spec.datapath == "none":
+            return None
+        from .services import table_from_spec
+
+        return self.datapath(self.spec.datapath).sync(table_from_spec(self.spec, self.plan))
+
+    def sync_policies(self):
+        """Enforce the spec's NetworkPolicies on this node (after the Service datapath)."""
+        if not self.spec.policies or self.spec.policy_engine == "none":
+            return None
+        from .policy import sync_node
+
+        ctx = self.context()
+        ctx.state_dir.mkdir(parents=True, exist_ok=True)
+        return sync_node(self.spec, ctx, self.plan)
+
+
+__all__ = ["NodeRuntime", "SERVER_PORT", "lab_cgroup", "cgroup_root"]
