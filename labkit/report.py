@@ -105,11 +105,3 @@ def write_report(run: Run, path: Path | None = None, images: bool = False) -> Pa
     if images and figs:
         plots.export(figs, run.path / "figures")
     return path
-
-
-def cli_report(args) -> int:
-    run = Run.open(args.run)
-    print(write_report(run, images=getattr(args, "images", False)))
-    if getattr(args, "images", False):
-        print(f"figures: {run.path / 'figures'}/*.png, *.svg")
-    return 0

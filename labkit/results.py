@@ -201,30 +201,3 @@ def machine_info() -> dict[str, Any]:
                   "gcc": _cmd(["gcc", "--version"]), "iperf3": _cmd(["iperf3", "--version"]),
                   "ipvsadm": _cmd(["ipvsadm", "--version"]), "bcc": bcc_version},
     }
-
-
-# ---------------------------------------------------------------- CLI
-
-def cli_results(args) -> int:
-    if args.run:
-        run = Run.open(args.run)
-        m = run.manifest()
-        if args.json:
-            print(json.dumps(m, indent=1))
-            return 0
-        print(f"{m['run_id']}: {m['experiment']} ({m['status']}), {m['started']} → {m.get('ended')}")
-        print(f"  kernel {m['machine']['kernel']}, {m['machine']['cpu_model']} x{m['machine']['cpu_count']}, "
-              f"labkit {m['labkit']['version']} ({m['labkit']['git']})")
-        print(f"  params: {json.dumps(m['params'])}")
-        print(f"  points: {len(run.points())} in {run.points_path}")
-        return 0
-    rows = list_runs()
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    elif not rows:
-        print(f"no runs under {results_root()}/")
-    else:
-        from .cli import _table
-
-        _table(rows, ["run_id", "experiment", "status", "points", "started"])
-    return 0

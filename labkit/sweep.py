@@ -177,18 +177,3 @@ def _write_index(out: Path, index: list[dict[str, Any]]) -> None:
     flat = [{**{f"p.{k}": json.dumps(v) for k, v in r["parameters"].items()}, "run_ids": " ".join(r["run_ids"]),
              **{k: r[k] for k in ("status", "seconds", "notebook", "error")}} for r in index]
     pd.DataFrame(flat).to_csv(out / "sweep.csv", index=False)
-
-
-def cli_sweep(args) -> int:
-    """``labkit sweep NOTEBOOK -p NAME=V1,V2 …``."""
-    grid = parse_assignments(args.param or [])
-    if args.dry_run:
-        for k, combo in enumerate(combinations(grid), 1):
-            print(f"{k}: {json.dumps(combo)}")
-        return 0
-    index = run_sweep(args.notebook, grid, out=args.out, results_dir=args.results, keep_going=args.keep_going,
-                      kernel=args.kernel)
-    failed = [r for r in index if r["status"] != "complete"]
-    out = Path(index[0]["notebook"]).parent if index else args.out
-    print(f"{len(index) - len(failed)}/{len(index)} notebooks complete; index: {out}/sweep.json")
-    return 1 if failed else 0

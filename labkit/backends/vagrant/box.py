@@ -568,48 +568,4 @@ def doctor_row() -> tuple[str, str, str]:
     return "warn", f"box {info['name']} not built yet", "labkit box build (debootstrap from the apt mirror, ~2 min)"
 
 
-# ================================================================ CLI
-
-def add_cli(subparsers) -> None:
-    """``labkit box build|status|rm``."""
-    p = subparsers.add_parser("box", help="the Debian VM box of the vagrant backend: build, status, rm")
-    sub = p.add_subparsers(dest="box_command", metavar="ACTION", required=True)
-    b = sub.add_parser("build", help="build the box from the host's Debian mirror (cached)")
-    b.add_argument("--force", action="store_true", help="rebuild even if cached")
-    b.add_argument("--no-bcc", action="store_true", help="the smaller box without bcc and kernel headers "
-                   "(no eBPF datapaths in its VMs; labs always use the default box)")
-    b.set_defaults(fn=_cmd_build)
-    s = sub.add_parser("status", help="is the box built, where, which kernel")
-    s.add_argument("--no-bcc", action="store_true")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=_cmd_status)
-    r = sub.add_parser("rm", help="remove the box (Vagrant's copy, libvirt's base volume, cache)")
-    r.add_argument("--no-bcc", action="store_true")
-    r.set_defaults(fn=_cmd_rm)
-
-
-def _recipe(args) -> BoxRecipe:
-    return BoxRecipe(with_bcc=not getattr(args, "no_bcc", False))
-
-
-def _cmd_build(args) -> int:
-    build(_recipe(args), force=args.force)
-    return 0
-
-
-def _cmd_status(args) -> int:
-    info = status(_recipe(args))
-    if args.json:
-        print(json.dumps(info, indent=1))
-    else:
-        for k, v in info.items():
-            print(f"{k:14} {v}")
-    return 0 if info["ready"] else 1
-
-
-def _cmd_rm(args) -> int:
-    remove(_recipe(args))
-    return 0
-
-
-__all__ = ["Box", "BoxRecipe", "box_for", "build", "remove", "status", "add_cli", "vagrant_env", "debian_mirror"]
+__all__ = ["Box", "BoxRecipe", "box_for", "build", "remove", "status", "vagrant_env", "debian_mirror"]

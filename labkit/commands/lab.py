@@ -1,0 +1,191 @@
+"""Lab commands: ``up``, ``down``, ``ls``, ``check``, ``exec``, ``services``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import LabkitError
+from ..textfmt import table
+from . import command
+
+
+def _up_args(p) -> None:
+    p.add_argument("spec", help="YAML spec file")
+    p.add_argument("--datapath", help="override the spec's datapath")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _down_args(p) -> None:
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--all", action="store_true", help="every lab on this machine")
+
+
+def _ls_args(p) -> None:
+    p.add_argument("--json", action="store_true")
+
+
+def _check_args(p) -> None:
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-services", action="store_true", help="pod-to-pod only")
+
+
+def _exec_args(p) -> None:
+    import argparse
+
+    p.add_argument("name")
+    p.add_argument("pod")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+
+
+def _services_args(p) -> None:
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="list every service even when there are thousands")
+
+
+@command("up", "build a lab from a spec file", _up_args, order=10)
+def up(args) -> int:
+    from .. import lab
+    from ..spec import load_spec
+
+    spec = load_spec(args.spec)
+    if args.datapath:
+        spec = spec.replace(datapath=args.datapath)  # lab.up validates it
+    lab.up(spec, progress=not args.quiet)
+    print(f"lab {spec.name} is up: {len(spec.nodes)} nodes, {len(spec.pods())} pods, datapath {spec.datapath}. "
+          f"Next: labkit check {spec.name}")
+    return 0
+
+
+@command("down", "remove a lab and everything it created", _down_args, order=20)
+def down(args) -> int:
+    from .. import lab
+    from ..state import list_labs
+
+    names = list_labs() if args.all else args.names
+    if not names:
+        print("no lab to remove" if args.all else "name a lab, or --all")
+        return 0 if args.all else 2
+    for name in names:
+        counts = lab.down(name)
+        print(f"lab {name} removed: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 0
+
+
+@command("ls", "list labs", _ls_args, order=30)
+def ls(args) -> int:
+    from .. import lab
+
+    rows = lab.labs()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no labs")
+        return 0
+    print(table(rows, ["name", "backend", "status", "nodes", "pods", "datapath"]))
+    return 0
+
+
+@command("check", "real connections between all pods and to every service", _check_args, order=40)
+def check(args) -> int:
+    from .. import lab
+
+    results = lab.open_lab(args.name).check(services=not args.no_services)
+    failed = [r for r in results if not r.ok]
+    if args.json:
+        print(json.dumps({"lab": args.name, "ok": not failed, "results": lab.results_json(results)}, indent=1))
+        return 1 if failed else 0
+    if any(r.kind == "policy" for r in results):
+        _print_policy_matrix([r for r in results if r.kind == "policy"])
+    else:
+        _print_matrix(results)
+    svc = [r for r in results if r.kind not in ("pod", "policy")]
+    if svc:
+        _print_services(svc)
+    total = len(results)
+    print(f"\n{total - len(failed)}/{total} connections as expected" + ("" if not failed else f"; {len(failed)} FAILED"))
+    for r in failed[:20]:
+        print(f"  FAIL {r.kind} {r.src} -> {r.dst} ({r.host}:{r.port}/{r.proto}): expected {r.expected}, got {r.observed}")
+    return 1 if failed else 0
+
+
+def _print_matrix(results) -> None:
+    pods = [r for r in results if r.kind == "pod"]
+    names = sorted({r.src for r in pods} | {r.dst for r in pods})
+    ok = {(r.src, r.dst): r.ok for r in pods}
+    w = max((len(n) for n in names), default=4)
+    print("pod to pod (rows: from, columns: to)")
+    print(" " * (w + 1) + " ".join(n[:w].rjust(w) for n in names))
+    for s in names:
+        cells = ["-" if s == d else ("ok" if ok.get((s, d)) else "FAIL") for d in names]
+        print(s.ljust(w + 1) + " ".join(c.rjust(w) for c in cells))
+
+
+def _print_policy_matrix(results) -> None:
+    """One allow/deny matrix per port: cells show what was observed; '!' marks a cell that differs
+    from what the policy model expects."""
+    names = sorted({r.src for r in results} | {r.dst for r in results})
+    w = max(5, *(len(n) for n in names))
+    for port in sorted({(r.proto, r.port) for r in results}):
+        cell = {(r.src, r.dst): r for r in results if (r.proto, r.port) == port}
+        print(f"network policy, {port[0].upper()} {port[1]} (rows: from, columns: to; '!' = not as expected)")
+        print(" " * (w + 1) + " ".join(n[:w].rjust(w) for n in names))
+        for s in names:
+            cells = []
+            for d in names:
+                r = cell.get((s, d))
+                cells.append("-" if r is None else r.observed + ("" if r.ok else "!"))
+            print(s.ljust(w + 1) + " ".join(c.rjust(w) for c in cells))
+        print()
+
+
+def _print_services(results) -> None:
+    agg: dict[tuple, list] = {}
+    for r in results:
+        agg.setdefault((r.dst, r.kind, f"{r.host}:{r.port}/{r.proto}", r.expected), []).append(r)
+    rows = []
+    for (dst, kind, target, expected), rs in agg.items():
+        seen = sorted({r.observed for r in rs})
+        rows.append({"service": dst, "via": kind, "target": target, "expected": expected,
+                     "result": f"{sum(r.ok for r in rs)}/{len(rs)} ok", "observed": ",".join(seen)[:60]})
+    print("\nservices")
+    print(table(rows, ["service", "via", "target", "expected", "result", "observed"]))
+
+
+@command("exec", "run a command inside a pod: labkit exec LAB POD -- CMD...", _exec_args, order=50)
+def exec_(args) -> int:
+    from .. import lab
+
+    argv = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
+    if not argv:
+        print("labkit exec: give a command after --, e.g. labkit exec demo web-0 -- ip addr", file=sys.stderr)
+        return 2
+    lb = lab.open_lab(args.name)
+    try:
+        lb.pod_netns(args.pod)
+    except KeyError as exc:
+        raise LabkitError(str(exc).strip('"')) from None
+    proc = lb.spawn(args.pod, argv, stdin=None, stdout=None, stderr=None)
+    return proc.wait()
+
+
+@command("services", "every service: ClusterIP, port, protocol, endpoints", _services_args, order=60)
+def services(args) -> int:
+    from .. import lab
+
+    table = lab.open_lab(args.name).services()
+    rows = [{"name": sp.key, "cluster_ip": sp.cluster_ip, "port": sp.port, "protocol": sp.protocol,
+             "endpoints": [f"{e.ip}:{e.port}" + (f" ({e.pod})" if e.pod else "") for e in sp.endpoints]}
+            for sp in table]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    shown = rows if args.all or len(rows) <= 50 else rows[:20] + rows[-5:]
+    print(table([{**r, "endpoints": ", ".join(r["endpoints"]) or "(none)"} for r in shown],
+                ["name", "cluster_ip", "port", "protocol", "endpoints"]))
+    if len(shown) < len(rows):
+        print(f"… {len(rows)} services in all (first 20 and last 5 shown; --all for every one)")
+    return 0
