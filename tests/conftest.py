@@ -1,5 +1,11 @@
-"""Shared fixtures. Kernel tests need root (CI runs as root) and build real labs with unique names;
-every lab a test builds is torn down by the fixture even when the test fails."""
+"""Shared fixtures and the one way to say what a test needs.
+
+``@pytest.mark.needs("root", "bcc-compile", …)``: the test runs only where every named feature is
+usable — ``root``, or a `labkit doctor` capability, probed once per run — and is otherwise skipped
+with the doctor's reason and fix. Kernel tests build real labs with unique names; every lab a test
+builds is torn down by the fixture even when the test fails. The leak check (:mod:`leakcheck`) fails
+the whole run if anything is left behind, whatever the file order.
+"""
 
 from __future__ import annotations
 
@@ -11,39 +17,33 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-HOST_LINKS_AT_START: set[str] = set()
-HOST_NFT_TABLES_AT_START: set[str] = set()
+pytest_plugins = ["leakcheck"]
 
 
-def host_links() -> set[str]:
-    from pyroute2 import IPRoute
+def missing(feature: str) -> str | None:
+    """Why ``feature`` is not usable here (None: it is)."""
+    if feature == "root":
+        return None if os.geteuid() == 0 else "needs root: builds real namespaces (CI runs as root)"
+    if os.geteuid() != 0:
+        return f"needs root to probe {feature}"
+    from labkit import doctor
 
-    with IPRoute() as ipr:
-        return {l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
-
-
-def host_nft_tables() -> set[str]:
-    import json
-    import subprocess
-
-    out = subprocess.run(["nft", "-j", "list", "tables"], capture_output=True, text=True).stdout
-    items = json.loads(out or "{}").get("nftables", []) if out.strip() else []
-    return {f"{i['table']['family']} {i['table']['name']}" for i in items if "table" in i}
-
-
-def pytest_sessionstart(session):
-    if os.geteuid() == 0:
-        HOST_LINKS_AT_START.update(host_links())
-        HOST_NFT_TABLES_AT_START.update(host_nft_tables())
+    cap = doctor.check(feature)
+    if cap.status != doctor.MISSING:
+        return None
+    return f"needs {feature}, which this machine lacks ({cap.detail}); fix: {cap.fix}"
 
 
 def pytest_collection_modifyitems(config, items):
-    if os.geteuid() == 0:
-        return
-    skip = pytest.mark.skip(reason="needs root: builds real namespaces (CI runs as root)")
+    reasons: dict[str, str | None] = {}
     for item in items:
-        if "root" in item.keywords:
-            item.add_marker(skip)
+        for mark in item.iter_markers("needs"):
+            for feature in mark.args:
+                if feature not in reasons:
+                    reasons[feature] = missing(feature)
+                if reasons[feature]:
+                    item.add_marker(pytest.mark.skip(reason=reasons[feature]))
+                    break
 
 
 @pytest.fixture

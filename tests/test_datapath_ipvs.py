@@ -85,7 +85,7 @@ def test_netlink_requests_carry_what_ipvsadm_sends():
     assert set(_attrs(msgs[3][0][20:])) == {1}
 
 
-@pytest.mark.root
+@pytest.mark.needs("root")
 def test_interface_addresses_are_dumped_and_changed_in_batches(tmp_path):
     """kube-ipvs0's address helpers on the real kernel (``lo`` of a scratch namespace: this host has
     no dummy driver): more addresses than one batch and one dump buffer hold, replace of one already

@@ -33,7 +33,7 @@ from labkit.services import Endpoint, ServicePort, ServiceTable
 from labkit.tc import netlink
 from pods import veth_pods
 
-pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.needs("root"), pytest.mark.timeout(300)]
 
 PREFIX = f"lktest-dp-{os.getpid()}"
 PORT, TARGET = 80, 8080

@@ -19,7 +19,6 @@ from labkit import doctor, nsexec
 from labkit.errors import MissingFeature
 
 pytestmark = pytest.mark.timeout(120)
-root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root and a real kernel (CI runs as root)")
 
 CONTRACT = {
     "root", "netns", "veth", "macvlan", "ipvlan", "vxlan", "bridge", "br_netfilter", "ip_vs",
@@ -92,13 +91,13 @@ def kernel_has_ip_vs(ns: str) -> bool:
     return subprocess.run(["ip", "netns", "exec", ns, "test", "-e", "/proc/net/ip_vs"]).returncode == 0
 
 
-@root
+@pytest.mark.needs("root")
 def test_core_link_types_ok(results):
     for name in ("root", "netns", "veth", "bridge", "vxlan"):
         assert results[name].status == "ok", results[name]
 
 
-@root
+@pytest.mark.needs("root")
 def test_ipvlan_row_matches_the_kernel(results, oracle_netns):
     row = results["ipvlan"]
     if kernel_has_ipvlan(oracle_netns):
@@ -111,7 +110,7 @@ def test_ipvlan_row_matches_the_kernel(results, oracle_netns):
             doctor.require("ipvlan", "pod mode eni-ipvlan")
 
 
-@root
+@pytest.mark.needs("root")
 def test_ip_vs_row_matches_the_kernel(results, oracle_netns):
     row = results["ip_vs"]
     if kernel_has_ip_vs(oracle_netns):
@@ -123,13 +122,13 @@ def test_ip_vs_row_matches_the_kernel(results, oracle_netns):
             doctor.require("ip_vs", "datapath ipvs")
 
 
-@root
+@pytest.mark.needs("root")
 def test_probes_leave_nothing_behind(results):
     assert f"{doctor.PROBE_PREFIX}{os.getpid()}" not in nsexec.list_netns(doctor.PROBE_PREFIX)
     assert not PROBE_LINKS & set(os.listdir("/sys/class/net")), "a probe link landed in the host netns"
 
 
-@root
+@pytest.mark.needs("root")
 def test_table_and_summary(results, capsys):
     assert doctor.cli(argparse.Namespace(json=False)) == 0
     out = capsys.readouterr().out
@@ -139,7 +138,7 @@ def test_table_and_summary(results, capsys):
             assert f"fix: {row.fix}" in out and name in out.splitlines()[-1]
 
 
-@root
+@pytest.mark.needs("root")
 def test_cli_json_exit_code_and_cleanup():
     proc = subprocess.Popen([sys.executable, "-m", "labkit.doctor", "--json"], stdout=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True)

@@ -19,7 +19,7 @@ from labkit import report, results
 from labkit.experiments import service_scale
 from labkit.experiments.core import point_key
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.needs("root")
 LABKIT = [sys.executable, "-m", "labkit.cli"]
 
 

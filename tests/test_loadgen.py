@@ -22,7 +22,6 @@ from labkit import native, nsexec
 from labkit.errors import LabStateError, MeasurementError, MissingFeature
 from labkit.measure import cpus, loadgen, stats
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a network namespace")
 PORT, PORT2, CLOSED = 18080, 19090, 18999
 LOAD_CPUS = cpus.plan_cpus().load_cpus
 
@@ -108,7 +107,7 @@ def test_cpu_plan_load_from_environment_and_all_cpus_for_a_while(monkeypatch):
 
 # ---------------------------------------------------------------- build cache (pure, needs gcc)
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
+@pytest.mark.needs("gcc")
 def test_build_is_cached_and_keyed_by_source(tmp_path):
     src = tmp_path / "lkserver.c"
     shutil.copy(native.SOURCE_DIR / "lkserver.c", src)
@@ -126,7 +125,7 @@ def test_build_without_gcc_is_a_missing_feature(tmp_path, monkeypatch):
         native.build(native.SOURCE_DIR / "lkclient.c", tmp_path)
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
+@pytest.mark.needs("gcc")
 def test_compile_error_carries_gcc_output(tmp_path):
     bad = tmp_path / "bad.c"
     bad.write_text("int main(void) { return x; }\n")
@@ -174,7 +173,7 @@ def run(ns, mode, port=PORT, **kw):
     return loadgen.run_client(ns, mode, "127.0.0.1", port, cpus=LOAD_CPUS, timeout=30, **kw)
 
 
-@needs_root
+@pytest.mark.needs("root")
 @pytest.mark.parametrize("mode", ["crr", "rr", "udp_rr"])
 def test_latency_modes_match_raw_samples(server, mode, tmp_path):
     raw = tmp_path / f"{mode}.bin"
@@ -188,7 +187,7 @@ def test_latency_modes_match_raw_samples(server, mode, tmp_path):
         assert ours[col] == pytest.approx(r[col], abs=0.001), col  # same method, printed to 0.001
 
 
-@needs_root
+@pytest.mark.needs("root")
 def test_message_size_and_duration(server):
     r = run(server, "rr", size=60000, samples=200, warmup=5)
     assert r["samples"] == 200 and r["errors"] == 0
@@ -196,14 +195,14 @@ def test_message_size_and_duration(server):
     assert 0 < r["samples"] < 10_000_000 and r["elapsed_s"] == pytest.approx(0.2, abs=0.1)
 
 
-@needs_root
+@pytest.mark.needs("root")
 def test_who_names_every_connection_on_every_port(server):
     for port in (PORT, PORT2):
         res = loadgen.who(server, "127.0.0.1", port, 50, cpus=LOAD_CPUS)
         assert res.counts == {"pod-a": 50} and res.errors == 0 and res.total == 50
 
 
-@needs_root
+@pytest.mark.needs("root")
 def test_closed_port_counts_errors_without_hanging(server):
     t0 = time.monotonic()
     res = loadgen.who(server, "127.0.0.1", CLOSED, 20)
@@ -216,7 +215,7 @@ def test_closed_port_counts_errors_without_hanging(server):
     assert time.monotonic() - t0 < 5
 
 
-@needs_root
+@pytest.mark.needs("root")
 def test_server_survives_rude_clients_and_speaks_http(server):
     def rude():
         for payload in (b"", b"GE", b"GET / HTTP/1.0\r\n", b"x" * 100_000):
@@ -242,7 +241,7 @@ def test_server_survives_rude_clients_and_speaks_http(server):
     assert run(server, "rr", samples=100)["errors"] == 0  # still serving
 
 
-@needs_root
+@pytest.mark.needs("root")
 def test_server_start_failure_reports_stderr(server):
     with pytest.raises(MeasurementError, match="Address already in use"):
         loadgen.start_server(server, "pod-b", PORT, timeout=3)
@@ -250,7 +249,7 @@ def test_server_start_failure_reports_stderr(server):
 
 # ---------------------------------------------------------------- sessions and interleaved points
 
-@needs_root
+@pytest.mark.needs("root")
 def test_client_session_runs_many_and_survives_bad_requests(server, tmp_path):
     with loadgen.ClientSession(server, cpus=LOAD_CPUS) as s:
         pid = s.proc.pid
@@ -272,7 +271,7 @@ def test_client_session_runs_many_and_survives_bad_requests(server, tmp_path):
     assert s.proc.poll() == 0  # closing its stdin ends it
 
 
-@needs_root
+@pytest.mark.needs("root")
 def test_client_session_burst_interleaves_targets_and_appends(server, tmp_path):
     a, b = tmp_path / "a.i64", tmp_path / "b.i64"
     with loadgen.ClientSession(server, cpus=LOAD_CPUS) as s:
@@ -321,7 +320,7 @@ def _vm_rss_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-@needs_root
+@pytest.mark.needs("root")
 def test_client_session_memory_stays_flat_over_ten_thousand_bad_requests(server, tmp_path):
     """One lkclient --serve lives for a whole experiment: 10,000 malformed lines, mixed with valid
     bursts so that the heap is in use, each get one {"error": ...} and leave nothing allocated."""
@@ -351,7 +350,7 @@ def test_client_session_memory_stays_flat_over_ten_thousand_bad_requests(server,
     assert stats.load_raw(a).size == stats.load_raw(b).size == 2 * len(range(0, 10_000, 9))
 
 
-@needs_root
+@pytest.mark.needs("root")
 def test_interleaved_points_resume_where_the_raw_files_stopped(server, tmp_path, monkeypatch):
     """Points measured interleaved in bursts: a kill between bursts (or mid-write) resumes from the
     raw files, nothing is measured twice, and each point ends with exactly its samples."""
@@ -419,7 +418,7 @@ def _wait_for(cond, timeout=5.0):
     return cond()
 
 
-@needs_root
+@pytest.mark.needs("root")
 def test_server_gives_long_connections_a_process_that_dies_with_it(netns):
     """lkserver keeps short connections in its loop, hands an echo connection that goes on to a
     child process (RR without epoll_wait per message), serves UDP from a child, and its children

@@ -21,7 +21,7 @@ from labkit.state import LabState
 
 from conftest import EXAMPLES
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.needs("root")
 
 MODES_HERE = ["eni-exclusive", "eni-policy-route", "macvlan", "veth", "bridge", "overlay"]
 LABKIT = [sys.executable, "-m", "labkit.cli"]

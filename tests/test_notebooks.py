@@ -77,7 +77,7 @@ def glued_run(nb, tmp_path: Path):
     return run
 
 
-@pytest.mark.root
+@pytest.mark.needs("root")
 @pytest.mark.slow
 def test_00_workshop(tmp_path, lab_name):
     dps = _datapaths(SMALL_SCALE["datapaths"])
@@ -92,7 +92,7 @@ def test_00_workshop(tmp_path, lab_name):
     assert not _netns_of(lab_name)
 
 
-@pytest.mark.root
+@pytest.mark.needs("root")
 @pytest.mark.parametrize("datapath", ["ebpf", "iptables-nft"])
 def test_01_lab_tour(tmp_path, lab_name, datapath):
     datapath = _datapaths([datapath])[0]
@@ -109,7 +109,7 @@ def test_01_lab_tour(tmp_path, lab_name, datapath):
     assert "removed" in text and not _netns_of(lab_name)
 
 
-@pytest.mark.root
+@pytest.mark.needs("root")
 @pytest.mark.slow
 def test_02_pod_network_modes(tmp_path):
     nb = execute("02-pod-network-modes", tmp_path, modes=["eni-exclusive", "veth", "overlay"], repeats=1,
@@ -125,7 +125,7 @@ def test_02_pod_network_modes(tmp_path):
     assert (run.path / "report.html").exists()
 
 
-@pytest.mark.root
+@pytest.mark.needs("root")
 @pytest.mark.slow
 def test_03_service_scale_and_sweep(tmp_path):
     dps = _datapaths(SMALL_SCALE["datapaths"])
@@ -161,7 +161,7 @@ def test_03_service_scale_and_sweep(tmp_path):
     assert (out / "sweep.csv").read_text().count("\n") == 3
 
 
-@pytest.mark.root
+@pytest.mark.needs("root")
 def test_panel_stop_leaves_no_lab(tmp_path, monkeypatch):
     """Run from the panel in its worker thread, press Stop: teardown runs, the run is kept as interrupted."""
     from labkit import widgets

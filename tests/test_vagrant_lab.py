@@ -38,8 +38,13 @@ from labkit.state import LabState
 
 ROOT = Path(__file__).resolve().parent.parent
 VMDEMO = ROOT / "vagrant" / "vmdemo.yaml"
-INSTALL = ("apt-get install vagrant vagrant-libvirt libvirt-daemon-system qemu-system-x86 qemu-utils "
-           "debootstrap  (setup.sh does it)")
+VM_TOOLS = ("root", "vagrant", "vagrant-libvirt", "libvirtd", "qemu")
+
+
+def VM(fn):
+    """A test that brings up VMs: category markers, and skipped with the doctor's fix where a VM
+    tool is missing."""
+    return pytest.mark.vm(pytest.mark.slow(pytest.mark.needs(*VM_TOOLS)(fn)))
 
 
 # ------------------------------------------------------------------ pure: no root, no VMs
@@ -192,25 +197,6 @@ def test_mgmt_subnet_avoids_host_routes():
 
 # ------------------------------------------------------------------ real VMs
 
-def _vm_tools_missing() -> list[str]:
-    need = {"vagrant": "vagrant", "qemu-system-x86_64": "qemu-system-x86", "libvirtd": "libvirt-daemon-system",
-            "debootstrap": "debootstrap", "qemu-img": "qemu-utils"}
-    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    return [pkg for tool, pkg in need.items() if shutil.which(tool, path=path) is None]
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (VMs, libvirt, namespaces; CI runs as root)"
-    missing = _vm_tools_missing()
-    if missing:
-        msg = f"VM tools missing ({', '.join(missing)}); install with: {INSTALL}"
-        print(msg)
-        return msg
-    return None
-
-
-vm = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 
 
 def _host_leftovers(lab: str) -> dict:
@@ -260,10 +246,7 @@ def vmdemo():
             assert "LIBVIRT_" not in rules, f"{tool} keeps libvirt's chains"
 
 
-@pytest.mark.vm
-@pytest.mark.root
-@pytest.mark.slow
-@vm
+@VM
 def test_box_builds_offline_and_doctor_reports_it():
     t0 = time.monotonic()
     built = box.build(log=print)
@@ -273,10 +256,7 @@ def test_box_builds_offline_and_doctor_reports_it():
     assert status == "ok" and built.name in detail
 
 
-@pytest.mark.vm
-@pytest.mark.root
-@pytest.mark.slow
-@vm
+@VM
 def test_vmdemo_check_passes_across_vms(vmdemo):
     print(f"{vmdemo.name} up in {vmdemo.up_seconds:.0f} s")
     meta = LabState(vmdemo.name).meta()
@@ -293,10 +273,7 @@ def test_vmdemo_check_passes_across_vms(vmdemo):
     assert seen == {"web-0", "web-1", "web-2"}
 
 
-@pytest.mark.vm
-@pytest.mark.root
-@pytest.mark.slow
-@vm
+@VM
 def test_vmdemo_exec_and_ipvs_inside_the_vm(vmdemo):
     out = vmdemo.exec("web-0", ["ip", "-d", "-o", "link", "show", "eth0"]).stdout
     assert "ipvlan" in out
@@ -309,10 +286,7 @@ def test_vmdemo_exec_and_ipvs_inside_the_vm(vmdemo):
     assert proc.returncode == 0 and proc.stdout.strip() == LabState(vmdemo.name).meta()["kernels"]["node1"]
 
 
-@pytest.mark.vm
-@pytest.mark.root
-@pytest.mark.slow
-@vm
+@VM
 def test_vmdemo_load_client_and_datapath_driven_from_the_host(vmdemo, tmp_path):
     """What experiments use, on VMs: lkclient in a pod of a VM with its raw samples back here, and a
     datapath of a VM node synced from here (whole table, then one known change: a partial sync)."""
@@ -349,10 +323,7 @@ def test_vmdemo_load_client_and_datapath_driven_from_the_host(vmdemo, tmp_path):
         ["ipvsadm", "-Ln"]).stdout
 
 
-@pytest.mark.vm
-@pytest.mark.root
-@pytest.mark.slow
-@vm
+@VM
 def test_ipvs_partial_syncs_match_a_full_render_and_a_failed_one_resyncs_in_full(vmdemo):
     """Partial syncs read nothing back (reference counts of set entries instead): after each known
     change (services sharing endpoints added, one's endpoints changed, one removed) the VM's virtual
@@ -408,10 +379,7 @@ def test_ipvs_partial_syncs_match_a_full_render_and_a_failed_one_resyncs_in_full
         path.close()
 
 
-@pytest.mark.vm
-@pytest.mark.root
-@pytest.mark.slow
-@vm
+@VM
 def test_ebpf_service_inside_a_vm():
     """The acceptance lab with ``datapath: ebpf``: bcc in the VMs compiles bpf/bpf_sock.c against the
     box's own kernel headers, every pod (the IPVLAN ones too: socket-LB sees their connect()) reaches
@@ -456,10 +424,7 @@ def _labkit_run(tmp_path: Path, args: list[str]):
     return proc, results.Run.open(next((tmp_path / "results").iterdir()).name, root=tmp_path / "results")
 
 
-@pytest.mark.vm
-@pytest.mark.root
-@pytest.mark.slow
-@vm
+@VM
 def test_tiny_service_scale_runs_on_vms(tmp_path):
     """`labkit run service-scale --backend vagrant`, small: IPVS (which this host's kernel lacks) in its
     own VM, lkclient in the VM's client pod, every row, raw samples back here, the VM's kernel in the
@@ -485,10 +450,7 @@ def test_tiny_service_scale_runs_on_vms(tmp_path):
     assert not _host_leftovers(m["labs"]["ipvs"])
 
 
-@pytest.mark.vm
-@pytest.mark.root
-@pytest.mark.slow
-@vm
+@VM
 def test_pod_modes_with_ipvlan_run_on_vms(tmp_path):
     """`labkit run pod-modes --backend vagrant`: the Terway comparison this host's kernel cannot make
     (no ipvlan here), on two VMs: shared-ENI IPVLAN pods next to veth pods, same node and across
