@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from labkit import nsexec
-from labkit.tc import netlink
+from labkit.ebpf.netlink import netlink
 
 
 def veth_pods(node: str, pods: Iterable[str], ns_prefix: str, net: str, undo: list[Callable[[], None]],

@@ -66,7 +66,7 @@ def _bcc_ok() -> bool:
 def test_bcc_typed_views_of_every_map_match(source, maps):
     from bcc import BPF
 
-    from labkit.datapath.ebpf import flatten_source
+    from labkit.ebpf.loader import flatten_source
 
     types = {"hash": 1, "array": 2, "lru_hash": 9}  # BPF_MAP_TYPE_*
     bpf = BPF(text=flatten_source(BPF_DIR / source).encode())

@@ -290,14 +290,14 @@ def names(results: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------- inspection
 
 def _lib():
-    from labkit.datapath.ebpf import _lib as lib
+    from labkit.ebpf.libbpf import lib
 
     return lib()
 
 
 def attached_ids(lab: Lab, dp) -> set[int]:
     """Ids of labkit programs attached where this datapath attaches."""
-    from labkit.datapath.ebpf import cgroup_programs
+    from labkit.ebpf.libbpf import cgroup_programs
 
     ids = set()
     if dp.name == "ebpf":

@@ -99,7 +99,7 @@ def test_c_layouts_match_as_gcc_sees_them(tmp_path):
 @pytest.mark.root
 def test_bcc_typed_views_of_every_policy_map_match():
     bcc = pytest.importorskip("bcc")
-    from labkit.datapath.ebpf import flatten_source
+    from labkit.ebpf.loader import flatten_source
 
     types = {"hash": 1, "percpu_array": 6, "lru_hash": 9, "lpm_trie": 11}
     bpf = bcc.BPF(text=flatten_source(BPF_DIR / "bpf_policy.c").encode())

@@ -16,6 +16,11 @@ Both render a :class:`~labkit.services.TableDiff` into batches of map operations
 counting more backends than its slots hold. Map layouts are the contract of
 ``bpf/lib/common.h`` ↔ :mod:`labkit.datapath.ebpf_structs`.
 
+This module only says what to load, where to attach it and what to write: compiling, pinning,
+the tc and cgroup attach lifecycles and the map syscalls are the eBPF runtime's (:mod:`labkit.ebpf`),
+which the eBPF policy engine uses too. ``ebpf-tc``'s filters are priority :data:`TC_PREF` and named
+``lk_…`` (the policy engine's: another priority, ``lk_pol_…``).
+
 State lives in the kernel, not in the process, so ``labkit up`` can exit and a later process can
 check, update and remove the datapath. Everything is pinned in a bpf filesystem that the datapath
 mounts privately under the node's state folder (never /sys/fs/bpf)::
@@ -35,47 +40,28 @@ a SIGKILL, or twice). Every kernel object is named ``lk_…``.
 from __future__ import annotations
 
 import contextlib
-import ctypes as ct
-import errno
 import gc
-import json
-import os
-import re
 import socket
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from .. import nsexec, tc
+from .. import nsexec
+from ..ebpf.cgroup import CgroupAttachments
+from ..ebpf.libbpf import (ATTACH_CGROUP_INET4_CONNECT, ATTACH_CGROUP_UDP4_RECVMSG, ATTACH_CGROUP_UDP4_SENDMSG,
+                           PROG_CGROUP_SOCK_ADDR, PROG_SCHED_CLS)
+from ..ebpf.loader import Bpffs, Program
+from ..ebpf.maps import MapSpec, PinnedMap
+from ..ebpf.netlink import netlink
+from ..ebpf.tc import TC_EGRESS, TC_INGRESS, TcAttachments, TcHook
 from ..errors import DatapathError
 from ..services import ServicePort, ServiceTable, TableDiff
 from . import ebpf_structs as S
 from .base import Datapath, NodeContext, register
 
-# bpf_prog_type / bpf_attach_type (uapi/linux/bpf.h)
-PROG_SCHED_CLS = 3
-PROG_CGROUP_SOCK_ADDR = 18
-ATTACH_CGROUP_INET4_CONNECT = 10
-ATTACH_CGROUP_UDP4_SENDMSG = 14
-ATTACH_CGROUP_UDP4_RECVMSG = 19
-
-TC_INGRESS = "ffff:fff2"
-TC_EGRESS = "ffff:fff3"
-TC_PREF = 0x4C4B  # priority of labkit's tc filters ("LK")
-TC_HANDLE = 1
-
-_KERNEL_NAME_LEN = 15  # BPF_OBJ_NAME_LEN - 1: program names as the kernel reports them
-
-
-@dataclass(frozen=True)
-class Program:
-    """One entry program of a C file and how it is loaded."""
-
-    name: str  # function in the C file; also its pin name
-    prog_type: int
-    attach_type: int = -1  # expected attach type (cgroup programs), -1 for tc
+TC_PREF = 0x4C4B  # priority of the ebpf-tc filters ("LK"); the policy engine's run before
+TC_NAMES = "lk_"  # prefix of their names (the programs')
 
 
 SOCK_PROGRAMS = (
@@ -87,196 +73,6 @@ FROM_CONTAINER = Program("lk_from_container", PROG_SCHED_CLS)
 FROM_CONTAINER_ENI = Program("lk_from_container_eni", PROG_SCHED_CLS)
 TO_CONTAINER = Program("lk_to_container", PROG_SCHED_CLS)
 LXC_PROGRAMS = (FROM_CONTAINER, FROM_CONTAINER_ENI, TO_CONTAINER)
-
-
-def bpf_source_dir() -> Path:
-    """The ``bpf/`` folder: shipped as ``labkit/_bpf`` in a wheel, next to ``labkit/`` in a checkout."""
-    here = Path(__file__).resolve()
-    for cand in (here.parents[1] / "_bpf", here.parents[2] / "bpf"):
-        if (cand / "lib" / "common.h").is_file():
-            return cand
-    raise DatapathError("the eBPF sources (bpf/lib/common.h) are not installed with labkit")
-
-
-_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
-
-
-def flatten_source(path: Path, _seen: set[Path] | None = None) -> str:
-    """``path`` with its local ``#include "…"`` files inlined (once each), ``#line`` kept exact.
-
-    bcc rewrites map accesses (``map.lookup(&k)``) only in the main file it compiles, so the
-    helpers of ``bpf/lib/*.h`` must reach it as part of that file."""
-    path = path.resolve()
-    seen = set() if _seen is None else _seen
-    if path in seen:
-        return ""
-    seen.add(path)
-    out = [f'#line 1 "{path}"']
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        m = _INCLUDE.match(line)
-        if m:
-            out.append(flatten_source(path.parent / m.group(1), seen))
-            out.append(f'#line {lineno + 1} "{path}"')
-        else:
-            out.append(line)
-    return "\n".join(out) + "\n"
-
-
-# ----------------------------------------------------------------------------- libbpf access
-
-_LIB: ct.CDLL | None = None
-
-
-def _lib() -> ct.CDLL:
-    """libbpf's syscall wrappers, reached through bcc's libbcc (which links libbpf)."""
-    global _LIB
-    if _LIB is None:
-        try:
-            from bcc.libbcc import lib as bcclib
-
-            name = bcclib._name
-        except ImportError:  # cleanup must work even where bcc cannot be imported
-            name = "libbpf.so.1"
-        lib = ct.CDLL(name, use_errno=True)  # own CDLL: argtypes here do not touch bcc's
-        lib.bpf_obj_get.argtypes = [ct.c_char_p]
-        lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
-        lib.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
-        lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
-        lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
-                                       ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
-        lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
-        lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
-        lib.bpf_map_update_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p,
-                                             ct.POINTER(ct.c_uint32), ct.c_void_p]
-        lib.bpf_map_delete_batch.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p]
-        lib.bpf_map_lookup_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p,
-                                             ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p]
-        lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
-        _LIB = lib
-    return _LIB
-
-
-def _oserror(what: str) -> OSError:
-    err = ct.get_errno() or errno.EIO
-    return OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def obj_get(path: Path) -> int:
-    """fd of a pinned BPF object (map or program)."""
-    fd = _lib().bpf_obj_get(str(path).encode())
-    if fd < 0:
-        raise _oserror(f"bpf_obj_get {path}")
-    return fd
-
-
-def obj_pin(fd: int, path: Path) -> None:
-    if _lib().bpf_obj_pin(fd, str(path).encode()) != 0:
-        raise _oserror(f"bpf_obj_pin {path}")
-
-
-def _prog_name(fd: int) -> str:
-    """The kernel's name of a program (struct bpf_prog_info.name, at offset 64)."""
-    info = ct.create_string_buffer(256)
-    size = ct.c_uint32(len(info))
-    if _lib().bpf_obj_get_info_by_fd(fd, info, ct.byref(size)) != 0:
-        raise _oserror("bpf_obj_get_info_by_fd")
-    return info.raw[64:80].split(b"\0", 1)[0].decode()
-
-
-def cgroup_programs(cgroup_fd: int, attach_type: int) -> list[tuple[int, str]]:
-    """(id, name) of the programs attached directly to a cgroup for one attach type."""
-    lib = _lib()
-    ids = (ct.c_uint32 * 64)()
-    cnt, flags = ct.c_uint32(64), ct.c_uint32(0)
-    if lib.bpf_prog_query(cgroup_fd, attach_type, 0, ct.byref(flags), ids, ct.byref(cnt)) != 0:
-        raise _oserror("bpf_prog_query")
-    out = []
-    for prog_id in ids[: cnt.value]:
-        fd = lib.bpf_prog_get_fd_by_id(prog_id)
-        if fd < 0:
-            continue  # detached meanwhile
-        try:
-            out.append((prog_id, _prog_name(fd)))
-        finally:
-            os.close(fd)
-    return out
-
-
-class PinnedMap:
-    """A BPF map opened by its pin, written and read in batches of raw packed entries."""
-
-    def __init__(self, spec: S.MapSpec, path: Path):
-        self.spec, self.path = spec, path
-        self.key_size, self.leaf_size = ct.sizeof(spec.key), ct.sizeof(spec.leaf)
-        self.fd = obj_get(path)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def update(self, keys: Sequence[bytes], values: Sequence[bytes]) -> None:
-        """Insert or replace ``keys[i]`` -> ``values[i]`` (packed structs) in one syscall."""
-        if not keys:
-            return
-        count = ct.c_uint32(len(keys))
-        if _lib().bpf_map_update_batch(self.fd, b"".join(keys), b"".join(values), ct.byref(count), None) != 0:
-            raise _oserror(f"update {self.spec.name} ({count.value}/{len(keys)} written)")
-
-    def delete(self, keys: Sequence[bytes]) -> None:
-        """Delete all ``keys`` in one syscall; keys already gone are skipped (the kernel stops at
-        the first missing one: the rest is retried from there)."""
-        rest = list(keys)
-        while rest:
-            buf = b"".join(rest)
-            count = ct.c_uint32(len(rest))
-            if _lib().bpf_map_delete_batch(self.fd, buf, ct.byref(count), None) == 0:
-                return
-            err = ct.get_errno()
-            if err != errno.ENOENT:
-                raise _oserror(f"delete {self.spec.name}")
-            rest = rest[count.value + 1:]  # count = deleted before the missing key
-
-    def dump(self, chunk: int = 16384) -> tuple[list[bytes], bytes]:
-        """Every packed key (a list) and every packed value (one buffer, same order) in the map,
-        read with ``BPF_MAP_LOOKUP_BATCH``."""
-        lib = _lib()
-        n = min(chunk, self.spec.max_entries)
-        ks, vs = self.key_size, self.leaf_size
-        keys = ct.create_string_buffer(n * ks)
-        vals = ct.create_string_buffer(n * vs)
-        in_batch, out_batch = ct.c_uint64(0), ct.c_uint64(0)  # hash maps use a u32 bucket cursor
-        all_keys: list[bytes] = []
-        all_vals: list[bytes] = []
-        first = True
-        while True:
-            count = ct.c_uint32(n)
-            res = lib.bpf_map_lookup_batch(self.fd, None if first else ct.byref(in_batch),
-                                           ct.byref(out_batch), keys, vals, ct.byref(count), None)
-            if res != 0 and ct.get_errno() != errno.ENOENT:
-                raise _oserror(f"lookup {self.spec.name}")
-            got = count.value
-            kraw = keys.raw[: got * ks]
-            all_keys += [kraw[i:i + ks] for i in range(0, len(kraw), ks)]
-            all_vals.append(vals.raw[: got * vs])
-            if res != 0:  # ENOENT: the whole map was read
-                return all_keys, b"".join(all_vals)
-            in_batch.value = out_batch.value
-            first = False
-
-    def items(self) -> list[tuple[bytes, bytes]]:
-        keys, vals = self.dump()
-        vs = self.leaf_size
-        return [(k, vals[i * vs:(i + 1) * vs]) for i, k in enumerate(keys)]
-
-    def get(self, key: bytes) -> bytes | None:
-        val = ct.create_string_buffer(self.leaf_size)
-        if _lib().bpf_map_lookup_elem(self.fd, key, val) != 0:
-            return None
-        return val.raw
-
-    def __len__(self) -> int:
-        return len(self.dump()[0])
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -586,116 +382,6 @@ def _gc_paused():
             gc.enable()
 
 
-# ----------------------------------------------------------------------------- bpffs
-
-def _mountinfo() -> list[tuple[str, str]]:
-    """(mount point, fs type) of every mount in this mount namespace."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, right = line.split(" - ", 1)
-            mnt = left.split()[4].encode().decode("unicode_escape")
-            out.append((mnt, right.split()[0]))
-    return out
-
-
-def _cgroup2_mounts() -> list[Path]:
-    return [Path(m) for m, fs in _mountinfo() if fs == "cgroup2"]
-
-
-class Bpffs:
-    """A datapath's (or policy engine's) pinned objects: its folder ``<folder>/{maps,progs}`` in the
-    lab's private bpf filesystem ``<state_dir>/bpffs``, and its state file ``<state_dir>/<folder>.json``
-    (what it attached where, for a later process to detach). Compiling with bcc pins the maps (the C
-    names ``LK_PIN_DIR``) and the programs, so that a new process reuses them without recompiling."""
-
-    def __init__(self, state_dir: Path, folder: str):
-        self.root = Path(state_dir) / "bpffs"
-        self.dir = self.root / folder
-        self.maps = self.dir / "maps"
-        self.progs = self.dir / "progs"
-        self.state_file = Path(state_dir) / f"{folder}.json"
-
-    def mounted(self) -> bool:
-        target = str(self.root.resolve()) if self.root.exists() else str(self.root)
-        return any(m == target and fs == "bpf" for m, fs in _mountinfo())
-
-    def ensure(self) -> None:
-        if not self.mounted():
-            self.root.mkdir(parents=True, exist_ok=True)
-            nsexec.run(["mount", "-t", "bpf", "-o", "mode=0700", "lk-bpffs", str(self.root)])
-        self.maps.mkdir(parents=True, exist_ok=True)
-        self.progs.mkdir(parents=True, exist_ok=True)
-
-    def has(self, maps: Iterable[str], progs: Iterable[str]) -> bool:
-        """Whether these maps and programs are all pinned."""
-        return (all((self.maps / m).exists() for m in maps)
-                and all((self.progs / p).exists() for p in progs))
-
-    def compile_and_pin(self, source: str, programs: Iterable[tuple[str, int, int | None]], where: str) -> float:
-        """Compile ``bpf/<source>`` with bcc (its maps pinned by bcc), load every
-        ``(name, prog_type, attach_type)`` and pin it; returns the seconds it took."""
-        try:
-            from bcc import BPF
-        except ImportError as exc:
-            raise DatapathError(f"{where}: bcc is not importable ({exc}); run setup.sh / `labkit doctor`") from exc
-        if '"' in str(self.maps) or "\\" in str(self.maps):
-            raise DatapathError(f"{where}: state folder {self.root.parent} has quotes or backslashes")
-        for pin in self.progs.iterdir():  # half-made earlier attempt
-            pin.unlink()
-        t0 = time.perf_counter()
-        text = flatten_source(bpf_source_dir() / source)
-        try:
-            bpf = BPF(text=text.encode(), cflags=[f'-DLK_PIN_DIR="{self.maps}"', "-Wno-macro-redefined"])
-        except Exception as exc:  # bcc raises bare Exception on compile errors
-            raise DatapathError(f"{where}: compiling {source} failed: {exc}") from exc
-        try:
-            for name, prog_type, attach_type in programs:
-                try:
-                    kw = {} if attach_type is None else {"attach_type": attach_type}
-                    fn = bpf.load_func(name.encode(), prog_type, **kw)
-                except Exception as exc:
-                    raise DatapathError(f"{where}: loading {name} failed: {exc}") from exc
-                obj_pin(fn.fd, self.progs / name)
-        finally:
-            bpf.cleanup()  # closes fds: the pins (and later the hooks) keep everything alive
-        return time.perf_counter() - t0
-
-    def prog_fds(self, names: Iterable[str]) -> dict[str, int]:
-        """New fds of pinned programs (the caller closes them)."""
-        return {name: obj_get(self.progs / name) for name in names}
-
-    def load_state(self) -> dict:
-        try:
-            return json.loads(self.state_file.read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-
-    def save_state(self, state: dict) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.state_file)
-
-    def remove(self) -> None:
-        """Unpin everything of this folder and drop the state file; unmount when no other folder
-        is left."""
-        if self.mounted():
-            for sub in (self.maps, self.progs):
-                if sub.is_dir():
-                    for pin in sub.iterdir():
-                        pin.unlink()
-                    sub.rmdir()
-            if self.dir.is_dir():
-                self.dir.rmdir()
-            # a fresh bpffs holds the kernel's preloaded iterators (maps.debug, progs.debug)
-            if all(p.name.endswith(".debug") for p in self.root.iterdir()):
-                nsexec.run(["umount", str(self.root)])
-        if self.root.is_dir() and not self.mounted() and not any(self.root.iterdir()):
-            self.root.rmdir()
-        self.state_file.unlink(missing_ok=True)
-
-
 # ----------------------------------------------------------------------------- datapaths
 
 class _EbpfDatapath(Datapath):
@@ -703,7 +389,7 @@ class _EbpfDatapath(Datapath):
 
     source: ClassVar[str]  # entry file under bpf/
     programs: ClassVar[tuple[Program, ...]]
-    map_specs: ClassVar[tuple[S.MapSpec, ...]]  # every map the entry file declares
+    map_specs: ClassVar[tuple[MapSpec, ...]]  # every map the entry file declares
     rev_nat: ClassVar[bool]  # whether the programs read lk_rnat_v4 (then the loader fills it)
     features: ClassVar[tuple[str, ...]] = ("bpf", "bpf-jit", "bcc", "bcc-compile", "kernel-headers")
 
@@ -733,32 +419,18 @@ class _EbpfDatapath(Datapath):
     def _where(self) -> str:
         return f"{self.name} on node {self.ctx.node}"
 
-    def _prog_fds(self) -> dict[str, int]:
-        return self.fs.prog_fds(p.name for p in self.programs)
-
     def _ensure_loaded(self) -> ServiceMaps:
         if self._maps is not None:
             return self._maps
         self._check_target()
-        self.fs.ensure()
-        if not self.fs.has((m.name for m in self.map_specs), (p.name for p in self.programs)):
-            self.compile_seconds = self.fs.compile_and_pin(
-                self.source, [(p.name, p.prog_type, p.attach_type) for p in self.programs], self._where())
+        compiled = self.fs.load(self.source, self.programs, (m.name for m in self.map_specs), self._where())
+        if compiled is not None:
+            self.compile_seconds = compiled
         if not self._attached():
-            fds = self._prog_fds()
-            try:
+            with self.fs.opened_programs(p.name for p in self.programs) as fds:
                 self._attach(fds)
-            finally:
-                for fd in fds.values():
-                    os.close(fd)
         self._maps = ServiceMaps(self.fs.maps)
         return self._maps
-
-    def _load_state(self) -> dict:
-        return self.fs.load_state()
-
-    def _save_state(self, state: dict) -> None:
-        self.fs.save_state(state)
 
     # -- Datapath
     def apply(self, desired: ServiceTable, changes: TableDiff) -> None:
@@ -822,88 +494,21 @@ class SocketLB(_EbpfDatapath):
     map_specs = S.SOCK_MAPS
     rev_nat = False  # UDP replies are restored per socket (lk_rnat_sk_v4), not per service
 
-    def _cgroup(self) -> Path:
-        """The node's pod cgroup, or DatapathError saying why it is not a safe place to attach."""
-        problem = _unsafe_cgroup(self.ctx.cgroup)
-        if problem:
-            raise DatapathError(f"{self._where()}: {problem}")
-        return Path(self.ctx.cgroup).resolve()
+    def __init__(self, ctx: NodeContext):
+        super().__init__(ctx)
+        self.attachments = CgroupAttachments(self.fs.state, self.programs)
 
     def _check_target(self) -> None:
-        self._cgroup()
+        self.attachments.target(self.ctx.cgroup, self._where())
 
     def _attach(self, fds: dict[str, int]) -> None:
-        cg = self._cgroup()
-        self._save_state({"cgroup": str(cg)})  # before attaching: cleanup must know where to look
-        cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for prog in self.programs:
-                # flags 0: exclusive on this cgroup, and attaching again replaces (idempotent)
-                if _lib().bpf_prog_attach(fds[prog.name], cg_fd, prog.attach_type, 0) != 0:
-                    raise _oserror(f"attach {prog.name} to {cg}")
-        finally:
-            os.close(cg_fd)
-
-    def _our_programs(self, cg: Path) -> dict[int, list[int]]:
-        """attach type -> ids of labkit programs attached to ``cg``."""
-        cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            return {p.attach_type: [pid for pid, name in cgroup_programs(cg_fd, p.attach_type)
-                                    if name == p.name[:_KERNEL_NAME_LEN]]
-                    for p in self.programs}
-        finally:
-            os.close(cg_fd)
+        self.attachments.attach(self.ctx.cgroup, fds, self._where())
 
     def _attached(self) -> bool:
-        return all(self._our_programs(self._cgroup()).values())
+        return self.attachments.attached(self.ctx.cgroup, self._where())
 
     def _detach(self) -> None:
-        targets = {Path(p) for p in (self._load_state().get("cgroup"), self.ctx.cgroup) if p}
-        lib = _lib()
-        for cg in targets:
-            if _unsafe_cgroup(cg):
-                continue  # gone (and its programs with it), or never ours to touch
-            cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                for attach_type, ids in self._our_programs(cg).items():
-                    for prog_id in ids:
-                        fd = lib.bpf_prog_get_fd_by_id(prog_id)
-                        if fd < 0:
-                            continue
-                        try:
-                            if lib.bpf_prog_detach2(fd, cg_fd, attach_type) != 0 and ct.get_errno() != errno.ENOENT:
-                                raise _oserror(f"detach program {prog_id} from {cg}")
-                        finally:
-                            os.close(fd)
-            finally:
-                os.close(cg_fd)
-
-
-def _unsafe_cgroup(cgroup: Path | str | None) -> str | None:
-    """Why socket-LB must not attach to ``cgroup`` (None: it may). Only a folder below a cgroup v2
-    root qualifies: the root itself would rewrite every connection of the machine."""
-    if cgroup is None:
-        return ("the node has no cgroup for its pods (NodeContext.cgroup); socket-LB attaches there "
-                "and never to a cgroup root")
-    cg = Path(cgroup).resolve()
-    roots = [r.resolve() for r in _cgroup2_mounts()]
-    if cg in roots:
-        return f"refusing to attach to the cgroup v2 root {cg}: that would rewrite every connection of this machine"
-    if not any(root in cg.parents for root in roots):
-        return f"{cg} is not a folder of a cgroup v2 hierarchy"
-    if not (cg / "cgroup.procs").exists():
-        return f"cgroup {cg} does not exist"
-    return None
-
-
-@dataclass(frozen=True)
-class TcHook:
-    """One tc filter: a program on one direction of one interface in one namespace."""
-
-    netns: str | None
-    ifname: str
-    parent: str  # TC_INGRESS / TC_EGRESS
-    prog: str
+        self.attachments.detach(self.ctx.cgroup)
 
 
 @register
@@ -919,6 +524,7 @@ class TcLB(_EbpfDatapath):
 
     def __init__(self, ctx: NodeContext):
         super().__init__(ctx)
+        self.attachments = TcAttachments(self.fs.state, TC_PREF, TC_NAMES)
         self._hooks: list[TcHook] | None = None
 
     def hooks(self) -> list[TcHook]:
@@ -930,11 +536,8 @@ class TcLB(_EbpfDatapath):
         Resolved with netlink once, when the programs are attached, and recorded in the state file
         with the pods it was resolved for; later processes read it from there."""
         if self._hooks is None:
-            state = self._load_state()
-            if state.get("pods") == self._pods_signature() and state.get("hooks"):
-                self._hooks = [TcHook(h["netns"], h["ifname"], h["parent"], h["prog"]) for h in state["hooks"]]
-            else:
-                self._hooks = self._resolve_hooks()
+            same_pods = self.fs.state.load().get("pods") == self._pods_signature()
+            self._hooks = (same_pods and self.attachments.recorded()) or self._resolve_hooks()
         return self._hooks
 
     def _pods_signature(self) -> list:
@@ -943,7 +546,7 @@ class TcLB(_EbpfDatapath):
     def _resolve_hooks(self) -> list[TcHook]:
         node_peers: dict[str, int | None] = {}
         if any(p.ifname for p in self.ctx.pods):
-            node_peers = _netlink(self.ctx.netns, lambda ipr: {
+            node_peers = netlink(self.ctx.netns, lambda ipr: {
                 link.get_attr("IFLA_IFNAME"): link.get_attr("IFLA_LINK") for link in ipr.get_links()})
         out = []
         for pod in self.ctx.pods:
@@ -982,84 +585,13 @@ class TcLB(_EbpfDatapath):
         self.hooks()  # every interface found before anything is mounted or loaded
 
     def _attach(self, fds: dict[str, int]) -> None:
-        state = self._load_state()
-        before = {(h["netns"], h["ifname"], h["parent"]): h
-                  for h in state.get("hooks", []) + state.get("earlier_hooks", [])}
-        recorded: dict[tuple, dict] = {}
-        for netns, group in _by_netns(self.hooks()).items():
-            def attach(ipr, group=group, netns=netns) -> None:
-                for h in group:
-                    index = _ifindex(ipr, h.ifname)
-                    if index is None:
-                        raise DatapathError(f"{self._where()}: interface {h.ifname} not found in "
-                                            f"{netns or 'this namespace'}")
-                    key = (h.netns, h.ifname, h.parent)
-                    made_before = bool(before.get(key, {}).get("qdisc_created"))
-                    recorded[key] = {"netns": h.netns, "ifname": h.ifname, "parent": h.parent, "prog": h.prog,
-                                     "qdisc_created": _ensure_clsact(ipr, index) or made_before}
-                    self._save_state({  # before the filter exists; hooks of other pods kept for cleanup
-                        "pods": self._pods_signature(), "hooks": list(recorded.values()),
-                        "earlier_hooks": [e for k, e in before.items() if k not in recorded]})
-                    ipr.tc("replace-filter", "bpf", index, TC_HANDLE, fd=fds[h.prog], name=h.prog,
-                           parent=h.parent, classid=1, direct_action=True, prio=TC_PREF)
-
-            _netlink(netns, attach)
+        self.attachments.attach(self.hooks(), fds, self._where(), {"pods": self._pods_signature()})
 
     def _attached(self) -> bool:
-        for netns, group in _by_netns(self.hooks()).items():
-            if netns and not nsexec.netns_path(netns).exists():
-                return False
-
-            def check(ipr, group=group) -> bool:
-                for h in group:
-                    index = _ifindex(ipr, h.ifname)
-                    if index is None or h.prog not in _our_filters(ipr, index, h.parent):
-                        return False
-                return True
-
-            if not _netlink(netns, check):
-                return False
-        return True
+        return self.attachments.attached(self.hooks())
 
     def _detach(self) -> None:
-        state = self._load_state()
-        recorded = state.get("hooks", []) + state.get("earlier_hooks", [])
-        try:
-            current = [{"netns": h.netns, "ifname": h.ifname, "parent": h.parent, "qdisc_created": False}
-                       for h in self.hooks()]
-        except DatapathError:  # a pod namespace is gone already
-            current = []
-        seen: dict[tuple, dict] = {}
-        for h in recorded + current:  # recorded first: they know whether we made the qdisc
-            seen.setdefault((h["netns"], h["ifname"], h["parent"]), h)
-        by_ns: dict[str | None, list[dict]] = {}
-        for h in seen.values():
-            by_ns.setdefault(h["netns"], []).append(h)
-        for netns, group in by_ns.items():
-            if netns and not nsexec.netns_path(netns).exists():
-                continue  # namespace gone: its interfaces and filters with it
-
-            def detach(ipr, group=group) -> None:
-                made_qdisc: dict[int, bool] = {}
-                for h in group:
-                    index = _ifindex(ipr, h["ifname"])
-                    if index is None:
-                        continue
-                    if _our_filters(ipr, index, h["parent"]):
-                        _ignore_missing(lambda: ipr.tc("del-filter", "bpf", index, TC_HANDLE,
-                                                       parent=h["parent"], prio=TC_PREF))
-                    made_qdisc[index] = made_qdisc.get(index, False) or h.get("qdisc_created", False)
-                for index, made in made_qdisc.items():
-                    if made and not _any_filters(ipr, index):
-                        _ignore_missing(lambda: ipr.tc("del", "clsact", index))
-
-            _netlink(netns, detach)
-
-
-# ----------------------------------------------------------------------------- netlink helpers
-
-_by_netns, _netlink, _ifindex, _ensure_clsact, _filters, _ignore_missing = (
-    tc.by_netns, tc.netlink, tc.ifindex, tc.ensure_clsact, tc.filters, tc.ignore_missing)
+        self.attachments.detach(self.hooks)
 
 
 def _pod_interface(pod_netns: str, ip: str) -> tuple[str, int]:
@@ -1073,26 +605,11 @@ def _pod_interface(pod_netns: str, ip: str) -> tuple[str, int]:
                 return ipr.get_links(addr["index"])[0].get_attr("IFLA_IFNAME"), addr["index"]
         return None
 
-    found = _netlink(pod_netns, find)
+    found = netlink(pod_netns, find)
     if found is None:
         raise DatapathError(f"no interface holds {ip} in namespace {pod_netns}")
     return found
 
 
-def _our_filters(ipr, index: int, parent: str) -> set[str]:
-    """Names of labkit's bpf filters on one direction of an interface."""
-    out = set()
-    for f in _filters(ipr, index, parent):
-        opts = f.get_attr("TCA_OPTIONS")
-        name = opts.get_attr("TCA_BPF_NAME") if opts else None
-        if f.get_attr("TCA_KIND") == "bpf" and name and name.startswith("lk_"):
-            out.add(name)
-    return out
-
-
-def _any_filters(ipr, index: int) -> bool:
-    return any(f.get_attr("TCA_OPTIONS") for p in (TC_INGRESS, TC_EGRESS) for f in _filters(ipr, index, p))
-
-
 __all__ = ["SocketLB", "TcLB", "render_full", "render_partial", "assign_slots", "ServiceIds", "MapOps",
-           "PinnedMap", "ServiceMaps", "Bpffs", "flatten_source", "bpf_source_dir", "cgroup_programs"]
+           "MapContents", "ServiceMaps"]

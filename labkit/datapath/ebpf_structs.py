@@ -19,7 +19,8 @@ import ctypes as ct
 import socket
 import struct
 import sys
-from dataclasses import dataclass
+
+from ..ebpf.maps import MapSpec
 
 IPPROTO = {"TCP": 6, "UDP": 17}
 
@@ -146,17 +147,6 @@ class CtConfig(ct.Structure):
         ("close_ms", ct.c_uint32),
         ("nontcp_ms", ct.c_uint32),
     ]
-
-
-@dataclass(frozen=True)
-class MapSpec:
-    """One map as the C declares it."""
-
-    name: str
-    kind: str  # bcc table type: "hash" / "lru_hash" / "array"
-    key: type
-    leaf: type
-    max_entries: int
 
 
 SERVICE_MAPS = (

@@ -23,35 +23,36 @@ LRU), per pod and direction, so later packets and replies skip the lookup, as co
 ESTABLISHED rule does for iptables. As with conntrack, a policy change does not cut flows already
 allowed; evicted entries are re-checked, and a reply whose flow was evicted is judged as new.
 
-Pins and state as the eBPF Service datapaths keep them (:mod:`labkit.datapath.ebpf`): a private
-bpffs under the node's state folder, folder ``policy-ebpf/``, and ``policy-ebpf.json`` recording
-where filters were attached (for cleanup after the loader is gone).
+Loading and attaching are the eBPF runtime's (:mod:`labkit.ebpf`), shared with the eBPF Service
+datapaths: pins in the private bpffs under the node's state folder, folder ``policy-ebpf/``, and
+``policy-ebpf.json`` recording where filters were attached (for cleanup after the loader is gone).
+The engine's filters are told from the Service datapath's by their priority and ``lk_pol_`` names.
 """
 
 from __future__ import annotations
 
-import ctypes as ct
-import os
 import socket
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from .. import nsexec, tc
-from ..datapath.ebpf import Bpffs, PinnedMap, TcHook, obj_get
+from .. import nsexec
+from ..ebpf.libbpf import PROG_SCHED_CLS
+from ..ebpf.loader import Bpffs, Program
+from ..ebpf.maps import PinnedMap
+from ..ebpf.netlink import netlink
+from ..ebpf.tc import TC_EGRESS, TC_INGRESS, TcAttachments, TcHook
 from ..errors import DatapathError
 from . import ebpf_structs as S
 from .base import PolicyEngine, register
 from .model import PolicyDiff, PolicyTable
 
-PROG_SCHED_CLS = 3
-TC_INGRESS = "ffff:fff2"
-TC_EGRESS = "ffff:fff3"
 TC_PREF = 0x4C40  # before the ebpf-tc Service datapath (0x4C4B): lower runs first
-TC_HANDLE = 1
+TC_NAMES = "lk_pol_"  # prefix of the filters' names (the programs')
 FROM_POD, TO_POD = "lk_pol_from_pod", "lk_pol_to_pod"
-PROGRAMS = (FROM_POD, TO_POD)
+PROGRAMS = (Program(FROM_POD, PROG_SCHED_CLS), Program(TO_POD, PROG_SCHED_CLS))
 IN_POD_MODES = ("eni-exclusive", "eni-ipvlan", "macvlan")
 SOURCE = "bpf_policy.c"
 FOLDER = "policy-ebpf"
@@ -184,30 +185,12 @@ class PolicyMaps:
 
     def stats(self) -> dict[str, int]:
         """lk_pol_stats summed over CPUs."""
-        ncpu = _possible_cpus()
-        fd = obj_get(self.dir / "lk_pol_stats")
+        stats = PinnedMap(S.BY_NAME["lk_pol_stats"], self.dir / "lk_pol_stats")
         try:
-            from ..datapath.ebpf import _lib
-
-            out = {}
-            for i, name in enumerate(S.STATS):
-                buf = ct.create_string_buffer(8 * ncpu)
-                key = ct.c_uint32(i)
-                if _lib().bpf_map_lookup_elem(fd, ct.byref(key), buf) != 0:
-                    raise OSError(ct.get_errno(), "lookup lk_pol_stats")
-                out[name] = sum(int.from_bytes(buf.raw[8 * c:8 * c + 8], "little") for c in range(ncpu))
-            return out
+            per_cpu = {name: stats.get_percpu(i.to_bytes(4, sys.byteorder)) for i, name in enumerate(S.STATS)}
         finally:
-            os.close(fd)
-
-
-def _possible_cpus() -> int:
-    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    n = 0
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        n = max(n, int(hi or lo) + 1)
-    return n
+            stats.close()
+        return {name: sum(int.from_bytes(v, sys.byteorder) for v in values) for name, values in per_cpu.items()}
 
 
 # ---------------------------------------------------------------- the engine
@@ -221,6 +204,7 @@ class EbpfPolicy(PolicyEngine):
         super().__init__(ctx, datapath)
         self.fs = Bpffs(ctx.state_dir, FOLDER)
         self.state_file = self.fs.state_file
+        self.attachments = TcAttachments(self.fs.state, TC_PREF, TC_NAMES)
         self._maps: PolicyMaps | None = None
         self._held: dict[bytes, PodEntries] | None = None  # what the maps hold (None: read them)
         self.last_ops: dict[str, int] = {}
@@ -236,7 +220,7 @@ class EbpfPolicy(PolicyEngine):
             if pod.mode in IN_POD_MODES or not pod.ifname:
                 if not pod.netns or not nsexec.netns_path(pod.netns).exists():
                     raise DatapathError(f"{self._where()}: namespace of pod {pod.pod} is missing")
-                for ifname in _netlink(pod.netns, _pod_interfaces):
+                for ifname in netlink(pod.netns, _pod_interfaces):
                     out += [TcHook(pod.netns, ifname, TC_EGRESS, FROM_POD), TcHook(pod.netns, ifname, TC_INGRESS, TO_POD)]
             else:
                 out += [TcHook(self.ctx.netns, pod.ifname, TC_INGRESS, FROM_POD),
@@ -249,38 +233,13 @@ class EbpfPolicy(PolicyEngine):
             return self._maps
         if not self.ctx.pods:
             raise DatapathError(f"{self._where()}: the node has no pods to attach tc programs to")
-        self.fs.ensure()
-        if not self.fs.has((m.name for m in S.MAPS), PROGRAMS):
-            self.compile_seconds = self.fs.compile_and_pin(SOURCE, [(p, PROG_SCHED_CLS, None) for p in PROGRAMS],
-                                                           self._where())
-        self._attach()
+        compiled = self.fs.load(SOURCE, PROGRAMS, (m.name for m in S.MAPS), self._where())
+        if compiled is not None:
+            self.compile_seconds = compiled
+        with self.fs.opened_programs(p.name for p in PROGRAMS) as fds:  # attached again: replace is idempotent
+            self.attachments.attach(self.hooks(), fds, self._where())
         self._maps = PolicyMaps(self.fs.maps)
         return self._maps
-
-    def _attach(self) -> None:
-        """Attach (or re-attach: replace is idempotent) both programs to every hook."""
-        fds = self.fs.prog_fds(PROGRAMS)
-        state = self._load_state()
-        recorded = {(h["netns"], h["ifname"], h["parent"]): h for h in state.get("hooks", [])}
-        try:
-            for netns, group in _by_netns(self.hooks()).items():
-                def attach(ipr, group=group) -> None:
-                    for h in group:
-                        index = _ifindex(ipr, h.ifname)
-                        if index is None:
-                            raise DatapathError(f"{self._where()}: no interface {h.ifname} in {h.netns}")
-                        key = (h.netns, h.ifname, h.parent)
-                        made = _ensure_clsact(ipr, index) or bool(recorded.get(key, {}).get("qdisc_created"))
-                        recorded[key] = {"netns": h.netns, "ifname": h.ifname, "parent": h.parent,
-                                         "qdisc_created": made}
-                        self._save_state({"hooks": list(recorded.values())})  # before the filter exists
-                        ipr.tc("replace-filter", "bpf", index, TC_HANDLE, fd=fds[h.prog], name=h.prog,
-                               parent=h.parent, classid=1, direct_action=True, prio=TC_PREF)
-
-                _netlink(netns, attach)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
 
     # -- PolicyEngine
     def apply(self, desired: PolicyTable, changes: PolicyDiff) -> None:
@@ -310,52 +269,13 @@ class EbpfPolicy(PolicyEngine):
         self.close()
         self._applied = None
         self._held = None
-        self._detach()
+        self.attachments.detach(self.hooks)
         self.fs.remove()
 
     def close(self) -> None:
         if self._maps is not None:
             self._maps.close()
             self._maps = None
-
-    def _detach(self) -> None:
-        recorded = self._load_state().get("hooks", [])
-        try:
-            current = [{"netns": h.netns, "ifname": h.ifname, "parent": h.parent, "qdisc_created": False}
-                       for h in self.hooks()]
-        except DatapathError:
-            current = []
-        seen: dict[tuple, dict] = {}
-        for h in recorded + current:
-            seen.setdefault((h["netns"], h["ifname"], h["parent"]), h)
-        by_ns: dict[str | None, list[dict]] = {}
-        for h in seen.values():
-            by_ns.setdefault(h["netns"], []).append(h)
-        for netns, group in by_ns.items():
-            if netns and not nsexec.netns_path(netns).exists():
-                continue
-
-            def detach(ipr, group=group) -> None:
-                made: dict[int, bool] = {}
-                for h in group:
-                    index = _ifindex(ipr, h["ifname"])
-                    if index is None:
-                        continue
-                    if any(_is_ours(f) for f in _filters(ipr, index, h["parent"])):
-                        _ignore_missing(lambda: ipr.tc("del-filter", "bpf", index, TC_HANDLE, parent=h["parent"],
-                                                       prio=TC_PREF))
-                    made[index] = made.get(index, False) or h.get("qdisc_created", False)
-                for index, ours in made.items():
-                    if ours and not any(_filters(ipr, index, p) for p in (TC_INGRESS, TC_EGRESS)):
-                        _ignore_missing(lambda: ipr.tc("del", "clsact", index))
-
-            _netlink(netns, detach)
-
-    def _load_state(self) -> dict:
-        return self.fs.load_state()
-
-    def _save_state(self, state: dict) -> None:
-        self.fs.save_state(state)
 
     def maps(self) -> PolicyMaps:
         return self._ensure_loaded()
@@ -374,25 +294,9 @@ class EbpfPolicy(PolicyEngine):
         return info
 
 
-# ---------------------------------------------------------------- netlink helpers
-
-_netlink, _by_netns, _ifindex, _ensure_clsact, _ignore_missing = (
-    tc.netlink, tc.by_netns, tc.ifindex, tc.ensure_clsact, tc.ignore_missing)
-
-
-def _filters(ipr, index: int, parent: str) -> list:
-    return [f for f in tc.filters(ipr, index, parent) if f.get_attr("TCA_OPTIONS")]
-
-
 def _pod_interfaces(ipr) -> list[str]:
     """Every interface of a pod but lo (eth0; and veth1 of an eni-exclusive pod)."""
     return sorted(link.get_attr("IFLA_IFNAME") for link in ipr.get_links() if link.get_attr("IFLA_IFNAME") != "lo")
-
-
-def _is_ours(f) -> bool:
-    opts = f.get_attr("TCA_OPTIONS")
-    name = opts.get_attr("TCA_BPF_NAME") if opts else None
-    return f.get_attr("TCA_KIND") == "bpf" and bool(name) and name.startswith("lk_pol_")
 
 
 __all__ = ["EbpfPolicy", "flatten", "render", "affected_pods", "PolicyMaps", "MapOps", "PodEntries"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes as ct
 import struct
 
-from ..datapath.ebpf_structs import MapSpec
+from ..ebpf.maps import MapSpec
 
 EP_MAP_SIZE = 65536
 POLICY_MAP_SIZE = 1048576

@@ -1,9 +1,11 @@
-"""tc and netlink helpers shared by the eBPF Service datapath and the eBPF policy engine.
+"""Netlink round trips inside a network namespace, and the tc queries the eBPF runtime builds on.
 
-Every function takes or opens a pyroute2 socket *inside* the namespace it acts on: pyroute2 0.9 keeps
-sockets per thread, so a socket built in one namespace's thread and used from another thread may
-quietly talk to that other thread's namespace. :func:`netlink` does the whole round trip in the
-namespace's helper thread.
+One job: talk rtnetlink (pyroute2) in the right namespace. Every function takes or opens a pyroute2
+socket *inside* the namespace it acts on: pyroute2 0.9 keeps sockets per thread, so a socket built
+in one namespace's thread and used from another thread may quietly talk to that other thread's
+namespace. :func:`netlink` does the whole round trip in the namespace's helper thread. A namespace
+is named as :mod:`labkit.nsexec` names it (None: this one); tc directions by their clsact parent
+handle (``ffff:fff2`` ingress, ``ffff:fff3`` egress).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import errno
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from . import nsexec
+from .. import nsexec
 
 T = TypeVar("T")
 MISSING = (errno.ENOENT, errno.EINVAL, errno.ENODEV)  # no clsact / no such filter / no interface
