@@ -2,7 +2,8 @@
 /* NetworkPolicy maps and lookups (Cilium's policy map idea, with an LPM trie instead of identities).
  *
  * This file is one half of a contract: labkit/policy/ebpf_structs.py holds the ctypes mirror of every
- * struct below and tests/test_policy_ebpf.py checks sizes and offsets against bcc's typed views.
+ * struct below and tests/test_policy_engines.py checks sizes and offsets as gcc sees them and against
+ * bcc's typed views.
  * Byte order as in common.h: addresses and ports in NETWORK order, flags and ids in HOST order;
  * padding explicit and zero.
  *

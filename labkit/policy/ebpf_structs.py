@@ -1,9 +1,10 @@
 """The Python half of the C/Python struct contract of the eBPF policy engine.
 
 Every class mirrors one struct of ``bpf/lib/policy.h`` field for field, :data:`MAPS` every map it
-declares, and the packers write the raw bytes of many entries at once. ``tests/test_policy_ebpf.py``
-compiles ``bpf/bpf_policy.c`` with bcc and checks sizes, field names and offsets against bcc's typed
-views, and each packer against ``bytes()`` of its ctypes struct; change both sides together.
+declares, and the packers write the raw bytes of many entries at once. ``tests/test_policy_engines.py``
+checks sizes, field names and offsets as gcc sees the header and against bcc's typed views of
+``bpf/bpf_policy.c`` compiled, and ``tests/test_policy_model.py`` each packer against ``bytes()`` of
+its ctypes struct; change both sides together.
 
 Byte order as in the C header: addresses and ports in network order, the rest in host order.
 """
