@@ -9,7 +9,9 @@ answers with its pod name; clients run inside the client's namespace and, for so
 cgroup, and print what answered (or the error) as JSON.
 
 Variants: ``ebpf`` (cgroup hooks), ``ebpf-tc`` (tc on the node-side interfaces) and ``ebpf-tc-eni``
-(pods declared without a node-side interface: tc inside each pod on its eth0).
+(pods declared without a node-side interface: tc inside each pod on its eth0). The last test builds
+a node of its own with two pods and puts ``ebpf-tc`` and the ``ebpf`` policy engine on the same
+interfaces (the eBPF runtime's one tc lifecycle, two clients).
 """
 
 from __future__ import annotations
@@ -551,3 +553,91 @@ def test_state_survives_the_loading_process(lab, dp):
     assert_nothing_left(lab, fresh, prog_ids, map_ids)
     got = lab.client("tcp", [(vip(2), PORT)])
     assert got[0].startswith("error:"), got
+
+
+def _tc_filters(netns: str, ifnames: list[str]) -> dict[tuple[str, str], set[tuple[int, str]]]:
+    """(interface, direction) -> {(priority, name)} of the bpf filters there, as tc(8) lists them."""
+    out = {}
+    for ifname in ifnames:
+        for direction in ("ingress", "egress"):
+            text = nsexec.run(["tc", "-j", "filter", "show", "dev", ifname, direction], netns).stdout
+            out[ifname, direction] = {(f["pref"], f["options"]["bpf_name"]) for f in json.loads(text or "[]")
+                                      if f.get("kind") == "bpf" and "options" in f}
+    return out
+
+
+def _recognised(client, netns: str, hooks) -> set[str]:
+    """Names of the filters that ``client``'s tc lifecycle takes for its own at ``hooks``."""
+    from labkit.ebpf.netlink import ifindex, netlink
+
+    return netlink(netns, lambda ipr: {name for h in hooks
+                                       for name in client.attachments.ours(ipr, ifindex(ipr, h.ifname), h.parent)})
+
+
+@needs_kernel
+def test_tc_clients_never_remove_each_others_filters(tmp_path):
+    """``ebpf-tc`` (priority 0x4C4B, ``lk_…``) and the ``ebpf`` policy engine (0x4C40, ``lk_pol_…``)
+    on the same interfaces, through one tc lifecycle: each takes only its own filters for its own,
+    so each one's cleanup leaves the other's filters (and the clsact qdisc under them) working."""
+    from labkit.datapath.ebpf import TcLB
+    from labkit.policy.ebpf import EbpfPolicy
+    from labkit.policy.model import CompiledPolicy, PodPolicy, PolicyTable
+
+    undo: list = []
+    try:
+        node = f"{PREFIX}-tcnode"
+        nsexec.create_netns(node)
+        undo.append(lambda: nsexec.remove_netns(node))
+        nsexec.write_sysctls(node, {"net.ipv4.ip_forward": 1})
+        netns, ips = veth_pods(node, ("a", "b"), f"{PREFIX}-tc", "10.98", undo)
+        ctx = NodeContext(lab=PREFIX, prefix=f"lk-{PREFIX}", node="n2", netns=node, pod_cidr="10.98.0.0/16",
+                          service_cidr="10.96.0.0/12", state_dir=tmp_path,
+                          pods=tuple(PodIface(p, f"lx-{p}", netns[p], ips[p], "veth") for p in ("a", "b")))
+        clients = {"service": TcLB(ctx), "policy": EbpfPolicy(ctx)}
+        undo.append(lambda: [c.cleanup() for c in clients.values()])
+
+        def a_to_b() -> str:
+            out = nsexec.run([sys.executable, "-c", CLIENT, "tcp", json.dumps([(ips["b"], 9)])], netns["a"]).stdout
+            return json.loads(out)[0]
+
+        ifnames = ["lx-a", "lx-b"]
+        service_filters = {(k, d): {(0x4C4B, "lk_from_container" if d == "ingress" else "lk_to_container")}
+                           for k in ifnames for d in ("ingress", "egress")}
+        policy_filters = {(k, d): {(0x4C40, "lk_pol_from_pod" if d == "ingress" else "lk_pol_to_pod")}
+                          for k in ifnames for d in ("ingress", "egress")}
+        both = {k: service_filters[k] | policy_filters[k] for k in service_filters}
+        # the service datapath first (it adds the clsact qdiscs), then the policy engine: b isolated
+        clients["service"].sync(ServiceTable.of([]))
+        clients["policy"].sync(PolicyTable({"deny-b": CompiledPolicy("deny-b", (), None)}, {}, {
+            "a": PodPolicy("a", ips["a"], "veth", None, None),
+            "b": PodPolicy("b", ips["b"], "veth", ("deny-b",), None)}))
+        assert _tc_filters(node, ifnames) == both
+        assert a_to_b() == "error:timeout"  # dropped at lx-b's egress
+        stats = clients["policy"].describe()["stats"]  # per-CPU counters summed
+        assert stats["allowed"] >= 1 and stats["denied"] >= 1, stats
+
+        hooks = {name: c.hooks() for name, c in clients.items()}
+        assert {h.ifname for h in hooks["service"]} == {h.ifname for h in hooks["policy"]} == set(ifnames)
+        # on the same interfaces, each takes only its own filters for its own (the Service
+        # datapath's "lk_" prefix alone would take the policy engine's too)
+        assert _recognised(clients["service"], node, hooks["service"]) == {"lk_from_container", "lk_to_container"}
+        assert _recognised(clients["policy"], node, hooks["policy"]) == {"lk_pol_from_pod", "lk_pol_to_pod"}
+
+        clients["service"].cleanup()
+        assert _tc_filters(node, ifnames) == policy_filters
+        assert clients["policy"].attachments.attached(hooks["policy"])
+        assert a_to_b() == "error:timeout"  # still enforced: the qdisc the service datapath added stays
+        assert all("clsact" in nsexec.run(["tc", "qdisc", "show", "dev", k], node).stdout for k in ifnames)
+
+        clients["service"] = TcLB(ctx)
+        clients["service"].sync(ServiceTable.of([]))
+        assert _tc_filters(node, ifnames) == both
+        clients["policy"].cleanup()
+        assert _tc_filters(node, ifnames) == service_filters
+        assert clients["service"].describe()["attached"]
+        assert a_to_b() == "error:ECONNREFUSED"  # no policy left: b's kernel answers
+        clients["service"].cleanup()
+        assert _tc_filters(node, ifnames) == {k: set() for k in both}
+    finally:
+        for fn in reversed(undo):
+            fn()
