@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from labkit import lab as labmod  # noqa: E402
 from labkit.experiments.policy_scale import lab_spec, policies  # noqa: E402
-from labkit.measure import loadgen  # noqa: E402
 from labkit.policy import compile_table, expand, get  # noqa: E402
 from labkit.spec import PolicySpec, parse_spec  # noqa: E402
 
 TAG = f"{os.getpid() % 100000}"
+NODE = "n0"  # policy-scale's lab of one node: n0 with cli-0 and srv-0
 
 
 def timed(fn) -> float:
@@ -45,29 +45,28 @@ def bench_engine(engine: str, sizes: list[int], rules: int, repeat: int, samples
     lb = labmod.up(spec, progress=False)
     rows = []
     try:
-        ctx = lb.backend.node_context(lb.spec, "node", lb.plan)
+        ctx = lb.backend.node_context(lb.spec, NODE, lb.plan)
         ctx.state_dir.mkdir(parents=True, exist_ok=True)
         eng = get(engine)(ctx, "none")
-        empty = compile_table(lb.spec, "node", lb.plan, policies=[])
-        compile_s = timed(lambda: eng.sync(compile_table(lb.spec, "node", lb.plan, policies=policies(1, 1))))
+        empty = compile_table(lb.spec, NODE, lb.plan, policies=[])
+        compile_s = timed(lambda: eng.sync(compile_table(lb.spec, NODE, lb.plan, policies=policies(1, 1))))
         eng.sync(empty)
-        srv = str(lb.plan.pods["srv"].ip)
+        srv = str(lb.plan.pods["srv-0"].ip)
         for n in sizes:
             pols = policies(n, rules)
             t0 = time.perf_counter()
-            table = compile_table(lb.spec, "node", lb.plan, policies=pols)
+            table = compile_table(lb.spec, NODE, lb.plan, policies=pols)
             model = time.perf_counter() - t0
-            extra = expand([PolicySpec("extra", {"app": "srv"}, ("Ingress",), count=1, rules=rules,
+            extra = expand([PolicySpec("extra", {"app": "srv-0"}, ("Ingress",), count=1, rules=rules,
                                        peer_cidr="100.127.0.0/16")])
-            plus = compile_table(lb.spec, "node", lb.plan, policies=pols[:-1] + extra + pols[-1:])
+            plus = compile_table(lb.spec, NODE, lb.plan, policies=pols[:-1] + extra + pols[-1:])
             loads, updates, removes = [], [], []
             for _ in range(repeat):
                 eng.sync(empty)
                 loads.append(eng.sync(table).seconds)
                 updates.append(eng.sync(plus).seconds)
                 removes.append(eng.sync(table).seconds)
-            crr = loadgen.run_client(lb.pod_netns("cli"), "crr", srv, 8080, samples=samples, warmup=samples // 10,
-                                     cgroup=lb.backend.pod_cgroup(lb.spec, "cli"))
+            crr = lb.run_client("cli-0", "crr", srv, 8080, samples=samples, warmup=samples // 10)
             rows.append({"engine": engine, "policies": n, "rules": table.rules(), "model_s": model,
                          "load_s": statistics.median(loads), "update_ms": 1e3 * statistics.median(updates),
                          "remove_ms": 1e3 * statistics.median(removes), "crr_p50_us": crr["p50_us"],

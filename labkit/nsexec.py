@@ -183,6 +183,26 @@ def pids_in_netns(inodes: Iterable[int]) -> list[int]:
     return pids
 
 
+def mounts_under(path: Path) -> list[Path]:
+    """Mount points at or below ``path``, deepest first (the order to unmount them in)."""
+    base = str(path.resolve()) if path.exists() else str(path)
+    with open("/proc/self/mounts") as f:
+        mnts = [line.split()[1].replace("\\040", " ") for line in f]
+    return sorted((Path(m) for m in mnts if m == base or m.startswith(base + "/")), key=lambda p: len(p.parts),
+                  reverse=True)
+
+
+def unmount(path: Path) -> bool:
+    """Detach the mount at ``path`` (lazily: users holding it open keep their view). False when
+    nothing was mounted there any more (a cleanup may repeat)."""
+    if _libc.umount2(str(path).encode(), MNT_DETACH) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):
+        return False
+    raise OSError(err, f"umount {path}: {os.strerror(err)}")
+
+
 def write_sysctls(netns: str | None, settings: dict[str, str | int]) -> None:
     """Write ``net.*`` sysctls (dotted names) inside ``netns``. Never used on the host namespace by
     the lab builder; the namespace is required to keep that promise visible at call sites."""

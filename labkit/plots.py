@@ -256,7 +256,7 @@ def cost_vs_services(source, metric: str = "load", anchors: bool = False, log_x:
 # ---------------------------------------------------------------- pod network modes
 
 def mode_bars(source, metric: str = "crr", relative: bool = False, anchors: bool = False,
-              baseline: str = "eni-exclusive") -> go.Figure:
+              baseline: str = anchormod.ALIBABA_BASELINE) -> go.Figure:
     """One bar per pod mode, same-node and cross-node side by side (median of repeats, bars min–max):
     p50 µs for latency metrics, Gbit/s for bandwidth.
 
@@ -413,7 +413,7 @@ def figures(source, anchors: bool = True, log_x: bool = False) -> dict[str, go.F
         for metric in ("crr", "rr", "udp_rr", "bandwidth"):
             if (points["metric"] == metric).any():
                 figs[f"modes-{metric}"] = mode_bars(points, metric)
-                if anchors and anchormod.for_metric(metric) and (points["mode"] == "eni-exclusive").any():
+                if anchors and anchormod.for_metric(metric) and (points["mode"] == anchormod.ALIBABA_BASELINE).any():
                     figs[f"modes-{metric}-vs-published"] = mode_bars(points, metric, anchors=True)
         return figs
     present = set(points["position"].dropna())

@@ -5,7 +5,7 @@ A :class:`Registry` knows the package its implementations live in. The first loo
 module of that package (in name order), and each module registers what it defines with the
 :meth:`Registry.register` decorator; so adding an implementation touches one place, its own module.
 Names are listed by the objects' ``order`` attribute where they have one (pod modes: the study's
-order), else in registration order. An unknown name is an :class:`UnknownName` error that lists the
+order), then by name: never by import order. An unknown name is an :class:`UnknownName` error that lists the
 known ones and suggests the nearest.
 """
 
@@ -58,7 +58,7 @@ class Registry(Generic[T]):
                     obj, "__qualname__", object()):
                 raise ValueError(f"{self.kind} {name!r} is registered twice ({other!r}, {obj!r})")
             self._items[name] = obj
-            self._items = dict(sorted(self._items.items(), key=lambda kv: getattr(kv[1], "order", 0)))
+            self._items = dict(sorted(self._items.items(), key=lambda kv: (getattr(kv[1], "order", 0), kv[0])))
         return obj
 
     def _load(self) -> None:

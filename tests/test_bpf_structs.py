@@ -10,8 +10,6 @@ side lacks, a wrong map type or size.
 from __future__ import annotations
 
 import ctypes as ct
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -48,20 +46,12 @@ def test_every_map_value_and_key_type_is_a_known_struct():
         assert spec.key in known and spec.leaf in known, spec.name
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
+@pytest.mark.needs("gcc")
 def test_c_layouts_match_as_gcc_sees_them(tmp_path):
     assert_c_layouts(S.C_STRUCTS, S.C_CONSTANTS, ['#include "lib/common.h"'], BPF_DIR, tmp_path)
 
 
-def _bcc_ok() -> bool:
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(os.geteuid() != 0 or not _bcc_ok(), reason="needs root and bcc (bcc creates the maps)")
+@pytest.mark.needs("root", "bcc")  # bcc creates the maps
 @pytest.mark.parametrize("source,maps", [("bpf_sock.c", S.SOCK_MAPS), ("bpf_lxc.c", S.LXC_MAPS)])
 def test_bcc_typed_views_of_every_map_match(source, maps):
     from bcc import BPF

@@ -44,16 +44,7 @@ PORT, TARGET = 80, 8080
 BACKENDS = ("be0", "be1", "be2")
 
 
-def _bcc_ok() -> bool:
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_kernel = pytest.mark.skipif(os.geteuid() != 0 or not _bcc_ok() or nsexec.cgroup2_root() is None,
-                                  reason="needs root, bcc and cgroup v2")
+KERNEL = ("root", "bcc-compile", "cgroup2", "tc-clsact")  # compiles, loads and attaches real programs
 
 
 def svc(name: str, ip: str, eps: list[str], proto: str = "TCP", port: int = PORT) -> ServicePort:
@@ -361,7 +352,7 @@ def assert_nothing_left(lab: Lab, dp, prog_ids: set[int] = frozenset(), map_ids:
 
 # ----------------------------------------------------------------------------- kernel tests
 
-@needs_kernel
+@pytest.mark.needs(*KERNEL)
 def test_socket_lb_refuses_to_attach_outside_a_lab_cgroup(lab, tmp_path):
     from labkit.datapath.ebpf import SocketLB
 
@@ -376,7 +367,7 @@ def test_socket_lb_refuses_to_attach_outside_a_lab_cgroup(lab, tmp_path):
         assert not (tmp_path / "refused" / "bpffs").exists()  # refused before touching anything
 
 
-@needs_kernel
+@pytest.mark.needs(*KERNEL)
 def test_tcp_to_cluster_ip_spreads_over_endpoints(lab, dp):
     dp.sync(ServiceTable.of([svc("web", vip(0), [lab.ips[b] for b in BACKENDS])]))
     got = names(lab.client("tcp", [(vip(0), PORT)] * 300))
@@ -387,7 +378,7 @@ def test_tcp_to_cluster_ip_spreads_over_endpoints(lab, dp):
     assert attached_ids(lab, dp)
 
 
-@needs_kernel
+@pytest.mark.needs(*KERNEL)
 def test_udp_replies_come_from_the_cluster_ip(lab, dp):
     dp.sync(ServiceTable.of([svc("dns", vip(1), [lab.ips[b] for b in BACKENDS], proto="UDP")]))
     modes = ("udp", "udp-connected") if dp.name == "ebpf" else ("udp",)
@@ -397,7 +388,7 @@ def test_udp_replies_come_from_the_cluster_ip(lab, dp):
         assert set(names(got)) <= set(BACKENDS) and len(set(names(got))) >= 2, got
 
 
-@needs_kernel
+@pytest.mark.needs(*KERNEL)
 def test_a_udp_flow_keeps_its_backend_until_it_idles_out(lab, dp):
     """One UDP socket (one source port) talking to a Service. ebpf-tc (conntrack-lite): the flow
     keeps its backend while it is busy and is balanced afresh once idle past its lifetime (Cilium's
@@ -432,7 +423,7 @@ def test_a_udp_flow_keeps_its_backend_until_it_idles_out(lab, dp):
     assert len({b for r in kept for b in r}) == 1, kept
 
 
-@needs_kernel
+@pytest.mark.needs(*KERNEL)
 def test_endpoint_removal_and_services_without_endpoints(lab, dp):
     all_eps = [lab.ips[b] for b in BACKENDS]
     t1 = ServiceTable.of([svc("web", vip(0), all_eps), svc("dns", vip(1), all_eps, proto="UDP")])
@@ -457,7 +448,7 @@ def test_endpoint_removal_and_services_without_endpoints(lab, dp):
     assert set(names(lab.client("tcp", [(vip(0), PORT)] * 30))) == set(BACKENDS)
 
 
-@needs_kernel
+@pytest.mark.needs(*KERNEL)
 def test_twenty_thousand_services(lab, dp):
     n = 20000
     table = ServiceTable.of([svc(f"s{k}", vip(k), [lab.ips[BACKENDS[k % 3]]]) for k in range(n)])
@@ -476,7 +467,7 @@ def test_twenty_thousand_services(lab, dp):
     assert dp.describe()["map_services"] == 0 and dp.describe()["map_backends"] == 0
 
 
-@needs_kernel
+@pytest.mark.needs(*KERNEL)
 def test_a_pod_reaches_itself_through_a_service(lab, dp):
     # hairpin: the client is the service's only endpoint (tc: its packets come back to it from the
     # ClusterIP, and its replies are turned round before they leave)
@@ -486,7 +477,7 @@ def test_a_pod_reaches_itself_through_a_service(lab, dp):
     assert lab.client("udp", [(vip(4), PORT)] * 5, pod="be0") == [f"be0@{vip(4)}:{PORT}"] * 5
 
 
-@needs_kernel
+@pytest.mark.needs(*KERNEL)
 def test_never_acts_outside_the_lab(lab, dp):
     dp.sync(ServiceTable.of([svc("web", vip(0), [lab.ips[b] for b in BACKENDS])]))
     if dp.name == "ebpf":
@@ -518,7 +509,7 @@ os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: what a crash leav
 """
 
 
-@needs_kernel
+@pytest.mark.needs(*KERNEL)
 def test_state_survives_the_loading_process(lab, dp):
     dp.cleanup()  # this test wants the loader to be another process
     ctx = dp.ctx
@@ -574,7 +565,7 @@ def _recognised(client, netns: str, hooks) -> set[str]:
                                        for name in client.attachments.ours(ipr, ifindex(ipr, h.ifname), h.parent)})
 
 
-@needs_kernel
+@pytest.mark.needs(*KERNEL)
 def test_tc_clients_never_remove_each_others_filters(tmp_path):
     """``ebpf-tc`` (priority 0x4C4B, ``lk_…``) and the ``ebpf`` policy engine (0x4C40, ``lk_pol_…``)
     on the same interfaces, through one tc lifecycle: each takes only its own filters for its own,

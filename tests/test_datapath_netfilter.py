@@ -30,7 +30,7 @@ from labkit.datapath.base import NodeContext, PodIface
 from labkit.errors import DatapathError
 from labkit.measure import loadgen
 from labkit.services import Endpoint, ServicePort, ServiceTable
-from labkit.tc import netlink
+from labkit.ebpf.netlink import netlink
 from pods import veth_pods
 
 pytestmark = [pytest.mark.needs("root"), pytest.mark.timeout(300)]

@@ -223,7 +223,7 @@ def test_down_after_sigkill_leaves_nothing(lab_name, tmp_path, when):
     assert res.returncode == 0, res.stderr
     assert leftovers(lab_name) == []
     # no process of the lab survives (in-pod servers included)
-    out = subprocess.run(["pgrep", "-f", f"lkserver.*--name c1 "], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-f", "lkserver.*--name c1 "], capture_output=True, text=True).stdout
     assert out.strip() == "" or all(not os.path.exists(f"/proc/{p}") for p in out.split())
     assert host_snapshot() == before
 

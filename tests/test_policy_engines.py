@@ -85,7 +85,7 @@ policies:
 
 # ---------------------------------------------------------------- struct contract
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
+@pytest.mark.needs("gcc")
 def test_c_layouts_match_as_gcc_sees_them(tmp_path):
     # only the declarations of lib/policy.h: its helpers need bcc's rewriter
     header = (BPF_DIR / "lib" / "policy.h").read_text().split("static __always_inline")[0] + "\n#endif\n"
@@ -96,7 +96,7 @@ def test_c_layouts_match_as_gcc_sees_them(tmp_path):
                      tmp_path, werror=False)  # the cut header leaves unused declarations
 
 
-@pytest.mark.root
+@pytest.mark.needs("root")
 def test_bcc_typed_views_of_every_policy_map_match():
     bcc = pytest.importorskip("bcc")
     from labkit.ebpf.loader import flatten_source
@@ -125,7 +125,7 @@ def _matrix(rows) -> dict[tuple, tuple[str, str]]:
     return {(r.src, r.dst, r.proto, r.port): (r.expected, r.observed) for r in rows if r.kind == "policy"}
 
 
-@pytest.mark.root
+@pytest.mark.needs("root")
 @pytest.mark.timeout(240)
 def test_matrix_is_the_models_and_identical_for_both_engines(make_lab, lab_name):
     seen = {}
@@ -158,7 +158,7 @@ def _check_with(lb, policies_yaml: list[dict]):
     return labmod.Lab(load_spec(data)).check(services=False)
 
 
-@pytest.mark.root
+@pytest.mark.needs("root")
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_partial_updates_and_bulk_policies(make_lab, lab_name, engine):
@@ -208,7 +208,7 @@ def _leftovers(lb) -> list[str]:
     return out
 
 
-@pytest.mark.root
+@pytest.mark.needs("root")
 @pytest.mark.timeout(120)
 def test_unknown_engine_and_preflight():
     from labkit.errors import LabkitError
@@ -225,7 +225,7 @@ def test_unknown_engine_and_preflight():
 
 # ---------------------------------------------------------------- experiment and notebook
 
-@pytest.mark.root
+@pytest.mark.needs("root")
 @pytest.mark.timeout(240)
 def test_policy_scale_experiment_shape(tmp_path, monkeypatch):
     from labkit import plots
@@ -248,7 +248,7 @@ def test_policy_scale_experiment_shape(tmp_path, monkeypatch):
     assert not [n for n in nsexec.list_netns("lk-ps") if run.run_id[-4:] in n]  # labs gone
 
 
-@pytest.mark.root
+@pytest.mark.needs("root")
 @pytest.mark.timeout(300)
 def test_notebook_runs_with_papermill(tmp_path, monkeypatch):
     pm = pytest.importorskip("papermill")

@@ -182,9 +182,8 @@ class NetnsBackend(Backend):
                     pass
             time.sleep(0.02)
         # 2. mounts under the lab's state folder (bpffs instances of eBPF datapaths)
-        for mnt in _mounts_under(state.dir):
-            nsexec._libc.umount2(str(mnt).encode(), nsexec.MNT_DETACH)
-            counts["mounts"] += 1
+        for mnt in nsexec.mounts_under(state.dir):
+            counts["mounts"] += nsexec.unmount(mnt)
         # 3. namespaces, pods before nodes before the router
         for ns in sorted(names, key=lambda n: (n.endswith(".vpc"), n), reverse=False):
             if nsexec.remove_netns(ns):
@@ -203,14 +202,3 @@ def server_cpus() -> list[int] | None:
 
     plan = plan_cpus()
     return list(plan.load_cpus) if plan.pinned else None
-
-
-def _mounts_under(path: Path) -> list[Path]:
-    base = str(path.resolve()) if path.exists() else str(path)
-    out = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            mnt = line.split()[1].replace("\\040", " ")
-            if mnt == base or mnt.startswith(base + "/"):
-                out.append(Path(mnt))
-    return sorted(out, key=lambda p: len(p.parts), reverse=True)

@@ -488,6 +488,7 @@ class SocketLB(_EbpfDatapath):
     """``ebpf``: Cilium's socket-LB, cgroup connect4/sendmsg4/recvmsg4 on the node's pod cgroup."""
 
     name = "ebpf"
+    scope = "pod"  # every pod's connect()/sendmsg() in the node's pod cgroup, whatever its mode
     features = _EbpfDatapath.features + ("cgroup2",)
     source = "bpf_sock.c"
     programs = SOCK_PROGRAMS
@@ -516,6 +517,7 @@ class TcLB(_EbpfDatapath):
     """``ebpf-tc``: per-packet DNAT/reverse NAT with conntrack-lite at tc on pod-facing interfaces."""
 
     name = "ebpf-tc"
+    scope = "pod"  # on the node-side interface, or inside a pod that has none
     features = _EbpfDatapath.features + ("tc-clsact",)
     source = "bpf_lxc.c"
     programs = LXC_PROGRAMS

@@ -5,11 +5,12 @@ model, with LPM tries of allowed peers instead of security identities).
 tc clsact (priority :data:`TC_PREF`, before the ``ebpf-tc`` Service datapath's filters, which still
 run since allowed packets return ``TC_ACT_UNSPEC``):
 
-  pods with a node-side interface (``lx-<pod>``: veth, bridge, overlay, eni-policy-route)
+  pods whose traffic crosses the node (their mode's ``bypasses_node`` is false: veth, bridge,
+  overlay, eni-policy-route), on the node-side interface ``lx-<pod>``
       tc ingress of ``lx-<pod>`` → ``lk_pol_from_pod``; tc egress → ``lk_pol_to_pod``
-  pods whose traffic bypasses the node (eni-exclusive: its own ENI; eni-ipvlan, macvlan)
-      inside the pod, on every interface but ``lo``: tc egress → ``lk_pol_from_pod``;
-      tc ingress → ``lk_pol_to_pod``
+  pods whose traffic bypasses the node (eni-exclusive: its own ENI; eni-ipvlan, macvlan), and any
+  pod without a node-side interface, inside the pod on every interface but ``lo``
+      tc egress → ``lk_pol_from_pod``; tc ingress → ``lk_pol_to_pod``
 
 A :class:`~labkit.policy.model.PolicyTable` is *flattened* per pod (:func:`flatten`, pure): one
 ``lk_pol_ep`` entry with the pod's isolated directions, and one ``lk_pol_v4`` LPM entry per
@@ -53,7 +54,6 @@ TC_PREF = 0x4C40  # before the ebpf-tc Service datapath (0x4C4B): lower runs fir
 TC_NAMES = "lk_pol_"  # prefix of the filters' names (the programs')
 FROM_POD, TO_POD = "lk_pol_from_pod", "lk_pol_to_pod"
 PROGRAMS = (Program(FROM_POD, PROG_SCHED_CLS), Program(TO_POD, PROG_SCHED_CLS))
-IN_POD_MODES = ("eni-exclusive", "eni-ipvlan", "macvlan")
 SOURCE = "bpf_policy.c"
 FOLDER = "policy-ebpf"
 
@@ -217,7 +217,7 @@ class EbpfPolicy(PolicyEngine):
     def hooks(self) -> list[TcHook]:
         out = []
         for pod in self.ctx.pods:
-            if pod.mode in IN_POD_MODES or not pod.ifname:
+            if pod.pod_mode.bypasses_node or not pod.ifname:
                 if not pod.netns or not nsexec.netns_path(pod.netns).exists():
                     raise DatapathError(f"{self._where()}: namespace of pod {pod.pod} is missing")
                 for ifname in netlink(pod.netns, _pod_interfaces):

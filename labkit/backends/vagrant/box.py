@@ -51,6 +51,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ... import nsexec
 from ...errors import LabkitError, MissingFeature
 
 SUITE = "bookworm"
@@ -460,23 +461,16 @@ systemctl mask {' '.join(_MASK)} >/dev/null 2>&1 || true
     return kernels[-1].name[len("vmlinuz-"):]
 
 
-def _mounts_under(path: Path) -> list[str]:
-    base = str(path.resolve())
-    with open("/proc/self/mounts") as f:
-        mnts = [line.split()[1].replace("\\040", " ") for line in f]
-    return sorted((m for m in mnts if m == base or m.startswith(base + "/")), key=len, reverse=True)
-
-
 def _safe_rmtree(path: Path) -> None:
     """rmtree that first detaches whatever debootstrap left mounted inside (proc, sys, dev binds)
     and refuses to go on if a mount remains: deleting through a bind mount of /dev would be ruinous."""
     if not path.exists():
         return
-    for mnt in _mounts_under(path):
-        subprocess.run(["umount", "-l", mnt], capture_output=True)
-    left = _mounts_under(path)
+    for mnt in nsexec.mounts_under(path):
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    left = nsexec.mounts_under(path)
     if left:
-        raise LabkitError(f"not removing {path}: still mounted inside: {', '.join(left)}")
+        raise LabkitError(f"not removing {path}: still mounted inside: {', '.join(map(str, left))}")
     shutil.rmtree(path, ignore_errors=True)
 
 
