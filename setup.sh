@@ -22,7 +22,9 @@ START=$SECONDS
 
 PACKAGES=(python3-bpfcc bpfcc-tools "linux-headers-$ARCH" iptables nftables ipvsadm ipset iproute2
           iperf3 sockperf gcc make bpftool util-linux procps
-          # the vagrant backend (VMs under QEMU, box built offline by debootstrap): labkit/box.py
+          # the http workload: nginx in backend pods, wrk as the client (labkit/workloads.py)
+          nginx-light wrk
+          # the vagrant backend (VMs under QEMU, box built offline by debootstrap): labkit/backends/vagrant/
           vagrant vagrant-libvirt libvirt-daemon-system qemu-system-x86 qemu-utils debootstrap
           # figure export (kaleido) and the browser test (Playwright) drive Debian's Chromium: no download
           chromium)
@@ -43,12 +45,26 @@ install_packages() {
     return
   fi
   step "apt: installing ${missing[*]}${optional[*]:+ (optional: ${optional[*]})}"
+  # Debian starts a package's service on install (nginx on port 80 of this host): labkit runs nginx
+  # only inside pods, so no service may start while we install. A policy-rc.d that says "no" (101)
+  # is put in place for the install, unless one is there already, and removed after.
+  local made_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# labkit setup.sh: no service starts during its apt-get install\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    made_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # also when apt fails and the script dies
+  fi
   apt-get update -qq
   if ! apt-get install -y -qq "${missing[@]}" "${optional[@]}" >/dev/null; then
     [ ${#optional[@]} -gt 0 ] || die "apt-get install ${missing[*]} failed"
     step "apt: retrying without optional ${optional[*]}"
     [ ${#missing[@]} -eq 0 ] || apt-get install -y -qq "${missing[@]}" >/dev/null \
       || die "apt-get install ${missing[*]} failed"
+  fi
+  if [ -n "$made_policy" ]; then
+    rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
   fi
 }
 

@@ -488,6 +488,16 @@ def _gcc(p: _Probe) -> _Result:
     return _tool("gcc", "gcc", "labkit's C load generator")
 
 
+@_check("nginx", "tools")
+def _nginx(p: _Probe) -> _Result:
+    return _tool("nginx", "nginx-light", "the http workload's server")
+
+
+@_check("wrk", "tools")
+def _wrk(p: _Probe) -> _Result:
+    return _tool("wrk", "wrk", "the http workload's client")
+
+
 # ------------------------------------------------------------------ VM backend
 
 _VM_PACKAGES = "apt-get install vagrant vagrant-libvirt libvirt-daemon-system qemu-system-x86"

@@ -16,6 +16,9 @@ agent calls it there, :mod:`labkit.remote.agent`). It knows:
 
 from __future__ import annotations
 
+import shlex
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -99,28 +102,52 @@ class NodeRuntime:
         return sorted(ports)
 
     def start_servers(self, state: LabState, cpus: list[int] | None = None, timeout: float = 10) -> None:
-        """Start ``lkserver`` in every pod (its namespace and cgroup, pinned to ``cpus``), journaled,
-        and wait until each says it is ready."""
+        """Start every pod's server (:mod:`labkit.workloads`): ``lkserver`` on the lab's ports but the
+        one a user's or the packaged server owns, and that server; each in the pod's namespace and
+        cgroup, pinned to ``cpus``, journaled; then wait until each is ready (``lkserver`` says so,
+        another server accepts a connection on its port)."""
         from .native import binary
+        from .workloads import server_argv
 
-        exe = str(binary("lkserver"))
         logs = state.dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        port_arg = ",".join(map(str, self.server_ports()))
-        pending = {}
+        lab_ports = self.server_ports()
+        pending: list[tuple[str, subprocess.Popen, Path, int | None, list[str]]] = []
         for pod in self.node.pods:
-            with open(logs / f"{pod.name}.log", "w") as log:
-                proc = nsexec.spawn([exe, "--name", pod.name, "--ports", port_arg], self.pod_netns(pod.name),
-                                    cgroup=self.pod_cgroup(pod.name), cpus=cpus, stdout=log, stderr=log, detach=True)
-            state.record("process", pid=proc.pid, pod=pod.name)
-            pending[pod.name] = proc
+            server = self.spec.server_of(pod)
+            if server.kind == "none":
+                continue
+            ports = [p for p in lab_ports if p != server.serves]
+            argvs = [([str(binary("lkserver")), "--name", pod.name, "--ports", ",".join(map(str, ports))],
+                      logs / f"{pod.name}.log", None)] if ports else []
+            own = server_argv(server, pod.name, state.dir / "servers" / pod.name)
+            if own:
+                argvs.append((own, logs / f"{pod.name}.{server.kind}.log", server.serves))
+            for argv, log_path, port in argvs:
+                with open(log_path, "w") as log:
+                    proc = nsexec.spawn(argv, self.pod_netns(pod.name), cgroup=self.pod_cgroup(pod.name), cpus=cpus,
+                                        stdout=log, stderr=log, detach=True)
+                state.record("process", pid=proc.pid, pod=pod.name)
+                pending.append((pod.name, proc, log_path, port, argv))
         deadline = time.monotonic() + timeout
-        for name, proc in pending.items():
-            log = logs / f"{name}.log"
-            while not log.read_text().startswith("ready"):
+        for name, proc, log_path, port, argv in pending:
+            while not (log_path.read_text().startswith("ready") if port is None
+                       else self._listens(name, port)):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise BackendError(f"in-pod server of {name} did not start: {log.read_text().strip()[-500:]}")
-                time.sleep(0.002)
+                    what = "in-pod server" if port is None else f"server on port {port} (`{shlex.join(argv)}`)"
+                    raise BackendError(f"{what} of pod {name} did not start: {log_path.read_text().strip()[-500:]}")
+                time.sleep(0.002 if port is None else 0.02)
+
+    def _listens(self, pod: str, port: int) -> bool:
+        """Whether something accepts TCP connections on ``port`` of the pod's address, in the pod."""
+        ip = str(self.plan.pods[pod].ip)
+
+        def connect() -> bool:
+            with socket.socket() as s:
+                s.settimeout(0.2)
+                return s.connect_ex((ip, port)) == 0
+
+        return nsexec.in_netns(self.pod_netns(pod), connect)
 
     # ------------------------------------------------------------ program
     def datapath(self, name: str):

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(120)
 CONTRACT = {
     "root", "netns", "veth", "macvlan", "ipvlan", "vxlan", "bridge", "br_netfilter", "ip_vs",
     "iptables-legacy", "iptables-nft", "nftables", "ipset", "bpf", "bpf-jit", "cgroup2", "btf", "bcc",
-    "bcc-compile", "kernel-headers", "tc-clsact", "ipvsadm", "iperf3", "sockperf", "gcc", "vagrant",
+    "bcc-compile", "kernel-headers", "tc-clsact", "ipvsadm", "iperf3", "sockperf", "gcc", "nginx", "wrk", "vagrant",
     "vagrant-libvirt", "libvirtd", "qemu", "kvm", "box",
 }
 PROBE_LINKS = {"lkdoc-low0", "lkdoc-low1", "lkdoc-veth", "lkdoc-vethp", "lkdoc-macvlan",

@@ -257,3 +257,63 @@ def test_issue_example_with_each_datapath(make_lab, lab_name, datapath):
     assert refused and all(r.ok for r in refused)
     lab.down(lab_name)
     assert leftovers(lab_name) == []
+
+
+def _listening(lb, pod: str) -> dict[int, str]:
+    """TCP port -> the process name listening on it, inside the pod (read from /proc/net/tcp and the
+    processes' fds, no ss output parsing)."""
+    out = lb.exec(pod, [sys.executable, "-c", """
+import os, json
+socks = {}
+for line in open('/proc/net/tcp').read().splitlines()[1:]:
+    f = line.split()
+    if f[3] == '0A':
+        socks[f[9]] = int(f[1].split(':')[1], 16)
+seen = {}
+for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+        for fd in os.listdir(f'/proc/{pid}/fd'):
+            t = os.readlink(f'/proc/{pid}/fd/{fd}')
+            if t.startswith('socket:[') and t[8:-1] in socks:
+                seen[socks[t[8:-1]]] = open(f'/proc/{pid}/comm').read().strip()
+    except OSError:
+        pass
+print(json.dumps(seen))
+"""]).stdout
+    return {int(k): v for k, v in json.loads(out).items()}
+
+
+@pytest.mark.needs("root", "nginx")
+def test_user_and_packaged_servers_serve_and_never_collide(make_lab, lab_name, tmp_path):
+    """The lab's server is the packaged http workload (nginx with labkit's config: it answers GET /
+    with the pod's name), one pod brings its own nginx on 8081, one runs nothing. labkit check
+    reaches each through its Service; labkit's echo server never binds the user's port; down kills
+    them all."""
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"daemon off; master_process off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/err.log;\n"
+                    "events {}\nhttp { access_log off; client_body_temp_path " + str(tmp_path) + "/cb;\n"
+                    "  server { listen 8081; location / { return 200 \"users nginx\\n\"; } } }\n")
+    spec = parse_spec({"name": lab_name, "datapath": "iptables-nft", "server": "http", "nodes": [
+        {"name": "n1", "pods": [{"name": "cli"}, {"name": "web-0", "labels": {"app": "web"}},
+                                {"name": "web-1", "labels": {"app": "web"},
+                                 "server": {"command": f"nginx -p {tmp_path} -c {conf} -e {tmp_path}/err.log",
+                                            "port": 8081}},
+                                {"name": "quiet", "server": "none"}]}],
+        "services": [{"name": "web", "port": 80, "selector": {"app": "web"}},
+                     {"name": "users", "port": 8081, "selector": {"app": "web"}}]})
+    lb = make_lab(spec)
+    results = lb.check()
+    failed = [r for r in results if not r.ok]
+    assert not failed, failed
+    rows = {(r.kind, r.dst, r.port, r.src): r for r in results}
+    assert rows["service", "default/web", 80, "cli"].expected == "one of web-0,web-1"  # names, both nginx and lkserver
+    assert rows["service", "default/users", 8081, "cli"].expected == "a reply from web-0,web-1"
+    assert rows["pod", "quiet", 8080, "cli"].expected == "refused"
+    ports = _listening(lb, "web-0")  # the packaged server on 80, labkit's on the lab's other ports
+    assert set(ports) == {80, 8080, 8081} and ports[80] == "nginx"
+    assert ports[8080].startswith("lkserver") and ports[8081].startswith("lkserver")
+    ports = _listening(lb, "web-1")  # the user's server on its port, labkit's on the others
+    assert ports[8081] == "nginx" and ports[80].startswith("lkserver") and ports[8080].startswith("lkserver")
+    assert _listening(lb, "quiet") == {}
+    lb.down()
+    assert not subprocess.run(["pgrep", "-f", str(conf)], capture_output=True).stdout  # the user's server is gone

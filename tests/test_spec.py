@@ -155,3 +155,22 @@ def test_service_table_bulk_and_diff():
     assert [sp.key for sp in d.removed] == ["default/bulk-7"]
     assert [new.key for _, new in d.changed] == ["default/web"] and not d.added and not d.full
     assert diff(None, table).full
+
+
+def test_server_choices_and_their_errors():
+    """`server` at lab level or per pod: labkit, none, http, or a command with its port."""
+    spec = parse_spec(base(server={"kind": "http", "port": 8081}, nodes=[{"name": "n1", "pods": [
+        {"name": "a"}, {"name": "b", "server": "none"}, {"name": "c", "server": {"command": "nginx -c x", "port": 81}}]}]))
+    a, b, c = spec.nodes[0].pods
+    assert spec.server_of(a).serves == 8081 and spec.server_of(b).kind == "none" and spec.server_of(c).serves == 81
+    assert parse_spec(yaml.safe_load(spec.to_yaml())) == spec
+    p = problems(base(server="ngnix", nodes=[{"name": "n1", "pods": [
+        {"name": "a", "server": {"command": "", "port": 70000}}, {"name": "b", "server": {"command": "x"}},
+        {"name": "c", "server": {"kind": "labkit", "port": 9}}, {"name": "d", "server": 5}]}]))
+    assert "unknown server 'ngnix' (did you mean 'nginx'?)" not in p["server"]  # kinds, not binaries
+    assert "expected labkit, none, http or {command:" in p["server"]
+    assert "give the command line" in p["nodes[0].pods[0].server.command"]
+    assert "outside 1..65535" in p["nodes[0].pods[0].server.port"]
+    assert "give the port the command serves" in p["nodes[0].pods[1].server.port"]
+    assert "takes no port" in p["nodes[0].pods[2].server.port"]
+    assert "expected labkit, none, http" in p["nodes[0].pods[3].server"]

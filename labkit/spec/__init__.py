@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from .types import (BULK_BASE_PORT, DEFAULT_BULK_PEER_CIDR, DEFAULT_SERVICE_CIDR, MAX_BULK_RULES, MAX_ENIS,
                     MAX_NAME, MAX_POLICIES, MAX_SERVICES, POLICY_TYPES, PROTOCOLS, IPBlock, Node, Pod, PolicyPeer,
-                    PolicyPort, PolicyRule, PolicySpec, ServiceSpec, Spec)
+                    PolicyPort, PolicyRule, PolicySpec, ServerSpec, ServiceSpec, Spec)
 from .load import load_spec, parse_spec  # noqa: E402  (after the types it builds)
 from .validate import problems, validate  # noqa: E402
 
-__all__ = ["Spec", "Node", "Pod", "ServiceSpec", "PolicySpec", "PolicyRule", "PolicyPeer", "PolicyPort", "IPBlock",
+__all__ = ["Spec", "Node", "Pod", "ServerSpec", "ServiceSpec", "PolicySpec", "PolicyRule", "PolicyPeer", "PolicyPort", "IPBlock",
            "load_spec", "parse_spec", "validate", "problems", "PROTOCOLS", "POLICY_TYPES", "MAX_POLICIES",
            "MAX_BULK_RULES", "DEFAULT_BULK_PEER_CIDR", "BULK_BASE_PORT", "MAX_NAME", "MAX_ENIS", "MAX_SERVICES",
            "DEFAULT_SERVICE_CIDR"]

@@ -18,7 +18,7 @@ import yaml
 
 from ..errors import SpecError
 from .validate import Problems
-from .types import IPBlock, Node, Pod, PolicyPeer, PolicyPort, PolicyRule, PolicySpec, ServiceSpec, Spec
+from .types import IPBlock, Node, Pod, PolicyPeer, PolicyPort, PolicyRule, PolicySpec, ServerSpec, ServiceSpec, Spec
 
 _LABEL_KEY = re.compile(r"^([a-z0-9.-]+/)?[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 
@@ -119,9 +119,12 @@ def _parse(p: Problems, data: Any) -> Spec | None:
     def i(path: str, v: Any) -> Any:
         return _typed(p, path, v, int, "an integer")
 
+    def server(path: str, v: Any) -> Any:
+        return _parse_server(p, path, v)
+
     def pod(path: str, v: Any) -> Any:
         return _build(p, path, v, Pod, {"name": s, "mode": s, "labels": lambda q, x: _labels(p, q, x),
-                                        "eni": i, "ipvlan_mode": s})
+                                        "eni": i, "ipvlan_mode": s, "server": server})
 
     def items(path: str, v: Any, one) -> tuple | None:
         if v is None:
@@ -153,7 +156,25 @@ def _parse(p: Problems, data: Any) -> Spec | None:
     return _build(p, "", data, Spec, {
         "name": s, "backend": s, "vpc_cidr": s, "pod_cidr": s, "service_cidr": s, "node_pod_prefix": i,
         "datapath": s, "nodes": lambda q, x: items(q, x, node), "services": lambda q, x: items(q, x, svc),
-        "policies": lambda q, x: items(q, x, policy), "policy_engine": s})
+        "policies": lambda q, x: items(q, x, policy), "policy_engine": s, "server": server})
+
+
+def _parse_server(p: Problems, path: str, data: Any) -> ServerSpec | None:
+    """``labkit``, ``none``, ``http``, ``{command: "...", port: P}`` or ``{kind: http, port: P}``."""
+    if isinstance(data, str):
+        return ServerSpec(kind=data)
+    if not isinstance(data, Mapping):
+        p.add(path, f"expected labkit, none, http or {{command: ..., port: ...}}, got {data!r}")
+        return None
+    for key in data:
+        if key not in ("kind", "command", "port"):
+            p.add(f"{path}.{key}", "unknown field; known fields: kind, command, port")
+    kind = data.get("kind", "command" if "command" in data else "labkit")
+    command, port = data.get("command"), data.get("port")
+    ok = _typed(p, f"{path}.kind", kind, str, "a string") is not None
+    ok &= command is None or _typed(p, f"{path}.command", command, str, "a command line") is not None
+    ok &= port is None or _typed(p, f"{path}.port", port, int, "an integer") is not None
+    return ServerSpec(kind, command, port) if ok else None
 
 
 def _parse_policy(p: Problems, path: str, data: Any, s, i, items) -> PolicySpec | None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from .types import PolicyPeer, PolicyRule, PolicySpec, Spec
+from .types import PolicyPeer, PolicyRule, PolicySpec, ServerSpec, Spec
 
 
 def to_yaml(spec: Spec) -> str:
@@ -21,6 +21,8 @@ def to_plain(obj: Any) -> Any:
     """Plain data for YAML/JSON, leaving out fields that hold their default."""
     if isinstance(obj, PolicySpec):  # rules in their YAML form (from/to, except), as parse_spec reads them
         return _policy_plain(obj)
+    if isinstance(obj, ServerSpec):
+        return obj.to_plain()
     if is_dataclass(obj):
         out = {}
         for f_ in fields(obj):

@@ -32,8 +32,45 @@ RESERVED_NAMES = ("vpc",)
 DEFAULT_SERVICE_CIDR = "10.96.0.0/12"
 
 
+# a pod's server (labkit.workloads says what each one runs and how it answers)
+LABKIT, NONE, COMMAND, HTTP = "labkit", "none", "command", "http"
+KINDS = (LABKIT, NONE, COMMAND, HTTP)
+HTTP_PORT = 80
+
+
 def _frozen(d: Mapping[str, str] | None) -> Mapping[str, str]:
     return MappingProxyType(dict(d or {}))
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """A pod's server (:mod:`labkit.workloads`): ``labkit``, ``none``, ``command`` (with ``command``, a
+    shell-free command line, and the ``port`` it serves) or ``http`` (nginx, on ``port``, default 80)."""
+
+    kind: str = LABKIT
+    command: str | None = None
+    port: int | None = None
+
+    @property
+    def serves(self) -> int | None:
+        """The port this server owns (labkit's own server then leaves it alone)."""
+        if self.kind == HTTP:
+            return self.port or HTTP_PORT
+        return self.port if self.kind == COMMAND else None
+
+    def answers(self, port: int, lkserver_ports: set[int]) -> str:
+        """How a pod with this server answers on ``port``: ``"name"`` (its name to ``GET /``),
+        ``"any"`` (some reply), or ``"refused"``."""
+        if port == self.serves:
+            return "name" if self.kind == HTTP else "any"
+        return "name" if self.kind != NONE and port in lkserver_ports else "refused"
+
+    def to_plain(self) -> str | dict:
+        if self.kind in (LABKIT, NONE) or (self.kind == HTTP and self.port is None):
+            return self.kind
+        if self.kind == HTTP:
+            return {"kind": HTTP, "port": self.port}
+        return {"command": self.command, "port": self.port}
 
 
 @dataclass(frozen=True)
@@ -45,6 +82,7 @@ class Pod:
     labels: Mapping[str, str] = field(default_factory=dict)
     eni: int | None = None  # modes on a shared ENI: which ENI (1-based); default the first shared one
     ipvlan_mode: str = "l2"  # an option of the IPVLAN mode only: l2, l3 or l3s
+    server: ServerSpec | None = None  # what serves in the pod; None: the lab's server
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", _frozen(self.labels))
@@ -194,6 +232,7 @@ class Spec:
     datapath: str = "iptables-nft"
     policies: tuple[PolicySpec, ...] = ()
     policy_engine: str = "iptables"  # how policies are enforced: iptables, ebpf, none (not enforced)
+    server: ServerSpec = ServerSpec()  # what serves in every pod that does not say
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(self.nodes))
@@ -218,6 +257,10 @@ class Spec:
 
     def modes(self) -> set[str]:
         return {p.mode for _, p in self.pods()}
+
+    def server_of(self, pod: Pod) -> ServerSpec:
+        """What serves in ``pod``: its own server, else the lab's."""
+        return pod.server or self.server
 
     def to_dict(self) -> dict[str, Any]:
         from .serialize import to_plain

@@ -108,6 +108,7 @@ def problems(spec: Spec) -> list[tuple[str, str]]:
         if not 0 <= node.enis <= MAX_ENIS:
             p.add(f"{npath}.enis", f"{node.enis} ENIs; a node has 0 to {MAX_ENIS}")
         _check_pods(p, npath, node, unique)
+    _check_servers(p, spec)
     _check_services(p, spec, nets["service_cidr"])
     _check_policies(p, spec, [n for n in nets.values() if n])
     if not p and all(nets.values()):
@@ -154,6 +155,16 @@ def _check_pods(p: Problems, npath: str, node: Node, unique) -> None:
         p.add(f"{npath}.enis", f"{node.enis} ENIs cannot hold {len(exclusive)} {exclusive[0].name} pod(s)"
                                + (f" plus one shared ENI for {'/'.join(sharing)} pods" if sharing else "")
                                + f"; set enis to {need}")
+
+
+def _check_servers(p: Problems, spec: Spec) -> None:
+    from ..workloads import server_problems
+
+    p.extend(server_problems("server", spec.server))
+    for ni, node in enumerate(spec.nodes):
+        for pi, pod in enumerate(node.pods):
+            if pod.server is not None:
+                p.extend(server_problems(f"nodes[{ni}].pods[{pi}].server", pod.server))
 
 
 def _check_services(p: Problems, spec: Spec, svc_net: ipaddress.IPv4Network | None) -> None:
