@@ -33,7 +33,12 @@ from .errors import LabkitError
 
 COLUMNS = ("run_id", "experiment", "datapath", "mode", "services", "position", "service_index", "repeat",
            "metric", "p50_us", "p90_us", "p99_us", "p999_us", "mean_us", "min_us", "max_us", "samples",
-           "errors", "value", "unit", "raw", "time")
+           "errors", "value", "unit", "raw", "time",
+           # rates under load (crr-rate, …; wrk's): transactions/s, CPU µs per transaction, at how many at once
+           "rate_per_s", "cpu_us_per_txn", "concurrency",
+           # what a new connection walks: rules of KUBE-SERVICES before its match (iptables), rules of the
+           # nat table, elements of the nftables service map, entries of the eBPF service maps
+           "rules_walked", "nat_rules", "set_elements", "map_entries")
 LATENCY_METRICS = ("crr", "rr", "udp_rr")
 
 
@@ -107,21 +112,35 @@ class Run:
         return self.path / "raw" / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", key) + ".i64")
 
     def append(self, row: dict[str, Any]) -> None:
-        """Write one point and push it to disk before returning."""
+        """Write one point and push it to disk before returning. The columns are the file's own (a
+        run made by an older labkit keeps its header when resumed)."""
         unknown = set(row) - set(COLUMNS)
         if unknown:
             raise ValueError(f"unknown result columns {sorted(unknown)}")
-        row = {"run_id": self.run_id, "time": _now(), **row}
+        columns = self._columns()
+        lost = {k for k, v in row.items() if k not in columns and v not in (None, "")}
+        if lost:
+            raise LabkitError(f"run {self.run_id}'s points.csv has no column for {sorted(lost)} (made by an "
+                              "older labkit: resume it with that version, or start a new run)")
+        row = {"run_id": self.run_id, "time": _now(), **{k: v for k, v in row.items() if k in columns}}
         with open(self.points_path, "a", newline="") as f:
-            csv.DictWriter(f, COLUMNS).writerow(row)
+            csv.DictWriter(f, columns).writerow(row)
             f.flush()
             os.fsync(f.fileno())
 
+    def _columns(self) -> list[str]:
+        if not hasattr(self, "_header"):
+            with open(self.points_path, newline="") as f:
+                self._header = next(csv.reader(f), list(COLUMNS))
+        return self._header
+
     def points(self) -> pd.DataFrame:
+        """Every point, with every column of :data:`COLUMNS` (empty where an older run had none)."""
         try:
-            return pd.read_csv(self.points_path)
+            df = pd.read_csv(self.points_path)
         except (FileNotFoundError, pd.errors.EmptyDataError):
             return pd.DataFrame(columns=COLUMNS)
+        return df.reindex(columns=[*COLUMNS, *(c for c in df.columns if c not in COLUMNS)])
 
 
 def load(runs: str | Iterable[str] | None = None, root: Path | None = None) -> pd.DataFrame:

@@ -174,3 +174,20 @@ def test_server_choices_and_their_errors():
     assert "give the port the command serves" in p["nodes[0].pods[1].server.port"]
     assert "takes no port" in p["nodes[0].pods[2].server.port"]
     assert "expected labkit, none, http" in p["nodes[0].pods[3].server"]
+
+
+def test_ipvlan_and_macvlan_pods_may_not_share_a_parent():
+    """Linux refuses ipvlan and macvlan slaves on one device (EBUSY at build time): the validator says
+    so before anything exists, naming both pods, the ENI and the fix; on separate ENIs it is fine."""
+    nodes = [{"name": "n1", "enis": 1, "pods": [{"name": "iv", "mode": "eni-ipvlan"}, {"name": "mv", "mode": "macvlan"}]}]
+    msg = problems(base(nodes=nodes))["nodes[0].pods[1].eni"]
+    assert "iv (ipvlan) and mv (macvlan)" in msg and "ENI 1" in msg and "'eni'" in msg
+    nodes[0]["enis"] = 2
+    nodes[0]["pods"][1]["eni"] = 2
+    parse_spec(base(nodes=nodes))
+    from labkit.experiments.pod_modes import lab_spec
+    from labkit import modes
+
+    spec = parse_spec(lab_spec(modes.names()))  # every mode, as on the VM backend: validates
+    node1 = {p.name: p for p in spec.nodes[0].pods}
+    assert node1["c-iv"].eni != node1["c-mv"].eni

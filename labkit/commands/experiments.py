@@ -3,34 +3,27 @@
 from __future__ import annotations
 
 import json
+import sys
 
-from . import command, csv_ints, csv_words
-
-EXPERIMENT_NAMES = ("pod-modes", "service-scale", "policy-scale")
-# the `run` flags that set an experiment parameter of the same name
-OPTIONS = ("datapaths", "services", "positions", "modes", "metrics", "repeats", "samples", "warmup", "burst", "mode",
-           "backend")
-
+from . import command
 
 def _run_args(p) -> None:
-    p.add_argument("experiment", choices=EXPERIMENT_NAMES)
-    p.add_argument("--quick", action="store_true", help="the short variant (≤ 3 min here)")
-    p.add_argument("--datapaths", type=csv_words, help="service-scale: comma-separated, e.g. iptables-nft,ebpf")
-    p.add_argument("--services", type=csv_ints, help="service-scale: numbers of services, e.g. 1,1000,5000")
-    p.add_argument("--positions", type=csv_words, help="service-scale: first,middle,last,random,pod")
-    p.add_argument("--mode", help="service-scale: pod network mode of the experiment's pods (default veth)")
-    p.add_argument("--backend", help="service-scale, pod-modes: where the labs run, netns (default) or vagrant "
-                   "(VMs on Debian's kernel: ipvs, eni-ipvlan; see vagrant/README.md)")
-    p.add_argument("--modes", type=csv_words, help="pod-modes: comma-separated pod network modes")
-    p.add_argument("--metrics", type=csv_words, help="crr,rr (service-scale); crr,rr,udp_rr,bandwidth (pod-modes)")
-    p.add_argument("--repeats", type=int)
-    p.add_argument("--samples", type=int, help="samples per point")
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--burst", type=int, help="service-scale: samples per point per turn; the points of an N "
-                   "are measured interleaved, turn by turn (default 20)")
-    p.add_argument("--resume", metavar="RUN_ID", help="continue a run that was stopped")
-    p.add_argument("--no-report", action="store_true", help="skip the HTML report")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    """``labkit run EXPERIMENT``: one subcommand per experiment, its flags made from its parameter
+    class (:mod:`labkit.experiments.params`), with the defaults in ``--help``."""
+    from ..experiments import EXPERIMENTS
+    from ..experiments.params import add_arguments
+
+    sub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    for name, (cls, run_fn) in EXPERIMENTS.items():
+        doc = sys.modules[run_fn.__module__].__doc__ or ""
+        e = sub.add_parser(name, help=doc.strip().split("\n")[0].split(": ", 1)[-1] or None,
+                           description=f"labkit run {name}: flags set its parameters; --quick starts from the "
+                                       "short variant")
+        e.add_argument("--quick", action="store_true", help="the short variant (≤ 3 min here)")
+        e.add_argument("--resume", metavar="RUN_ID", help="continue a run that was stopped")
+        e.add_argument("--no-report", action="store_true", help="skip the HTML report")
+        e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        add_arguments(e, cls)
 
 
 @command("run", "run an experiment, write results and an HTML report", _run_args, order=70)
@@ -38,20 +31,15 @@ def run(args) -> int:
     import dataclasses
 
     from .. import report
-    from ..errors import LabkitError
     from ..experiments import EXPERIMENTS, pod_modes
+    from ..experiments.params import given
 
     cls, run_fn = EXPERIMENTS[args.experiment]
     params = cls.quick() if args.quick else cls()
-    fields = {f.name for f in dataclasses.fields(params)}
-    given = {o: getattr(args, o) for o in OPTIONS if getattr(args, o, None) is not None}
-    wrong = sorted(set(given) - fields)
-    if wrong:
-        raise LabkitError(f"--{', --'.join(wrong)} do(es) not apply to {args.experiment}; its parameters: "
-                          f"{', '.join(sorted(fields))}")
-    if args.experiment == "pod-modes" and "backend" in given and "modes" not in given:
-        given["modes"] = pod_modes.default_modes(given["backend"])  # the VMs' kernel has every mode
-    params = dataclasses.replace(params, **given)
+    chosen = given(args, cls)
+    if args.experiment == "pod-modes" and "backend" in chosen and "modes" not in chosen:
+        chosen["modes"] = pod_modes.default_modes(chosen["backend"])  # the VMs' kernel has every mode
+    params = dataclasses.replace(params, **chosen)
     if not args.resume:
         params.validate()
     result = run_fn(params, resume=args.resume, progress=not args.quiet)

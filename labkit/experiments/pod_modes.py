@@ -18,17 +18,18 @@ import json
 import random
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
 from .. import doctor
 from .. import lab as labmod
 from ..backends import get_backend
-from ..errors import LabkitError, MeasurementError
+from ..errors import MeasurementError
 from .. import modes as podmodes
 from ..spec import parse_spec
 from . import core
+from .params import Params, param
 
 def default_modes(backend: str = "netns") -> list[str]:
     """Every mode the backend's kernel has: this machine's on netns, all of them in the VMs."""
@@ -39,48 +40,66 @@ def short(mode: str) -> str:
     return podmodes.get(mode).short
 
 
+LATENCY = ("crr", "rr", "udp_rr")
+RATES = {"crr-rate": "crr", "rr-rate": "rr", "udp-rr-rate": "udp_rr"}  # metric -> lkclient mode
+METRICS = (*LATENCY, *RATES, "bandwidth")
+
+
+def _backend_names() -> list[str]:
+    from ..backends import BACKENDS
+
+    return BACKENDS.names()
+
+
 @dataclass
-class PodModesParams:
-    modes: list[str] = field(default_factory=default_modes)
-    metrics: list[str] = field(default_factory=lambda: ["crr", "rr", "udp_rr", "bandwidth"])
-    repeats: int = 3
-    samples: int = 5000
-    warmup: int = 300
-    size: int = 64
-    bandwidth_seconds: float = 3.0
-    burst: int = 20  # samples per latency point per turn (all latency points are interleaved)
-    seed: int = 1
-    backend: str = "netns"  # netns, or vagrant (node1 and node2 are VMs)
+class PodModesParams(Params):
+    experiment = "pod-modes"
+    modes: list[str] = param(default_factory=default_modes, choices=podmodes.names,
+                             help="the pod network modes to compare (default: every mode this kernel has)")
+    metrics: list[str] = param(default_factory=lambda: ["crr", "rr", "udp_rr", "bandwidth"], choices=METRICS,
+                               help="latency (crr, rr, udp_rr), rates under load (crr-rate, rr-rate, "
+                                    "udp-rr-rate) and iperf3 bandwidth")
+    repeats: int = param(3, min=1, max=100, help="repeats of every point, interleaved")
+    samples: int = param(5000, min=10, help="latency samples per point")
+    warmup: int = param(300, min=0, help="warm-up attempts per client before measuring")
+    size: int = param(64, min=1, max=65536, help="payload bytes each way")
+    bandwidth_seconds: float = param(3.0, min=1, max=600, help="iperf3's test time per point")
+    burst: int = param(20, min=1, help="latency samples per point per turn (every point is measured interleaved)")
+    seed: int = param(1, help="random choices (orders) of the run")
+    backend: str = param("netns", choices=_backend_names, help="netns, or vagrant (node1 and node2 are VMs)")
+    concurrency: int = param(16, min=1, max=1024, help="connections (flows) at once for the rate metrics")
+    rate_seconds: float = param(2.0, min=0.2, max=600, help="measured time per rate point, in windows "
+                                                           "interleaved with the other points")
+    window_ms: int = param(200, min=20, max=10000, help="a rate point's window per turn")
 
     @classmethod
     def quick(cls) -> PodModesParams:
         return cls(repeats=3, samples=1000, warmup=100, bandwidth_seconds=1.0)
 
-    def validate(self) -> None:
-        problems = [f"modes: unknown {m!r}; expected some of {', '.join(podmodes.names())}" for m in self.modes
-                    if m not in podmodes.MODES]
-        problems += [f"metrics: unknown {m!r}; expected crr, rr, udp_rr, bandwidth" for m in self.metrics
-                     if m not in ("crr", "rr", "udp_rr", "bandwidth")]
-        if self.repeats < 1 or self.samples < 10:
-            problems.append("repeats must be ≥ 1 and samples ≥ 10")
-        if not 1 <= self.burst <= self.samples:
-            problems.append(f"burst: must be in 1..samples ({self.samples}); 20 is a good value")
-        if "bandwidth" in self.metrics and self.bandwidth_seconds < 1:
-            problems.append(f"bandwidth_seconds: {self.bandwidth_seconds} is below iperf3's 1 s minimum test time")
-        try:
-            get_backend(self.backend)
-        except LabkitError as exc:
-            problems.append(f"backend: {exc}")
-        if problems:
-            raise LabkitError("invalid pod-modes parameters:\n  " + "\n  ".join(problems))
+    def checks(self) -> list[str]:
+        problems = []
+        if self.burst > self.samples:
+            problems.append(f"burst: must be at most samples ({self.samples}); 20 is a good value")
+        if self.window_ms / 1000 > self.rate_seconds:
+            problems.append(f"window_ms: {self.window_ms} ms is longer than rate_seconds ({self.rate_seconds} s)")
+        return problems
 
 
 def lab_spec(modes: list[str], name: str = "podmodes", backend: str = "netns") -> dict:
+    """Node 1: a client and a server per mode; node 2: a server per mode. Each node has the ENIs its
+    pods need, and pods whose slave devices may not share a parent (ipvlan, macvlan) get shared
+    ENIs of their own (:func:`labkit.modes.plan_enis`)."""
     n1 = [{"name": f"{r}-{short(m)}", "mode": m} for m in modes for r in ("c", "s")]
     n2 = [{"name": f"r-{short(m)}", "mode": m} for m in modes]
-    return {"name": name, "backend": backend, "datapath": "none", "nodes": [
-        {"name": "node1", "enis": podmodes.enis_needed([p["mode"] for p in n1]), "pods": n1},
-        {"name": "node2", "enis": podmodes.enis_needed([p["mode"] for p in n2]), "pods": n2}]}
+    nodes = []
+    for node, pods in (("node1", n1), ("node2", n2)):
+        enis, picks = podmodes.plan_enis([pod["mode"] for pod in pods])
+        shared_choice = len({e for e in picks if e is not None}) > 1
+        for pod, eni in zip(pods, picks):
+            if eni is not None and shared_choice:  # else every sharing pod takes the first shared ENI anyway
+                pod["eni"] = eni
+        nodes.append({"name": node, "enis": enis, "pods": pods})
+    return {"name": name, "backend": backend, "datapath": "none", "nodes": nodes}
 
 
 class PodModes:

@@ -23,68 +23,60 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
 from .. import lab as labmod
-from ..errors import LabkitError
 from ..measure.cpus import all_cpus
 from ..policy import compile_table, expand
 from ..policy import get as get_engine
 from .. import modes as podmodes
 from ..spec import MAX_BULK_RULES, PolicyPeer, PolicyPort, PolicyRule, PolicySpec, parse_spec
 from . import core
+from .params import Params, param
 
 ENGINES = ("iptables", "ebpf")
 POSITIONS = ("first", "last")
 SERVER_PORT = 8080
 
 
+def _engine_names() -> list[str]:
+    from ..policy import ENGINES as registry
+
+    return registry.names()
+
+
 @dataclass
-class PolicyScaleParams:
-    datapaths: list[str] = field(default_factory=lambda: list(ENGINES))  # policy engines
-    services: list[int] = field(default_factory=lambda: [0, 10, 100, 1000, 10000])  # numbers of policies
-    rules: int = 2  # generated rules per bulk policy
-    positions: list[str] = field(default_factory=lambda: ["last"])
-    metrics: list[str] = field(default_factory=lambda: ["crr", "rr"])
-    repeats: int = 3
-    samples: int = 5000
-    warmup: int = 300
-    size: int = 64
-    burst: int = 20  # samples per point per turn (the engines and repeats of a table are interleaved)
-    updates: int = 3
-    mode: str = "veth"
-    seed: int = 1
+class PolicyScaleParams(Params):
+    experiment = "policy-scale"
+    datapaths: list[str] = param(default_factory=lambda: list(ENGINES), choices=_engine_names,
+                                 help="the NetworkPolicy engines to compare")
+    services: list[int] = param(default_factory=lambda: [0, 10, 100, 1000, 10000], min=0, max=100000,
+                                help="numbers of policies")
+    rules: int = param(2, min=1, max=MAX_BULK_RULES, help="generated rules per bulk policy")
+    positions: list[str] = param(default_factory=lambda: ["last"], choices=POSITIONS,
+                                 help="where the policy that admits the client stands (first or last)")
+    metrics: list[str] = param(default_factory=lambda: ["crr", "rr"], choices=("crr", "rr"), help="latency metrics")
+    repeats: int = param(3, min=1, max=100, help="repeats of every point, interleaved")
+    samples: int = param(5000, min=10, help="latency samples per point")
+    warmup: int = param(300, min=0, help="warm-up attempts per client before measuring")
+    size: int = param(64, min=1, max=65536, help="payload bytes each way")
+    burst: int = param(20, min=1, help="samples per point per turn (the engines and repeats of a table are "
+                                       "interleaved)")
+    updates: int = param(3, min=0, max=100, help="one-policy additions timed at each N")
+    mode: str = param("veth", choices=podmodes.names, help="pod network mode of the experiment's pods")
+    seed: int = param(1, help="random choices of the run")
 
     @classmethod
     def quick(cls) -> PolicyScaleParams:
         """A couple of minutes here: CI's and the notebook's default run."""
         return cls(services=[0, 10, 1000], metrics=["crr"], repeats=2, samples=1500, warmup=150, updates=2)
 
-    def validate(self) -> None:
-        problems = []
-        for eng in self.datapaths:
-            try:
-                get_engine(eng)
-            except LabkitError as exc:
-                problems.append(f"datapaths: {exc}")
-        if any(n < 0 or n > 100000 for n in self.services):
-            problems.append("services (numbers of policies): every N must be in 0..100000")
-        if not 1 <= self.rules <= MAX_BULK_RULES:
-            problems.append(f"rules: 1..{MAX_BULK_RULES} per policy")
-        bad = [p for p in self.positions if p not in POSITIONS]
-        if bad:
-            problems.append(f"positions: unknown {bad}; expected some of {', '.join(POSITIONS)}")
-        bad = [m for m in self.metrics if m not in ("crr", "rr")]
-        if bad:
-            problems.append(f"metrics: unknown {bad}; expected crr and/or rr")
-        if self.repeats < 1 or self.samples < 10:
-            problems.append("repeats must be ≥ 1 and samples ≥ 10")
-        if not 1 <= self.burst <= self.samples:
-            problems.append(f"burst: must be in 1..samples ({self.samples}); 20 is a good value")
-        if problems:
-            raise LabkitError("invalid policy-scale parameters:\n  " + "\n  ".join(problems))
+    def checks(self) -> list[str]:
+        if self.burst > self.samples:
+            return [f"burst: must be at most samples ({self.samples}); 20 is a good value"]
+        return []
 
 
 def lab_spec(engine: str, mode: str, tag: str = "", nodes: int = 1) -> dict:

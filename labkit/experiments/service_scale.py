@@ -21,45 +21,85 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
 
 from .. import lab as labmod
 from ..backends import get_backend
-from ..datapath import get as get_datapath
-from ..errors import LabkitError
 from ..measure.cpus import all_cpus, wait_quiet
 from ..services import Endpoint, ServicePort, ServiceTable, TableDiff
 from .. import modes as podmodes
 from ..spec import parse_spec
 from . import core
+from .params import Params, param
 
-DEFAULT_DATAPATHS = ("iptables-legacy", "iptables-nft", "nftables", "ebpf")
-POSITIONS = ("first", "middle", "last", "random", "pod")
+DEFAULT_DATAPATHS = ("iptables-legacy", "iptables-nft", "nftables", "ebpf", "ebpf-tc")
+POSITIONS = ("first", "middle", "last", "random", "pod", "kube-proxy-order")
+LATENCY = ("crr", "rr")
+RATES = {"crr-rate": "crr", "rr-rate": "rr", "udp-rr-rate": "udp_rr"}  # metric -> lkclient mode
+METRICS = (*LATENCY, *RATES)
+WORKLOADS = ("labkit", "http")
+KUBE_PROXY = ("current", "1.18")
 SHORT = {"iptables-legacy": "iptl", "iptables-nft": "iptn", "nftables": "nft", "ebpf": "ebpf",
          "ebpf-tc": "ebpftc", "ipvs": "ipvs", "none": "none"}
 BACKENDS = 3
 
 
+def _datapath_names() -> list[str]:
+    from ..datapath import DATAPATHS
+
+    return DATAPATHS.names()
+
+
+def _backend_names() -> list[str]:
+    from ..backends import BACKENDS
+
+    return BACKENDS.names()
+
+
+def _mode_names() -> list[str]:
+    return podmodes.names()
+
+
 @dataclass
-class ServiceScaleParams:
-    datapaths: list[str] = field(default_factory=lambda: list(DEFAULT_DATAPATHS))
-    services: list[int] = field(default_factory=lambda: [1, 1000, 5000, 10000, 20000])
-    positions: list[str] = field(default_factory=lambda: ["first", "middle", "last", "random", "pod"])
-    metrics: list[str] = field(default_factory=lambda: ["crr"])
-    repeats: int = 3
-    samples: int = 5000
-    warmup: int = 300
-    size: int = 64
-    burst: int = 20  # samples per point per burst (points of all datapaths and repeats are interleaved)
-    updates: int = 3
-    mode: str = "veth"
-    seed: int = 1
-    backend: str = "netns"  # where each datapath's lab runs: netns, or vagrant (one VM per datapath)
+class ServiceScaleParams(Params):
+    experiment = "service-scale"
+    datapaths: list[str] = param(default_factory=lambda: list(DEFAULT_DATAPATHS), choices=_datapath_names,
+                                 help="the Service datapaths to compare")
+    services: list[int] = param(default_factory=lambda: [1, 1000, 5000, 10000, 20000], min=1, max=65536,
+                                help="numbers of services")
+    positions: list[str] = param(default_factory=lambda: ["first", "middle", "last", "random", "pod"],
+                                 choices=POSITIONS, help="which service each point connects to (pod: straight to a "
+                                 "backend, the no-Service floor; kube-proxy-order: wherever kube-proxy's map order "
+                                 "put it)")
+    metrics: list[str] = param(default_factory=lambda: ["crr"], choices=METRICS,
+                               help="latency (crr, rr: one transaction at a time) and rates under load "
+                                    "(crr-rate, rr-rate, udp-rr-rate: --concurrency at once)")
+    repeats: int = param(3, min=1, max=100, help="repeats of every point, interleaved")
+    samples: int = param(5000, min=10, help="latency samples per point")
+    warmup: int = param(300, min=0, help="warm-up attempts per client before measuring")
+    size: int = param(64, min=1, max=65536, help="payload bytes each way")
+    burst: int = param(20, min=1, help="latency samples per point per turn (every point is measured interleaved)")
+    updates: int = param(3, min=0, max=100, help="one-service additions timed at each N")
+    mode: str = param("veth", choices=_mode_names, help="pod network mode of the experiment's pods")
+    seed: int = param(1, help="random choices (orders, random positions) of the run")
+    backend: str = param("netns", choices=_backend_names,
+                         help="where each datapath's lab runs: netns, or vagrant (one VM per datapath)")
     # every N loaded at once (a node per N) and the whole sweep measured interleaved; None: yes on
     # netns, no on vagrant (a node is a VM there: the Ns take turns in one node)
-    together: bool | None = None
+    together: bool | None = param(None, help="every N in a node of its own, all measured together "
+                                             "(unset: yes on netns, no on vagrant)")
+    concurrency: int = param(16, min=1, max=1024, help="connections (flows) at once for the rate metrics")
+    rate_seconds: float = param(2.0, min=0.2, max=600, help="measured time per rate point, in windows "
+                                                           "interleaved with the other points")
+    window_ms: int = param(200, min=20, max=10000, help="a rate point's window per turn")
+    workload: str = param("labkit", choices=WORKLOADS,
+                          help="what serves in backend pods: labkit's echo server, or http (nginx; wrk measures "
+                               "requests/s beside labkit's own rate)")
+    kube_proxy: str = param("current", choices=KUBE_PROXY,
+                            help="the iptables datapaths' rule shape: current kube-proxy, or 1.18 (the study's "
+                                 "time: two KUBE-SERVICES rules per service)")
 
     @property
     def all_at_once(self) -> bool:
@@ -70,57 +110,74 @@ class ServiceScaleParams:
         """≤ 3 minutes here: the README's and CI's run."""
         return cls(services=[1, 1000, 5000], positions=["first", "last", "pod"], samples=2000, warmup=200)
 
-    def validate(self) -> None:
-        problems = [] if self.datapaths else ["datapaths: name at least one, e.g. iptables-nft,ebpf"]
-        if not self.services or not self.positions:
-            problems.append("services and positions: name at least one of each")
-        for dp in self.datapaths:
-            try:
-                get_datapath(dp)
-            except LabkitError as exc:
-                problems.append(f"datapaths: {exc}")
-        bad = [p for p in self.positions if p not in POSITIONS]
-        if bad:
-            problems.append(f"positions: unknown {bad}; expected some of {', '.join(POSITIONS)}")
-        if any(n < 1 or n > 65536 for n in self.services):
-            problems.append("services: every N must be in 1..65536")
-        if self.repeats < 1 or self.samples < 10:
-            problems.append("repeats must be ≥ 1 and samples ≥ 10")
-        if not 1 <= self.burst <= self.samples:
-            problems.append(f"burst: must be in 1..samples ({self.samples}); 20 is a good value")
-        bad = [m for m in self.metrics if m not in ("crr", "rr")]
-        if bad:
-            problems.append(f"metrics: unknown {bad}; expected crr and/or rr")
-        try:
-            get_backend(self.backend)
-        except LabkitError as exc:
-            problems.append(f"backend: {exc}")
+    def checks(self) -> list[str]:
+        problems = []
+        if self.burst > self.samples:
+            problems.append(f"burst: must be at most samples ({self.samples}); 20 is a good value")
         if self.together and self.backend == "vagrant":
             problems.append("together: on the vagrant backend a node per N would be a VM per N; leave it unset "
                             "(the Ns then take turns in one VM per datapath)")
-        if problems:
-            raise LabkitError("invalid service-scale parameters:\n  " + "\n  ".join(problems))
+        if self.workload == "http" and self.backend != "netns":
+            problems.append("workload: http runs on the netns backend only (the VM box has no nginx)")
+        if self.window_ms / 1000 > self.rate_seconds:
+            problems.append(f"window_ms: {self.window_ms} ms is longer than rate_seconds ({self.rate_seconds} s)")
+        return problems
 
 
-def lab_spec(datapath: str, mode: str, tag: str = "", backend: str = "netns", nodes: int = 1) -> dict:
+def lab_spec(datapath: str, mode: str, tag: str = "", backend: str = "netns", nodes: int = 1,
+             workload: str = "labkit") -> dict:
     """The lab of one datapath: ``nodes`` nodes ``n<i>``, each with a client ``cli-<i>`` and backends
-    ``be-<i>-<k>``; ``tag`` (from the run id) keeps concurrent runs' labs apart."""
+    ``be-<i>-<k>`` (serving the http workload too with ``workload="http"``); ``tag`` (from the run id)
+    keeps concurrent runs' labs apart."""
     enis = podmodes.enis_needed([mode] * (1 + BACKENDS))
+    server = {"server": {"kind": "http", "port": HTTP.target}} if workload == "http" else {}
     return {"name": f"ss{tag}-{SHORT.get(datapath, datapath)}", "backend": backend, "datapath": "none",
             "nodes": [{"name": f"n{i}", "enis": enis, "pods": [{"name": f"cli-{i}", "mode": mode}] + [
-                {"name": f"be-{i}-{k}", "mode": mode, "labels": {"app": "backend"}} for k in range(BACKENDS)]}
-                      for i in range(nodes)]}
+                {"name": f"be-{i}-{k}", "mode": mode, "labels": {"app": "backend"}, **server}
+                for k in range(BACKENDS)]} for i in range(nodes)]}
 
 
-def bulk_service(endpoints: tuple[Endpoint, ...], k: int, service_cidr: str = "10.96.0.0/12") -> ServicePort:
-    """Service ``svc-k`` with ``endpoints``; ClusterIPs in order from the CIDR's 10th address."""
+@dataclass(frozen=True)
+class BulkPort:
+    """One port every bulk service has: the ServicePort's name, protocol, port and target port."""
+
+    name: str
+    protocol: str
+    port: int
+    target: int
+
+
+ECHO = BulkPort("", "TCP", 80, 8080)  # labkit's echo server (the only port unless more are needed)
+HTTP = BulkPort("http", "TCP", 8081, 8081)  # the http workload's nginx (--workload http)
+UDP = BulkPort("udp", "UDP", 80, 8080)  # labkit's echo server over UDP (udp-rr-rate)
+
+
+def bulk_ports(workload: str = "labkit", metrics=()) -> tuple[BulkPort, ...]:
+    """The ports every bulk service has: labkit's echo port, and the http workload's and a UDP one
+    when the run needs them (each adds a rule per service: the manifest records them)."""
+    extra = ((HTTP,) if workload == "http" else ()) + ((UDP,) if "udp-rr-rate" in metrics else ())
+    return (ECHO,) if not extra else (replace(ECHO, name="echo"), *extra)
+
+
+def bulk_service(endpoints: tuple[Endpoint, ...], k: int, service_cidr: str = "10.96.0.0/12",
+                 port: BulkPort = ECHO) -> ServicePort:
+    """Port ``port`` of service ``svc-k`` with ``endpoints`` (their port set to its target); ClusterIPs
+    in order from the CIDR's 10th address."""
     base = int(ipaddress.IPv4Network(service_cidr).network_address) + 10
-    return ServicePort("scale", f"svc-{k}", "", "TCP", str(ipaddress.IPv4Address(base + k)), 80, endpoints)
+    eps = tuple(Endpoint(e.ip, port.target, e.pod, e.node) for e in endpoints)
+    return ServicePort("scale", f"svc-{k}", port.name, port.protocol, str(ipaddress.IPv4Address(base + k)),
+                       port.port, eps)
 
 
-def bulk_table(endpoints: tuple[Endpoint, ...], n: int, service_cidr: str = "10.96.0.0/12") -> ServiceTable:
-    """N services ``svc-0 … svc-(N-1)`` with the same endpoints."""
-    return ServiceTable.of(bulk_service(endpoints, k, service_cidr) for k in range(n))
+def bulk_table(endpoints: tuple[Endpoint, ...], n: int, service_cidr: str = "10.96.0.0/12",
+               ports: tuple[BulkPort, ...] = (ECHO,)) -> ServiceTable:
+    """N services ``svc-0 … svc-(N-1)`` with the same endpoints, each with ``ports``."""
+    return ServiceTable.of(bulk_service(endpoints, k, service_cidr, port) for k in range(n) for port in ports)
+
+
+def port_key(k: int, port: BulkPort) -> str:
+    """The key of port ``port`` of ``svc-k`` in a bulk table."""
+    return f"scale/svc-{k}" + (f":{port.name}" if port.name else "")
 
 
 class ServiceScale:

@@ -28,11 +28,24 @@ def names() -> list[str]:
     return MODES.names()
 
 
+def plan_enis(modes: list[str]) -> tuple[int, list[int | None]]:
+    """For pods of these modes on one node (one entry per pod): how many ENIs the node needs, and the
+    shared ENI each pod should name (None: it takes no shared ENI). Exclusive pods take one ENI each;
+    the others share, one shared ENI per kind of slave device (Linux refuses macvlan and ipvlan slaves
+    on one parent), pods without slaves on the first."""
+    kinds = [get(m) for m in modes]
+    exclusive = sum(m.nic == "exclusive" for m in kinds)
+    groups = list(dict.fromkeys(m.slave_kind for m in kinds if m.nic in ("shared", "shared-or-primary")
+                                and m.slave_kind)) or [None]
+    shared = any(m.nic in ("shared", "shared-or-primary") for m in kinds)
+    picks = [exclusive + 1 + groups.index(m.slave_kind if m.slave_kind in groups else groups[0])
+             if m.nic in ("shared", "shared-or-primary") else None for m in kinds]
+    return exclusive + (len(groups) if shared else 0), picks
+
+
 def enis_needed(modes: list[str]) -> int:
-    """ENIs a node needs for pods of these modes (one entry per pod): one per exclusive pod, and one
-    shared ENI when any pod needs one."""
-    kinds = [get(m).nic for m in modes]
-    return kinds.count("exclusive") + (1 if "shared" in kinds or "shared-or-primary" in kinds else 0)
+    """ENIs a node needs for pods of these modes (one entry per pod): see :func:`plan_enis`."""
+    return plan_enis(modes)[0]
 
 
-__all__ = ["MODES", "PodMode", "get", "names", "enis_needed"]
+__all__ = ["MODES", "PodMode", "get", "names", "enis_needed", "plan_enis"]

@@ -61,6 +61,9 @@ class PodMode:
     features: ClassVar[tuple[str, ...]] = ()  # `labkit doctor` names the mode needs
     kernel_modules: ClassVar[tuple[str, ...]] = ()  # loaded where modules exist (VM nodes)
     options: ClassVar[dict[str, tuple[str, ...]]] = {}  # Pod fields only this mode takes: allowed values
+    # the kind of slave device the pod is on its NIC ("ipvlan", "macvlan"): Linux allows one kind of
+    # slave per parent device, so pods of different kinds need different ENIs
+    slave_kind: ClassVar[str | None] = None
 
     # ---------------------------------------------------------------- planning
     def address(self, pools: AddressPools, nic: int | None) -> PodAddress:

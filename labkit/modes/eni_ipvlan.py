@@ -22,6 +22,7 @@ class EniIpvlan(EniSlave):
     pool = "vpc"
     features = ("ipvlan",)
     kernel_modules = ("ipvlan",)
+    slave_kind = "ipvlan"
     options = {"ipvlan_mode": tuple(IPVLAN_MODES)}
 
     def link_args(self, pod):

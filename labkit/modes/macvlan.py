@@ -19,6 +19,7 @@ class Macvlan(EniSlave):
     pool = "vpc"
     features = ("macvlan",)
     kernel_modules = ("macvlan",)
+    slave_kind = "macvlan"
 
     def link_args(self, pod):
         return {"kind": "macvlan", "macvlan_mode": "bridge"}

@@ -155,6 +155,30 @@ def _check_pods(p: Problems, npath: str, node: Node, unique) -> None:
         p.add(f"{npath}.enis", f"{node.enis} ENIs cannot hold {len(exclusive)} {exclusive[0].name} pod(s)"
                                + (f" plus one shared ENI for {'/'.join(sharing)} pods" if sharing else "")
                                + f"; set enis to {need}")
+    elif len(known) == len(node.pods) and not p:
+        _check_slaves(p, npath, node, known)
+
+
+def _check_slaves(p: Problems, npath: str, node: Node, known: dict) -> None:
+    """Linux allows one kind of slave device per parent: an ENI holding an IPVLAN pod cannot hold a
+    macvlan pod (the kernel answers EBUSY when the lab is built)."""
+    from ..addressing import default_nic
+
+    on_nic: dict[int, dict[str, str]] = {}  # NIC -> slave kind -> first pod of that kind
+    for pi, pod in enumerate(node.pods):
+        kind = known[pod.name].slave_kind
+        if kind is None:
+            continue
+        nic = default_nic(node, pod)
+        kinds = on_nic.setdefault(nic, {})
+        other = next(((k, name) for k, name in kinds.items() if k != kind), None)
+        if other is not None:
+            where = "eth0" if nic == 0 else f"ENI {nic}"
+            p.add(f"{npath}.pods[{pi}].eni", f"pods {other[1]} ({other[0]}) and {pod.name} ({kind}) are both on {where}, "
+                                            "and Linux refuses ipvlan and macvlan slaves on one parent; give "
+                                            f"{pod.name} a shared ENI of its own with 'eni' (raise {npath}.enis if "
+                                            "needed)")
+        kinds.setdefault(kind, pod.name)
 
 
 def _check_servers(p: Problems, spec: Spec) -> None:
