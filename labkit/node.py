@@ -16,6 +16,8 @@ agent calls it there, :mod:`labkit.remote.agent`). It knows:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 import socket
 import subprocess
@@ -88,9 +90,26 @@ class NodeRuntime:
         for pod in self.node.pods:
             self.pod_cgroup(pod.name).mkdir(parents=True, exist_ok=True)
         wiring = topology.NodeWiring(self.spec, self.plan, self.node, ns, self.pod_netns, record)
-        wiring.setup_node()
+        with self._naming(f"node {self.node.name}"):
+            wiring.setup_node()
         for pod in self.node.pods:
-            wiring.add_pod(pod)
+            with self._naming(f"pod {pod.name} ({pod.mode}) on node {self.node.name}"):
+                wiring.add_pod(pod)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _naming(what: str):
+        """A kernel's refusal while building ``what`` becomes one BackendError naming it and the
+        kernel's message (the traceback stays in the lab's log, not on a user's terminal)."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            yield
+        except NetlinkError as exc:
+            raise BackendError(f"building {what}: the kernel refused ({exc.code}: {os.strerror(exc.code)}; "
+                               f"{exc.args[1] if len(exc.args) > 1 else exc})") from exc
+        except (OSError, LookupError) as exc:
+            raise BackendError(f"building {what}: {exc}") from exc
 
     def server_ports(self) -> list[int]:
         """Every port a pod serves: labkit check's, the Services' target ports, the policy matrix's."""

@@ -317,3 +317,23 @@ def test_user_and_packaged_servers_serve_and_never_collide(make_lab, lab_name, t
     assert _listening(lb, "quiet") == {}
     lb.down()
     assert not subprocess.run(["pgrep", "-f", str(conf)], capture_output=True).stdout  # the user's server is gone
+
+
+@pytest.mark.needs("root")
+def test_a_kernel_refusal_names_the_pod_and_leaves_nothing(lab_name, monkeypatch):
+    """When the kernel refuses something while a pod is wired (EBUSY, as for a macvlan beside an
+    ipvlan slave), up fails with one labkit error naming the pod, its node and the kernel's message,
+    and removes what it made."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from labkit.errors import BackendError
+    from labkit.modes.bridge import Bridge
+
+    def refuse(self, w, pod, pp, pns):
+        raise NetlinkError(16, "Device or resource busy")
+
+    monkeypatch.setattr(Bridge, "wire", refuse)
+    spec = parse_spec({"name": lab_name, "nodes": [{"name": "n1", "pods": [{"name": "a"}, {"name": "b", "mode": "bridge"}]}]})
+    with pytest.raises(BackendError, match=r"pod b \(bridge\) on node n1: the kernel refused \(16: Device or resource busy"):
+        lab.up(spec, progress=False)
+    assert leftovers(lab_name) == []

@@ -257,11 +257,33 @@ def main(argv: list[str] | None = None) -> int:
             out = sync_datapath(load_spec(Path(args.spec), validate=False), args.node)
         else:
             out = {"kernel": platform.release(), "modules": load_modules()}
-    except (LabkitError, OSError, subprocess.CalledProcessError) as exc:
-        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+    except Exception as exc:  # noqa: BLE001 - one JSON error line for the host, the trace in the log
+        log = _log_trace(args)
+        msg = str(exc) if isinstance(exc, LabkitError) else f"{type(exc).__name__}: {exc}"
+        print(json.dumps({"error": msg, "log": str(log) if log else ""}))
         return 2
     print(json.dumps(out))
     return 0
+
+
+def _log_trace(args) -> Path | None:
+    """The current exception's full traceback, appended to the lab's agent log on this machine."""
+    import traceback
+
+    lab = getattr(args, "lab", None)
+    if lab is None and getattr(args, "spec", None):
+        try:
+            lab = load_spec(Path(args.spec), validate=False).name
+        except Exception:  # noqa: BLE001 - the spec itself may be what failed
+            lab = None
+    path = (LabState(lab).dir if lab else Path("/run/labkit")) / "logs" / "agent.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} agent {args.verb}\n{traceback.format_exc()}\n")
+        return path
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

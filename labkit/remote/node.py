@@ -54,15 +54,26 @@ class RemoteNode:
         cmd = payload.install_command(payload.agent_command("build-node", *args))
         with open(tar, "rb") as f:
             proc = subprocess.run(self.machine.argv(cmd), stdin=f, capture_output=True, text=True, timeout=timeout)
+        log = self._keep_log(proc.stderr)
         try:
             out = json.loads(proc.stdout.strip().splitlines()[-1])
         except (json.JSONDecodeError, IndexError):
-            raise BackendError(f"building {self.node} failed (exit {proc.returncode}): "
-                               f"{(proc.stderr + proc.stdout).strip()[-2000:]}") from None
+            raise BackendError(f"building node {self.node} failed (exit {proc.returncode}); its output is in "
+                               f"{log}") from None
         if "error" in out:
-            raise BackendError(f"agent on {self.node}: {out['error']}\n{proc.stderr.strip()[-1500:]}")
+            raise BackendError(f"node {self.node} ({self.machine.label}): {out['error']} (full trace: {log}, "
+                               f"and {out.get('log') or 'the agent log'} on the machine)")
         self.cgroup = Path(out["cgroup"])
         return out
+
+    def _keep_log(self, text: str) -> Path:
+        """The agent's stderr in this lab's log folder here (a traceback belongs there, not on a
+        terminal)."""
+        path = LabState(self.lab).dir / "logs" / f"agent-{self.node}-build.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(text)
+        return path
 
     def sync(self) -> dict:
         """Program the node's datapath again from the spec on the machine."""
