@@ -1,8 +1,8 @@
 """The ``labkit`` command line: the subcommands every feature registers (:mod:`labkit.commands`),
 each a thin call into the library.
 
-Errors labkit raises on purpose (bad spec, missing kernel feature, unknown lab) are printed as one
-clear message and exit with status 2; a failed ``check`` exits 1.
+Errors labkit raises on purpose are printed as one clear message; the exit status says what kind
+(:data:`labkit.errors.EXIT_CODES`, listed by ``labkit --help``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .commands import COMMANDS
 
-    p = argparse.ArgumentParser(prog="labkit", description="Pod-network and Service-datapath labs on a real kernel.")
+    p = argparse.ArgumentParser(prog="labkit", description="Pod-network and Service-datapath labs on a real kernel.",
+                                epilog=epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"labkit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:
@@ -29,6 +30,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def epilog() -> str:
+    """Exit statuses and environment variables, under ``labkit --help``."""
+    from .errors import EXIT_CODES
+
+    lines = ["exit status:"] + [f"  {code:<4} {what}" for code, what in EXIT_CODES.items()]
+    lines += ["", "environment:"] + [f"  {name:<20} {what}" for name, what in ENVIRONMENT.items()]
+    return "\n".join(lines)
+
+
+ENVIRONMENT = {
+    "LABKIT_STATE_DIR": "where labs keep their state and journal (default /run/labkit)",
+    "LABKIT_RESULTS": "the results store (default ./results)",
+    "LABKIT_LOAD_CPUS": "CPUs for load clients and in-pod servers, e.g. 1 (default: the first CPU; labkit itself "
+                        "runs on the others)",
+    "LABKIT_CACHE": "compiled helpers and VM boxes (default ~/.cache/labkit)",
+    "LABKIT_VM_DRIVER": "kvm or qemu: force the VM backend's driver (default: probed)",
+    "LABKIT_KEEP_FAILED": "keep a VM lab whose up failed, for inspection",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `labkit … | head` ends quietly
     args = build_parser().parse_args(argv)
@@ -36,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args) or 0
     except LabkitError as exc:
         print(f"labkit: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("labkit: interrupted", file=sys.stderr)
         return 130

@@ -15,10 +15,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from . import addressing, modes, nsexec
+from . import addressing, modes, naming, nsexec
 from .backends import get_backend
 from .datapath import get as get_datapath
-from .errors import LabStateError
+from .errors import LabStateError, NoSuchLab
 from .services import ServiceTable, table_from_spec
 from .spec import Spec, load_spec, validate
 from .state import LabState, list_labs
@@ -94,6 +94,41 @@ class Lab:
 
     def down(self) -> dict:
         return self.backend.down(self.name)
+
+    def inspect(self) -> dict:
+        """Everything about the lab as plain data: nodes (NICs, subnets, kernel, datapath state),
+        pods (address, mode, NIC, node-side interface, server), the Service table's size and the
+        policies (``labkit inspect``)."""
+        spec, plan = self.spec, self.plan
+        kernels = self.kernels()
+        nodes = []
+        for node in spec.nodes:
+            np_ = plan.nodes[node.name]
+            try:
+                state = self.datapath(node.name, spec.datapath).describe() if spec.datapath != "none" else {}
+            except Exception as exc:  # noqa: BLE001 - inspecting must not fail on one node's datapath
+                state = {"error": str(exc)}
+            nodes.append({"name": node.name, "kernel": kernels.get(node.name, ""),
+                          "nics": ", ".join(f"{n.ifname} {n.ip}" for n in np_.nics),
+                          "pod_subnet": str(np_.native_subnet), "overlay_subnet": str(np_.overlay_subnet or ""),
+                          "datapath_state": ", ".join(f"{k}={v}" for k, v in state.items()
+                                                      if k not in ("datapath", "node")),
+                          "datapath": state})
+        pods = []
+        for node, pod in spec.pods():
+            pp = plan.pods[pod.name]
+            server = spec.server_of(pod)
+            pods.append({"name": pod.name, "node": node.name, "mode": pod.mode, "ip": f"{pp.ip}/{pp.prefixlen}",
+                         "gateway": str(pp.gateway), "mtu": pp.mtu,
+                         "via": plan.nodes[node.name].nics[pp.nic].ifname if pp.nic is not None else "node",
+                         "node_iface": modes.get(pod.mode).host_ifname(pod.name) or "-",
+                         "server": server.kind + (f":{server.serves}" if server.serves else ""),
+                         "labels": ",".join(f"{k}={v}" for k, v in pod.labels.items())})
+        return {"name": spec.name, "backend": spec.backend, "datapath": spec.datapath, "vpc": str(plan.vpc),
+                "vpc_gateway": str(plan.vpc_gateway), "pod_cidr": str(plan.pod_cidr),
+                "service_cidr": spec.service_cidr, "services": len(self.services()),
+                "policies": sum(p.count or 1 for p in spec.policies), "policy_engine": spec.policy_engine,
+                "nodes": nodes, "pods": pods}
 
     # ------------------------------------------------------------ check
     @nsexec.outside_event_loop
@@ -277,12 +312,27 @@ def open_lab(name: str) -> Lab:
     return Lab(LabState(name).spec())
 
 
+def exists(name: str) -> bool:
+    """Whether anything of lab ``name`` is on this machine: its state, or objects with its prefix."""
+    return LabState(name).dir.exists() or bool(nsexec.list_netns(naming.netns_name(name, "")))
+
+
 @nsexec.outside_event_loop
-def down(name: str) -> dict:
-    """Remove lab ``name``. A lab whose state folder is gone is still swept by prefix (netns backend)."""
+def down(name: str, missing_ok: bool = True) -> dict:
+    """Remove lab ``name``. A lab whose state folder is gone is still swept by prefix (netns backend).
+    ``missing_ok=False``: :class:`NoSuchLab` when nothing of it is here."""
+    if not missing_ok and not exists(name):
+        raise NoSuchLab(f"no lab named {name!r} on this machine (see `labkit ls`; --missing-ok for scripts)")
     state = LabState(name)
     backend = state.meta().get("backend", "netns") if state.exists else "netns"
     return get_backend(backend).down(name)
+
+
+def _owner(state: LabState) -> int:
+    try:
+        return state.dir.stat().st_uid
+    except OSError:
+        return 0
 
 
 def labs() -> list[dict]:
@@ -293,8 +343,9 @@ def labs() -> list[dict]:
             meta = st.meta()
             spec = st.spec()
             out.append({"name": name, "backend": meta.get("backend"), "status": meta.get("status"),
-                        "nodes": len(spec.nodes), "pods": len(spec.pods()), "datapath": spec.datapath})
+                        "nodes": len(spec.nodes), "pods": len(spec.pods()), "datapath": spec.datapath,
+                        "owner": meta.get("owner", 0)})
         except Exception as exc:  # a half-written state folder must still be listed (and removable)
             out.append({"name": name, "backend": "?", "status": f"unreadable: {exc}", "nodes": 0, "pods": 0,
-                        "datapath": "?"})
+                        "datapath": "?", "owner": _owner(st)})
     return out

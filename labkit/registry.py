@@ -18,12 +18,12 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from .errors import LabkitError
+from .errors import UsageError
 
 T = TypeVar("T")
 
 
-class UnknownName(LabkitError):
+class UnknownName(UsageError):
     """A name no implementation of that kind is registered under."""
 
     def __init__(self, kind: str, name: object, known: list[str]):

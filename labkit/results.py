@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 
 from . import __version__
-from .errors import LabkitError
+from .errors import LabkitError, NoSuchRun
 
 COLUMNS = ("run_id", "experiment", "datapath", "mode", "services", "position", "service_index", "repeat",
            "metric", "p50_us", "p90_us", "p99_us", "p999_us", "mean_us", "min_us", "max_us", "samples",
@@ -78,7 +78,7 @@ class Run:
             matches = [p for p in root.glob(f"*{run_id}*") if (p / "manifest.json").exists()] if root.exists() else []
             if len(matches) != 1:
                 known = ", ".join(sorted(p.name for p in matches)) or "see `labkit results`"
-                raise LabkitError(f"no single run matches {run_id!r} under {root}/ ({known})")
+                raise NoSuchRun(f"no single run matches {run_id!r} under {root}/ ({known})")
             path = matches[0]
         return cls(path)
 

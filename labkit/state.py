@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import LabStateError
+from .errors import LabStateError, NoSuchLab
 from .spec import Spec, load_spec
 
 STATE_ROOT = Path(os.environ.get("LABKIT_STATE_DIR", "/run/labkit"))
@@ -40,7 +40,8 @@ class LabState:
             raise LabStateError(f"lab {self.name!r} exists already; `labkit down {self.name}` first")
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "spec.yaml").write_text(spec.to_yaml())
-        self.write_meta(backend=spec.backend, created=time.time(), pid=os.getpid(), status="building")
+        self.write_meta(backend=spec.backend, created=time.time(), pid=os.getpid(), status="building",
+                        owner=os.getuid())
 
     def write_meta(self, **values) -> None:
         meta = self.meta() if (self.dir / "meta.json").exists() else {}
@@ -53,12 +54,12 @@ class LabState:
         try:
             return json.loads((self.dir / "meta.json").read_text())
         except FileNotFoundError:
-            raise LabStateError(f"no lab named {self.name!r} (see `labkit ls`)") from None
+            raise NoSuchLab(f"no lab named {self.name!r} (see `labkit ls`)") from None
 
     def spec(self) -> Spec:
         path = self.dir / "spec.yaml"
         if not path.exists():
-            raise LabStateError(f"no lab named {self.name!r} (see `labkit ls`)")
+            raise NoSuchLab(f"no lab named {self.name!r} (see `labkit ls`)")
         return load_spec(path, validate=False)  # validated before it was written
 
     def remove(self) -> None:

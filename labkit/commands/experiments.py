@@ -70,7 +70,10 @@ def results(args) -> int:
         print(f"  kernel {m['machine']['kernel']}, {m['machine']['cpu_model']} x{m['machine']['cpu_count']}, "
               f"labkit {m['labkit']['version']} ({m['labkit']['git']})")
         print(f"  params: {json.dumps(m['params'])}")
-        print(f"  points: {len(one.points())} in {one.points_path}")
+        print(f"  points: {len(one.points())} in {one.points_path}\n")
+        from ..report import summary_text
+
+        print(summary_text(one))
         return 0
     rows = list_runs()
     if args.json:

@@ -18,7 +18,10 @@ def _up_args(p) -> None:
 
 def _down_args(p) -> None:
     p.add_argument("names", nargs="*", metavar="NAME")
-    p.add_argument("--all", action="store_true", help="every lab on this machine")
+    p.add_argument("--all", action="store_true", help="every lab of yours (the labs your user made)")
+    p.add_argument("--everyone", action="store_true", help="with --all: every lab on this machine, whoever made it "
+                   "(says how many first)")
+    p.add_argument("--missing-ok", action="store_true", help="a lab that does not exist is not an error (scripts)")
 
 
 def _ls_args(p) -> None:
@@ -61,15 +64,33 @@ def up(args) -> int:
 
 @command("down", "remove a lab and everything it created", _down_args, order=20)
 def down(args) -> int:
-    from .. import lab
-    from ..state import list_labs
+    import os
 
-    names = list_labs() if args.all else args.names
-    if not names:
-        print("no lab to remove" if args.all else "name a lab, or --all")
-        return 0 if args.all else 2
+    from .. import lab
+    from ..errors import UsageError
+
+    if args.everyone and not args.all:
+        raise UsageError("--everyone goes with --all (every lab on this machine); to remove one lab, name it")
+    if args.all and args.names:
+        raise UsageError("name labs or give --all, not both")
+    if args.all:
+        mine = [r for r in lab.labs() if args.everyone or r["owner"] == os.getuid()]
+        names = [r["name"] for r in mine]
+        if args.everyone:
+            owners = sorted({r["owner"] for r in mine})
+            print(f"removing {len(names)} lab(s) of {len(owners)} user(s): {', '.join(names) or 'none'}")
+        if not names:
+            print("no lab of yours to remove" + ("" if args.everyone else " (--everyone: every lab on this machine)"))
+            return 0
+    else:
+        names = args.names
+        if not names:
+            raise UsageError("name the lab to remove (labkit ls lists them), or give --all for every lab of yours")
     for name in names:
-        counts = lab.down(name)
+        if not lab.exists(name) and (args.missing_ok or args.all):
+            print(f"lab {name}: not here, nothing to remove")
+            continue
+        counts = lab.down(name, missing_ok=False)
         print(f"lab {name} removed: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return 0
 
@@ -188,4 +209,56 @@ def services(args) -> int:
                 ["name", "cluster_ip", "port", "protocol", "endpoints"]))
     if len(shown) < len(rows):
         print(f"… {len(rows)} services in all (first 20 and last 5 shown; --all for every one)")
+    return 0
+
+
+def _inspect_args(p) -> None:
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+
+
+@command("inspect", "a lab's nodes, pods (addresses, modes, interfaces, servers), datapath and policies",
+         _inspect_args, order=65)
+def inspect(args) -> int:
+    from .. import lab
+
+    info = lab.open_lab(args.name).inspect()
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    print(f"lab {info['name']}: backend {info['backend']}, datapath {info['datapath']}, "
+          f"{info['services']} service port(s), {info['policies']} polic(ies) ({info['policy_engine']}), "
+          f"VPC {info['vpc']} (gateway {info['vpc_gateway']}), pods {info['pod_cidr']}")
+    print("\nnodes")
+    print(table(info["nodes"], ["name", "kernel", "nics", "pod_subnet", "overlay_subnet", "datapath_state"]))
+    print("\npods")
+    print(table(info["pods"], ["name", "node", "mode", "ip", "gateway", "via", "node_iface", "server", "labels"]))
+    return 0
+
+
+def _graph_args(p) -> None:
+    p.add_argument("name")
+    p.add_argument("-o", "--out", required=True, help="FILE.html (interactive, offline) or FILE.svg / FILE.png")
+
+
+@command("graph", "draw a lab's topology (VPC, nodes, NICs, pods by mode) to an HTML or SVG file", _graph_args,
+         order=66)
+def graph(args) -> int:
+    from pathlib import Path
+
+    from .. import lab, plots
+    from ..errors import UsageError
+
+    out = Path(args.out)
+    if out.suffix not in (".html", ".svg", ".png"):
+        raise UsageError(f"--out {out}: give a .html, .svg or .png file")
+    if not out.parent.exists():
+        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+    fig = plots.topology(lab.open_lab(args.name))
+    if out.suffix == ".html":
+        fig.write_html(out, include_plotlyjs=True)  # the whole plotly.js: opens offline
+    else:
+        written = plots.export({out.stem: fig}, out.parent, formats=(out.suffix[1:],))
+        out = written[0]
+    print(out)
     return 0

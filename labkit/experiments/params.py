@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import LabkitError
+from ..errors import UsageError
 
 Choices = Sequence[str] | Callable[[], Sequence[str]] | None
 
@@ -108,10 +108,10 @@ class Params:
         return out + (self.checks() if not out else [])
 
     def validate(self) -> None:
-        """Raise :class:`LabkitError` listing every problem, or do nothing."""
+        """Raise :class:`UsageError` listing every problem, or do nothing."""
         found = self.problems()
         if found:
-            raise LabkitError(f"invalid {self.experiment} parameters:\n  " + "\n  ".join(found))
+            raise UsageError(f"invalid {self.experiment} parameters:\n  " + "\n  ".join(found))
 
 
 # ---------------------------------------------------------------- CLI
