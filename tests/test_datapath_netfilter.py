@@ -14,9 +14,12 @@ The 20,000-service tests are marked ``slow``.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import random
+import re
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -29,7 +32,7 @@ from labkit.datapath import nftables as nft_mod
 from labkit.datapath.base import NodeContext, PodIface
 from labkit.errors import DatapathError
 from labkit.measure import loadgen
-from labkit.services import Endpoint, ServicePort, ServiceTable
+from labkit.services import Endpoint, ServicePort, ServiceTable, diff
 from labkit.ebpf.netlink import netlink
 from pods import veth_pods
 
@@ -281,6 +284,147 @@ def test_services_at_scale(topo, dp):
     assert not result.full
     assert topo.who(vip(n), 3).counts == {"be1": 3}
     print(f"\n{topo.datapath}: load {n} services {load:.1f} s, add one {result.seconds:.2f} s")
+
+
+# ---------------------------------------------------------------- kube-proxy versions, service order
+
+OUTSIDE = "192.0.2.1"  # TEST-NET-1: a node address outside the cluster CIDR, on lo while a test needs it
+
+
+@contextlib.contextmanager
+def iptables_datapath(topo, **options):
+    """The topology's iptables datapath with ``options`` (skips the nftables ones), cleaned up after."""
+    if not topo.datapath.startswith("iptables"):
+        pytest.skip("kube-proxy versions and Go map order are options of the iptables datapaths")
+    datapath = get(topo.datapath)(topo.ctx(), **options)
+    datapath.preflight()
+    try:
+        yield datapath
+    finally:
+        datapath.cleanup()
+
+
+def canonical(rule: str) -> str:
+    """A rendered rule as iptables-save prints it back (seen on both backends, iptables 1.8.9): the
+    statistic probability as the kernel's u32 (not compared), ``--or-mark``/``--xor-mark`` as
+    ``--set-xmark``."""
+    rule = re.sub(r"--probability \S+", "--probability P", rule)
+    rule = re.sub(r"--or-mark (\S+)", r"--set-xmark \1/\1", rule)
+    return re.sub(r"--xor-mark (\S+)", r"--set-xmark \1/0x0", rule)
+
+
+def kube_rules(topo, dp) -> list[str]:
+    """Every rule of a KUBE chain in the node, both tables, canonical."""
+    save = topo.run(f"iptables-{dp.backend}-save")
+    return sorted(canonical(ln) for ln in save.splitlines() if ln.startswith("-A KUBE-"))
+
+
+def nat_save(topo, dp, *flags: str) -> list[str]:
+    return topo.run(f"iptables-{dp.backend}-save", *flags, "-t", "nat").splitlines()
+
+
+def ask_from(topo, src: str, ip: str, port: int = PORT) -> str:
+    """One "who" request to ``ip:port`` from address ``src`` of the node namespace: the pod's name."""
+    def ask() -> str:
+        with socket.create_connection((ip, port), timeout=3, source_address=(src, 0)) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+        return reply.split(b"\r\n\r\n", 1)[1].decode().strip()
+
+    return nsexec.in_netns(topo.node, ask)
+
+
+@pytest.mark.parametrize("version", ["current", "1.18"])
+def test_kube_proxy_version_reaches_backends_and_masquerades_outside_sources(topo, version):
+    """Both versions' tables load as rendered and work: a ClusterIP reaches its backends, a pod
+    (inside the cluster CIDR) is not masqueraded, a source outside it is (the MASQUERADE rule counts
+    its connection, and so does the service's KUBE-MARK-MASQ rule: in KUBE-SERVICES for v1.18,
+    in KUBE-SVC for current). ``iptables -t nat -S KUBE-SERVICES`` holds 2 rules per service
+    port for v1.18, 1 for current, and the NodePorts rule."""
+    with iptables_datapath(topo, kube_proxy=version) as dp:
+        web, api = svc("web", vip(0), topo.endpoints(*BACKENDS)), svc("api", vip(1), topo.endpoints("be1"))
+        table = ServiceTable.of([web, api, svc("none", vip(2), ())])
+        assert dp.sync(table).full
+        tool = f"iptables-{dp.backend}"
+        listed = [ln for ln in topo.run(tool, "-t", "nat", "-S", "KUBE-SERVICES").splitlines() if ln.startswith("-A")]
+        per = 2 if version == "1.18" else 1
+        assert len(listed) == 2 * per + 1 and listed[-1].endswith("-j KUBE-NODEPORTS")
+        assert sum(ln.endswith("-j KUBE-MARK-MASQ") for ln in listed) == (2 if version == "1.18" else 0)
+        rendered = ipt_mod.render_full(table, CLUSTER_CIDR, kube_proxy=version)
+        assert kube_rules(topo, dp) == sorted(canonical(ln) for ln in rendered.splitlines() if ln.startswith("-A"))
+        assert dp.describe()["nat_rules"] == sum(ln.startswith("-A KUBE-") for ln in nat_save(topo, dp))
+
+        res = topo.who(vip(0), 30)
+        assert res.errors == 0 and set(res.counts) <= set(BACKENDS), res
+        topo.run(tool, "-t", "nat", "-Z")
+        assert topo.who(vip(1), 3).counts == {"be1": 3}
+
+        def counted(pattern: str) -> int:
+            return sum(int(ln[1:].split(":")[0]) for ln in nat_save(topo, dp, "-c") if pattern in ln)
+
+        assert counted("-j MASQUERADE") == 0  # from a pod: no masquerade
+        topo.run("ip", "addr", "add", f"{OUTSIDE}/32", "dev", "lo")
+        try:
+            assert ask_from(topo, OUTSIDE, vip(1)) == "be1"
+        finally:
+            topo.run("ip", "addr", "del", f"{OUTSIDE}/32", "dev", "lo")
+        assert counted("-j MASQUERADE") == 1  # the outside connection's first packet
+        chain = "KUBE-SERVICES" if version == "1.18" else ipt_mod.service_chain(api)
+        assert counted(f"-A {chain} ! -s {CLUSTER_CIDR} -d {vip(1)}/32") == 1
+
+
+@pytest.mark.parametrize("version", ["current", "1.18"])
+def test_go_map_order_moves_services_and_place_names_the_kernels_rule(topo, version):
+    """With Go's map order every full sync puts a service elsewhere in KUBE-SERVICES, and the place
+    the datapath reports is the index of the service's jump among the chain's rules in
+    iptables-save, after full and partial syncs."""
+    with iptables_datapath(topo, kube_proxy=version, order="go-map", order_seed=11) as dp:
+        table = ServiceTable.of(svc(f"s{k}", vip(k), topo.endpoints(BACKENDS[k % 3])) for k in range(20))
+
+        def check(t: ServiceTable) -> None:
+            rules = [ln for ln in nat_save(topo, dp) if ln.startswith("-A KUBE-SERVICES ")]
+            for sp in t:
+                place = dp.place(sp.key)
+                assert rules[place.rules_before].endswith(f"-j {ipt_mod.service_chain(sp)}"), (sp.key, place)
+                assert place.rules == len(rules) and place.services == len(t)
+            assert dp.describe()["kube_services_rules"] == len(rules)
+
+        first = table.at(0).key
+        positions = []
+        for _ in range(3):
+            assert dp.sync_changes(table, diff(None, table)).full
+            check(table)
+            positions.append(dp.place(first).position)
+        assert len(set(positions)) == 3, positions
+        last = dp.chain_order()[-1]
+        assert sum(topo.who(table[last].cluster_ip, 3).counts.values()) == 3  # the chain's last service answers
+        bigger = table.with_ports(svc("late", vip(20), topo.endpoints("be2")))
+        assert not dp.sync(bigger).full
+        check(bigger)
+        assert topo.who(vip(20), 2).counts == {"be2": 2}
+
+
+def test_switching_kube_proxy_versions_leaves_only_the_new_versions_rules(topo):
+    """A full sync of one version over the other's rules leaves exactly its own KUBE rules and jump
+    rules: v1.18 removes the firewall and health-check jumps and chains, current removes v1.18's
+    INPUT -> KUBE-SERVICES jump; the service keeps working throughout."""
+    if not topo.datapath.startswith("iptables"):
+        pytest.skip("kube-proxy versions are options of the iptables datapaths")
+    table = ServiceTable.of([svc("web", vip(0), topo.endpoints("be0", "be1")), svc("none", vip(1), ())])
+    with iptables_datapath(topo) as dp:
+        for version in ("current", "1.18", "current"):
+            switched = get(topo.datapath)(topo.ctx(), kube_proxy=version)
+            assert switched.sync(table).full
+            rendered = ipt_mod.render_full(table, CLUSTER_CIDR, kube_proxy=version)
+            assert kube_rules(topo, dp) == sorted(canonical(ln) for ln in rendered.splitlines() if ln.startswith("-A"))
+            save = topo.run(f"iptables-{dp.backend}-save").splitlines()
+            held = {ln for ln in save if ln.startswith("-A") and not ln.startswith("-A KUBE-") and "-j KUBE-" in ln}
+            assert held == {j.save_line for j in switched.kube_proxy.jumps}
+            chains = {ln.split()[0][1:] for ln in save if ln.startswith(":KUBE-")}
+            assert ("KUBE-PROXY-FIREWALL" in chains) == (version == "current")
+            assert set(topo.who(vip(0), 6).counts) <= {"be0", "be1"}
 
 
 # ---------------------------------------------------------------- IPVS (no ip_vs here)
