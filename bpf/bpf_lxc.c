@@ -9,6 +9,10 @@
  *                          (Cilium's attach point on IPVLAN slaves)
  *   lk_to_container        tc egress of the node-side interface, or tc ingress of the pod's eth0
  *                          (the pod's ingress): reverse translation of replies
+ * Verdicts: TC_ACT_UNSPEC for every packet that goes on, translated or not, so that filters at
+ * later priorities on the same hook see it as translated (eBPF host routing, bpf_host.c, forwards
+ * after DNAT); with no later filter the kernel treats it as TC_ACT_OK. TC_ACT_SHOT when a rewrite
+ * fails; TC_ACT_REDIRECT for an ICMP error, or a hairpin turned round, at the pod's own interface.
  * Only IPv4 TCP/UDP is translated; everything else passes untouched. A packet to a service without
  * endpoints is answered with ICMP port unreachable (the connection is refused). A pod that reaches
  * itself through a service (hairpin) sees the connection come from the ClusterIP: its replies then
@@ -78,15 +82,16 @@ static __always_inline int snat4(struct __sk_buff *skb, struct pkt4 *pkt, __be32
 }
 
 /* Send a packet that is now addressed to the pod it came from back to that pod. At the node-side
- * interface (`self_redirect` 0) routing does it. At the pod's own interface (BPF_F_INGRESS) it is
- * turned round into the pod's ingress, its MAC addresses swapped. */
+ * interface (`self_redirect` 0) routing does it (or eBPF host routing, a later filter). At the
+ * pod's own interface (BPF_F_INGRESS) it is turned round into the pod's ingress, its MAC addresses
+ * swapped. */
 static __always_inline int to_self(struct __sk_buff *skb, __u32 self_redirect)
 {
 	__u8 mac[2 * ETH_ALEN];
 	__u8 swapped[2 * ETH_ALEN];
 
 	if (!self_redirect)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (bpf_skb_load_bytes(skb, 0, mac, sizeof(mac)) < 0)
 		return TC_ACT_SHOT;
 	__builtin_memcpy(swapped, mac + ETH_ALEN, ETH_ALEN);
@@ -123,7 +128,7 @@ static __always_inline int xlate_fwd(struct __sk_buff *skb, struct pkt4 *pkt, __
 	if (dnat4(skb, pkt, be_addr, be_port) < 0)
 		return TC_ACT_SHOT;
 	if (!(flags & CT_F_HAIRPIN))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (snat4(skb, pkt, pkt->ip.saddr, pkt->ip.daddr, pkt->sport) < 0)
 		return TC_ACT_SHOT;
 	return to_self(skb, self_redirect);
@@ -146,11 +151,11 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, struct pkt4 *pkt
 	tuple.flags = CT_REPLY;
 	ct = ct4_lookup(&tuple, now);
 	if (!ct || !(ct->flags & CT_F_HAIRPIN))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	ct4_refresh(ct, now, pkt->ip.protocol, pkt->tcp_flags);
 	rnat = lb4_lookup_rev_nat(ct->rev_nat_index);
 	if (!rnat)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (dnat4(skb, pkt, pkt->ip.saddr, pkt->dport) < 0 ||
 	    snat4(skb, pkt, pkt->ip.saddr, rnat->address, rnat->port) < 0)
 		return TC_ACT_SHOT;
@@ -171,7 +176,7 @@ static __always_inline int handle_from_container(struct __sk_buff *skb, __u32 se
 	int ret;
 
 	if (parse_ipv4_l4(skb, &pkt) < 0)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	tuple.daddr = pkt.ip.daddr;
 	tuple.saddr = pkt.ip.saddr;
 	tuple.dport = pkt.dport;
@@ -212,7 +217,7 @@ static __always_inline int handle_to_container(struct __sk_buff *skb)
 	__u32 now = ct_now();
 
 	if (parse_ipv4_l4(skb, &pkt) < 0)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	tuple.daddr = pkt.ip.daddr;
 	tuple.saddr = pkt.ip.saddr;
 	tuple.dport = pkt.dport;
@@ -221,15 +226,15 @@ static __always_inline int handle_to_container(struct __sk_buff *skb)
 	tuple.flags = CT_REPLY;
 	ct = ct4_lookup(&tuple, now);
 	if (!ct)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	ct4_refresh(ct, now, pkt.ip.protocol, pkt.tcp_flags);
 	rnat = lb4_lookup_rev_nat(ct->rev_nat_index);
 	if (!rnat)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (l4_rewrite(skb, ETH_HLEN, pkt.l4_off, pkt.ip.protocol, IPV4_SADDR_OFF, L4_SPORT_OFF,
 		       pkt.ip.saddr, rnat->address, pkt.sport, rnat->port) < 0)
 		return TC_ACT_SHOT;
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC;
 }
 
 int lk_from_container(struct __sk_buff *skb)
