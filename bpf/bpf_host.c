@@ -1,0 +1,68 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* eBPF host routing at tc (Cilium's bpf_host.c and the host-routing half of bpf_lxc.c, 1.9+): pod
+ * traffic is forwarded past the node's routing and netfilter (lib/host_routing.h says how).
+ *
+ * Entry programs (tc clsact, direct action):
+ *   lk_host_from_container  tc ingress of a pod's node-side veth (lx-<pod>): a packet the pod sent,
+ *                           to a pod of this node (lk_host_eps) into that pod, anywhere else to the
+ *                           FIB's next hop (another node: out of eth0)
+ *   lk_host_from_netdev     tc ingress of the node's uplink (eth0): a packet from another node or
+ *                           the VPC to a pod of this node, into that pod; anything else goes on
+ * Both sit at a later tc priority than labkit's other filters on the same hook (the ebpf policy
+ * engine's lk_pol_from_pod, ebpf-tc's lk_from_container), which return TC_ACT_UNSPEC for packets
+ * that go on: host routing sees a packet only once policy allowed it and after Service DNAT.
+ *
+ * Verdicts: TC_ACT_REDIRECT for a packet forwarded here; TC_ACT_UNSPEC for one left to the node's
+ * stack (not IPv4 (ARP), not addressed to this interface, to the node itself, no FIB answer, TTL
+ * expiring: the stack then answers as a router does), so any later filter still sees it;
+ * TC_ACT_SHOT only when a rewrite failed halfway.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "lib/common.h"
+#include "lib/host_routing.h"
+
+/* A packet a pod sent: into a local pod, or out through the FIB. Returns a verdict or -errno. */
+static __always_inline int handle_from_container(struct __sk_buff *skb)
+{
+	struct iphdr ip;
+	struct host_endpoint *ep;
+	int ret;
+
+	ret = host_load_ipv4(skb, &ip);
+	if (ret < 0)
+		return ret;
+	ep = lk_host_eps.lookup(&ip.daddr);
+	if (ep)
+		return host_deliver_local(skb, &ip, ep);
+	return host_forward_fib(skb, &ip);
+}
+
+/* A packet arriving at the node: into a local pod, or left to the stack (-ENOENT). */
+static __always_inline int handle_from_netdev(struct __sk_buff *skb)
+{
+	struct iphdr ip;
+	struct host_endpoint *ep;
+	int ret;
+
+	ret = host_load_ipv4(skb, &ip);
+	if (ret < 0)
+		return ret;
+	ep = lk_host_eps.lookup(&ip.daddr);
+	if (!ep)
+		return -ENOENT;
+	return host_deliver_local(skb, &ip, ep);
+}
+
+int lk_host_from_container(struct __sk_buff *skb)
+{
+	return host_verdict(handle_from_container(skb));
+}
+
+int lk_host_from_netdev(struct __sk_buff *skb)
+{
+	return host_verdict(handle_from_netdev(skb));
+}
