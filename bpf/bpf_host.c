@@ -29,13 +29,12 @@
 static __always_inline int handle_from_container(struct __sk_buff *skb)
 {
 	struct iphdr ip;
-	struct host_endpoint *ep;
+	struct host_endpoint *ep = 0;
 	int ret;
 
-	ret = host_load_ipv4(skb, &ip);
+	ret = host_lookup_local(skb, &ip, &ep);
 	if (ret < 0)
 		return ret;
-	ep = lk_host_eps.lookup(&ip.daddr);
 	if (ep)
 		return host_deliver_local(skb, &ip, ep);
 	return host_forward_fib(skb, &ip);
@@ -45,16 +44,13 @@ static __always_inline int handle_from_container(struct __sk_buff *skb)
 static __always_inline int handle_from_netdev(struct __sk_buff *skb)
 {
 	struct iphdr ip;
-	struct host_endpoint *ep;
+	struct host_endpoint *ep = 0;
 	int ret;
 
-	ret = host_load_ipv4(skb, &ip);
+	ret = host_lookup_local(skb, &ip, &ep);
 	if (ret < 0)
 		return ret;
-	ep = lk_host_eps.lookup(&ip.daddr);
-	if (!ep)
-		return -ENOENT;
-	return host_deliver_local(skb, &ip, ep);
+	return ep ? host_deliver_local(skb, &ip, ep) : -ENOENT;
 }
 
 int lk_host_from_container(struct __sk_buff *skb)

@@ -90,6 +90,19 @@ static __always_inline int host_load_ipv4(struct __sk_buff *skb, struct iphdr *i
 	return 0;
 }
 
+/* A packet's IPv4 header (host_load_ipv4) and, in *ep, the pod of this node it is addressed to
+ * (NULL: none). Returns 0 or host_load_ipv4's -errno. */
+static __always_inline int host_lookup_local(struct __sk_buff *skb, struct iphdr *ip, struct host_endpoint **ep)
+{
+	int ret;
+
+	ret = host_load_ipv4(skb, ip);
+	if (ret < 0)
+		return ret;
+	*ep = lk_host_eps.lookup(&ip->daddr);
+	return 0;
+}
+
 /* Decrement the TTL as a forwarding router does, fixing the header checksum. Returns 0, -ETIMEDOUT
  * when the packet must not be forwarded (the stack then answers with ICMP time exceeded) or
  * -EFAULT. */
