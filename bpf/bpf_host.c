@@ -25,8 +25,9 @@
 #include "lib/common.h"
 #include "lib/host_routing.h"
 
-/* A packet a pod sent: into a local pod, or out through the FIB. Returns a verdict or -errno. */
-static __always_inline int handle_from_container(struct __sk_buff *skb)
+/* A packet for a pod of this node goes into it; any other is forwarded through the FIB if
+ * `forward` (it came from a pod), else left to the stack (-ENOENT). Returns a verdict or -errno. */
+static __always_inline int handle_packet(struct __sk_buff *skb, bool forward)
 {
 	struct iphdr ip;
 	struct host_endpoint *ep = 0;
@@ -37,28 +38,15 @@ static __always_inline int handle_from_container(struct __sk_buff *skb)
 		return ret;
 	if (ep)
 		return host_deliver_local(skb, &ip, ep);
-	return host_forward_fib(skb, &ip);
-}
-
-/* A packet arriving at the node: into a local pod, or left to the stack (-ENOENT). */
-static __always_inline int handle_from_netdev(struct __sk_buff *skb)
-{
-	struct iphdr ip;
-	struct host_endpoint *ep = 0;
-	int ret;
-
-	ret = host_lookup_local(skb, &ip, &ep);
-	if (ret < 0)
-		return ret;
-	return ep ? host_deliver_local(skb, &ip, ep) : -ENOENT;
+	return forward ? host_forward_fib(skb, &ip) : -ENOENT;
 }
 
 int lk_host_from_container(struct __sk_buff *skb)
 {
-	return host_verdict(handle_from_container(skb));
+	return host_verdict(handle_packet(skb, true));
 }
 
 int lk_host_from_netdev(struct __sk_buff *skb)
 {
-	return host_verdict(handle_from_netdev(skb));
+	return host_verdict(handle_packet(skb, false));
 }
