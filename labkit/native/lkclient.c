@@ -1,9 +1,13 @@
 /*
- * lkclient: labkit's latency client. One process, one thread, blocking sockets, one JSON line out.
+ * lkclient: labkit's load client. One process, one thread, one JSON line out per run. Latency mode
+ * (the default): one transaction at a time on blocking sockets. Rate mode (--concurrency): C at once
+ * on non-blocking sockets and epoll, closed loop or at an offered rate, with the CPU time they cost.
  *
  * Usage: lkclient --mode crr|rr|udp_rr|who --host IP --port P [-n SAMPLES] [-w WARMUP] [-s BYTES]
  *                 [--duration SECONDS] [--raw FILE] [--connect-timeout-ms MS] [--timeout-ms MS]
  *                 [--max-errors N]
+ *        lkclient --mode crr|rr|udp_rr --host IP --port P --concurrency C [--duration-ms D] [-n N]
+ *                 [--rate R] [--cpu-stat CPULIST] [-w WARMUP] [-s BYTES] [--raw FILE] [...]
  *
  * Modes (one sample = one timed transaction; -s bytes of payload each way, default 64):
  *   crr     socket + connect + write request + read the whole echo + close with SO_LINGER {1,0}
@@ -47,15 +51,61 @@
  * labkit keeps one such process per client pod while it measures many points in slices, so a
  * slice costs a pipe round trip instead of a process start (3 ms) and a cold warm-up.
  *
+ * Rate mode, selected by --concurrency C (1..1024; --duration-ms, --rate and --cpu-stat need it):
+ * C slots, each with one transaction in flight, in this one thread (netperf's "N processes", wrk's
+ * -c): crr: each slot connects (non-blocking), writes, reads the whole echo, closes with RST, and
+ * begins again; rr: C persistent connections ping-ponging (connected before the clock starts); udp_rr:
+ * C connected UDP sockets with sequence numbers as above. The first -w completions (default
+ * max(100, 4 x C): every rr connection past lkserver's hand-over to a process of its own) are
+ * discarded; then the window opens and lasts --duration-ms D, or until -n transactions completed
+ * (no -n with a window: no cap; neither: -n 1000). A transaction completed in the window is a
+ * sample: its latency (start to whole reply; crr's close included, as above) goes to the JSON's
+ * figures and to --raw, in the order of completion. When the window closes, transactions in
+ * flight are dropped, not counted. Errors are counted per kind as above (warm-up included); a
+ * transaction that overruns --connect-timeout-ms / --timeout-ms fails with ETIMEDOUT (checked
+ * every quarter of the smaller one, within [1, 50] ms); --max-errors CONSECUTIVE errors abort.
+ *   closed loop (no --rate): a slot starts its next transaction the moment one ends, so C are
+ *     in flight all the time (rate_per_s x mean latency = C, Little's law).
+ *   open loop (--rate R, per second across the slots; wrk2's way): transaction k is meant to
+ *     start at t0 + k/R (t0: after connecting, before the warm-up); it starts then, or as soon
+ *     as a slot is free when all C are busy, and its latency counts from the INTENDED start, so a
+ *     server that falls behind shows in the latencies instead of slowing the client down
+ *     (coordinated omission). Timer slack is 1 ns meanwhile (epoll_pwait2: ns timeouts).
+ * The JSON object is the latency one (over the window's samples; elapsed_s: the window) plus
+ * "concurrency", "offered_per_s" (R, or null), "rate_per_s" (samples / elapsed_s; null if the
+ * window never opened), "unstarted" (open loop: transactions due by the window's end that never
+ * started: the backlog), and the CPU time of --cpu-stat's CPUs over the window: "cpu_stat" (as
+ * given), "cpu_hz" (USER_HZ), "cpu_ticks" (user + nice + system + irq + softirq of those CPUs'
+ * /proc/stat lines, read right before and right after the window), "cpu_steal_ticks" (taken by a
+ * hypervisor), "cpu_total_ticks" (all fields but guest ones: busy + idle + iowait + steal),
+ * "cpu_s" (cpu_ticks / cpu_hz), "cpu_us_per_txn" (cpu_s / samples, in µs) and "cpu_busy"
+ * (cpu_ticks / cpu_total_ticks); all null without --cpu-stat. CPULIST: "1", "0-1,3"; every CPU
+ * must be in /proc/stat. Resolution: /proc/stat counts in USER_HZ ticks (10 ms). Reading it
+ * before and after rounds each counter that moved (user, system, softirq under this load) by under
+ * 1 tick, independently from window to window (about 0.7 tick rms per window in all): a saturated
+ * 1 s window (100 ticks) is known to ~0.7 %, one of 200 ms to ~3.5 %, 25 windows of 200 ms added
+ * up (labkit's loadgen.combine_windows) to ~0.7 % again. On a CPU that is partly idle there is more:
+ * with tick-based accounting (CONFIG_TICK_CPU_ACCOUNTING, this kernel's) each scheduler tick (4 ms
+ * at HZ=250) is charged whole to whatever runs at that instant, a sample; at half load, 5 s carry
+ * ~3 %. The counters are the CPUs', not this process's: everything that ran there is in them (the
+ * servers, the softirqs of the packets, and any other process on those CPUs).
+ * In --serve, a line with --concurrency and --target HOST:PORT:RAWFILE repeated (a rate burst) runs
+ * one whole rate run per target in turn (its own connections, warm-up, window and CPU reading),
+ * APPENDS each one's samples to its file and replies {"targets": [one rate object per target]}: the
+ * interleaved discipline for rates (a window per point per turn, windows of different points
+ * alternating, each point's windows added up).
+ *
  * Timing discipline: CLOCK_MONOTONIC read immediately before and after the transaction; nothing
  * else in between (buffers, sample array and sequence stamps are prepared outside it, no
  * allocation per sample, no printing until the end). In crr the per-socket options (TCP_NODELAY,
  * send/receive timeouts, SO_LINGER) are inside the sample because they belong to that socket;
  * together they cost well under a microsecond. Pin this process (taskset, or labkit's cpus=) so
- * that it is not migrated mid-sample.
+ * that it is not migrated mid-sample. Rate mode shares none of that code: its latencies include
+ * waiting in epoll behind the other slots' work, which is what "latency under load" means.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <getopt.h>
 #include <stdarg.h>
@@ -66,6 +116,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <time.h>
@@ -81,6 +134,9 @@
 #define NAME_LEN 256
 #define WHO_BUF 4096
 #define ERR_LEN 160 /* a usage message is cut there: a long bad value does not flood the reply */
+#define MAX_CONCURRENCY 1024
+#define MAX_CPUS 4096
+#define MAX_RATE 1e8
 
 enum mode { M_CRR, M_RR, M_UDP_RR, M_WHO };
 static const char *const mode_names[] = {"crr", "rr", "udp_rr", "who"};
@@ -91,6 +147,12 @@ struct opts {
 	long n, warmup, size, max_errors;
 	double duration;
 	int connect_timeout_ms, timeout_ms;
+	/* rate mode (--concurrency): C transactions at once for --duration-ms and/or -n */
+	long concurrency, duration_ms; /* 0: latency mode / no window (ends at -n) */
+	double rate;                   /* --rate: offered transactions/s (open loop); 0: closed loop */
+	const char *cpu_stat;          /* --cpu-stat as given, NULL: no CPU accounting */
+	uint64_t cpus[MAX_CPUS / 64];  /* ... as a bit set */
+	int n_set;                     /* -n given (rate mode with a window: no cap otherwise) */
 };
 
 struct tally { /* a small string -> count table (error kinds, backend names) */
@@ -101,6 +163,7 @@ struct tally { /* a small string -> count table (error kinds, backend names) */
 
 struct run {
 	int64_t *lat; /* kept samples, ns */
+	long cap;     /* lat's length; a rate run's array grows */
 	long kept, errors, consecutive;
 	struct tally kinds, names;
 	int aborted;
@@ -395,6 +458,452 @@ static void measure(struct ctx *c, struct run *r) {
 		close_rst(c->fd);
 }
 
+/* ------------------------------------------------------------------ rate mode: C transactions at once */
+
+/* Sums over the --cpu-stat CPUs of their /proc/stat lines, in USER_HZ ticks. */
+struct cpu_ticks {
+	unsigned long long busy;  /* user + nice + system + irq + softirq: work done on those CPUs */
+	unsigned long long steal; /* taken by the hypervisor: this guest neither worked nor idled */
+	unsigned long long total; /* every field but guest and guest_nice (already in user and nice) */
+};
+
+/* Reads /proc/stat into t (t may be NULL: only checks); -1 unless every CPU of the set is there. */
+static int read_cpu_ticks(const uint64_t *set, struct cpu_ticks *t) {
+	static char buf[1 << 20];
+	int fd = open("/proc/stat", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	size_t len = 0;
+	for (ssize_t k; len < sizeof buf - 1 && (k = read(fd, buf + len, sizeof buf - 1 - len)) > 0;)
+		len += (size_t)k;
+	close(fd);
+	buf[len] = '\0';
+	struct cpu_ticks sum = {0};
+	int want = 0, found = 0;
+	for (int w = 0; w < MAX_CPUS / 64; w++)
+		want += __builtin_popcountll(set[w]);
+	for (char *p = buf; p; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
+		if (strncmp(p, "cpu", 3) != 0 || p[3] < '0' || p[3] > '9')
+			continue;
+		char *end;
+		long cpu = strtol(p + 3, &end, 10);
+		if (cpu >= MAX_CPUS || !(set[cpu / 64] >> (cpu % 64) & 1))
+			continue;
+		unsigned long long f[8]; /* user nice system idle iowait irq softirq steal */
+		for (int i = 0; i < 8; i++)
+			f[i] = strtoull(end, &end, 10);
+		sum.busy += f[0] + f[1] + f[2] + f[5] + f[6];
+		sum.steal += f[7];
+		sum.total += f[0] + f[1] + f[2] + f[3] + f[4] + f[5] + f[6] + f[7];
+		found++;
+	}
+	if (t)
+		*t = sum;
+	return found == want ? 0 : -1;
+}
+
+/* What a rate run reports beside its samples. */
+struct rate_out {
+	struct cpu_ticks cpu0, cpu1; /* /proc/stat right before and right after the window */
+	long unstarted;              /* open loop: transactions due by the window's end, never started */
+};
+
+enum slot_state { S_IDLE, S_CONNECTING, S_SENDING, S_RECEIVING };
+
+/* One of the C transactions in flight. */
+struct slot {
+	int fd;                /* -1: none (crr between transactions, rr/udp_rr before (re)connecting) */
+	enum slot_state state;
+	uint32_t gen;          /* bumped per socket: an event for a socket closed earlier in the batch is stale */
+	size_t done;           /* bytes of the current message sent (S_SENDING) or received (S_RECEIVING) */
+	int64_t start;         /* latency origin: when the transaction began, or was meant to (open loop) */
+	int64_t phase;         /* when its connect or its exchange began (timeouts) */
+	uint64_t seq;          /* udp_rr: the sequence number in flight */
+};
+
+/* A rate run: the slots, their epoll set, the window and (open loop) the schedule. */
+struct rate {
+	struct ctx *c;
+	struct run *r;
+	const struct opts *o;
+	struct slot *slots;
+	int *idle, nidle;      /* slots with no transaction in flight (a stack) */
+	int ep;
+	long warm;             /* completions still to discard before the window opens */
+	int window;            /* the window is open */
+	int64_t deadline;      /* its end (0: it ends at -n samples) */
+	int64_t sched0;        /* open loop: transaction k is meant to start at sched0 + k * interval */
+	double interval;
+	long next;             /* open loop: the next transaction of the schedule */
+	uint64_t seq;
+	struct rate_out *out;
+};
+
+static void push_idle(struct rate *q, struct slot *s) {
+	s->state = S_IDLE;
+	q->idle[q->nidle++] = (int)(s - q->slots);
+}
+
+static void slot_close(struct rate *q, struct slot *s) {
+	if (s->fd < 0)
+		return;
+	if (q->o->mode == M_UDP_RR)
+		close(s->fd);
+	else
+		close_rst(s->fd);
+	s->fd = -1;
+}
+
+/* A failed transaction: counted by kind; a TCP socket is dropped (rr reconnects next time), a UDP
+ * one kept (its sequence numbers tell a late reply apart). */
+static void slot_fail(struct rate *q, struct slot *s, const char *kind) {
+	if (note_error(q->r, q->o, kind))
+		q->r->aborted = 1;
+	if (q->o->mode != M_UDP_RR)
+		slot_close(q, s);
+	push_idle(q, s);
+}
+
+static void slot_start(struct rate *q, struct slot *s, int64_t start, int64_t now);
+
+static void window_open(struct rate *q, int64_t now) {
+	if (q->o->cpu_stat)
+		read_cpu_ticks(q->o->cpus, &q->out->cpu0);
+	q->r->kept_start = q->o->cpu_stat ? now_ns() : now;
+	q->deadline = q->o->duration_ms ? q->r->kept_start + q->o->duration_ms * 1000000LL : 0;
+	q->window = 1;
+}
+
+/* A transaction done: its latency kept (once the window is open); closed loop: the slot's next one
+ * starts right away, so that C are in flight all the time (Little's law: rate x mean latency = C). */
+static void slot_complete(struct rate *q, struct slot *s) {
+	if (q->o->mode == M_CRR)
+		slot_close(q, s); /* timed, as in latency mode */
+	int64_t t = now_ns();
+	struct run *r = q->r;
+	r->consecutive = 0;
+	if (!q->window) {
+		if (--q->warm <= 0)
+			window_open(q, t);
+	} else if (r->kept < q->o->n) {
+		if (r->kept == r->cap) { /* doubling: amortised, and realloc moves big blocks by remapping */
+			long cap = r->cap * 2 < q->o->n ? r->cap * 2 : q->o->n;
+			int64_t *lat = realloc(r->lat, (size_t)cap * sizeof *lat);
+			if (!lat) {
+				tally_add(&r->kinds, "ENOMEM", 6);
+				r->errors++;
+				r->aborted = 1;
+				return;
+			}
+			r->lat = lat;
+			r->cap = cap;
+		}
+		r->lat[r->kept++] = t - s->start;
+	}
+	if (q->o->rate > 0 || r->aborted)
+		push_idle(q, s);
+	else
+		slot_start(q, s, t, t);
+}
+
+/* A new non-blocking TCP socket for s, connecting (or connected: loopback can be that quick). */
+static void slot_connect(struct rate *q, struct slot *s) {
+	static const int one = 1;
+	s->fd = socket(q->c->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (s->fd < 0)
+		return slot_fail(q, s, err_kind(errno));
+	setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	int rc = connect(s->fd, (struct sockaddr *)&q->c->addr, q->c->addrlen);
+	if (rc != 0 && errno != EINPROGRESS)
+		return slot_fail(q, s, err_kind(errno));
+	/* Added after connect(): an unconnected socket polls as EPOLLOUT|EPOLLHUP, which would look
+	 * like a finished connect. Edge-triggered: one epoll_ctl per socket, no re-arming per state. */
+	struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+				 .data.u64 = (uint64_t)++s->gen << 32 | (uint32_t)(s - q->slots)};
+	epoll_ctl(q->ep, EPOLL_CTL_ADD, s->fd, &ev);
+	s->state = rc == 0 ? S_SENDING : S_CONNECTING;
+	s->done = 0;
+}
+
+static void tcp_recv(struct rate *q, struct slot *s);
+
+/* Write what is left of the request, then wait for the reply's EPOLLIN edge: no read yet, it could
+ * only say EAGAIN. Unless the request went out in pieces: the echo of the first ones may be here
+ * already, its edge spent while we were still sending. */
+static void slot_send(struct rate *q, struct slot *s) {
+	size_t n = (size_t)q->o->size;
+	int resumed = s->done > 0;
+	while (s->done < n) {
+		ssize_t k = send(s->fd, q->c->req + s->done, n - s->done, MSG_NOSIGNAL);
+		if (k > 0)
+			s->done += (size_t)k;
+		else if (k < 0 && errno == EINTR)
+			continue;
+		else if (k < 0 && errno == EAGAIN)
+			return; /* the EPOLLOUT edge brings us back */
+		else
+			return slot_fail(q, s, err_kind(errno));
+	}
+	s->state = S_RECEIVING;
+	s->done = 0;
+	if (resumed)
+		tcp_recv(q, s);
+}
+
+/* A connected, non-blocking UDP socket for s (connect() on UDP sends nothing). */
+static int udp_open(struct rate *q, struct slot *s) {
+	s->fd = socket(q->c->addr.ss_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (s->fd < 0 || connect(s->fd, (struct sockaddr *)&q->c->addr, q->c->addrlen) != 0) {
+		const char *kind = err_kind(errno);
+		if (s->fd >= 0)
+			close(s->fd);
+		s->fd = -1;
+		slot_fail(q, s, kind);
+		return -1;
+	}
+	struct epoll_event ev = {.events = EPOLLIN | EPOLLET,
+				 .data.u64 = (uint64_t)++s->gen << 32 | (uint32_t)(s - q->slots)};
+	epoll_ctl(q->ep, EPOLL_CTL_ADD, s->fd, &ev);
+	return 0;
+}
+
+static void udp_send(struct rate *q, struct slot *s) {
+	size_t n = (size_t)q->o->size;
+	s->seq = ++q->seq;
+	if (n >= 8)
+		memcpy(q->c->req, &s->seq, 8); /* send() copies it: one request buffer serves every slot */
+	ssize_t k = send(s->fd, q->c->req, n, 0);
+	if (k != (ssize_t)n) /* EAGAIN here is a full send buffer, not a timeout: name it as it is */
+		return slot_fail(q, s, k < 0 && errno == EAGAIN ? "EAGAIN" : err_kind(errno));
+	s->state = S_RECEIVING;
+}
+
+/* A transaction begins on an idle slot; `start` is its latency origin. */
+static void slot_start(struct rate *q, struct slot *s, int64_t start, int64_t now) {
+	s->start = start;
+	s->phase = now;
+	if (q->o->mode == M_UDP_RR) {
+		if (s->fd >= 0 || udp_open(q, s) == 0)
+			udp_send(q, s);
+		return;
+	}
+	if (s->fd < 0)
+		slot_connect(q, s); /* crr every time; rr after a failure */
+	else {
+		s->state = S_SENDING;
+		s->done = 0;
+	}
+	if (s->state == S_SENDING)
+		slot_send(q, s);
+}
+
+static void tcp_recv(struct rate *q, struct slot *s) {
+	size_t n = (size_t)q->o->size;
+	for (;;) { /* edge-triggered: until the reply is whole or the socket says EAGAIN */
+		ssize_t k = read(s->fd, q->c->resp, n - s->done);
+		if (k > 0 && (s->done += (size_t)k) == n)
+			return slot_complete(q, s);
+		if (k == 0)
+			return slot_fail(q, s, "EOF");
+		if (k < 0 && errno == EAGAIN)
+			return;
+		if (k < 0 && errno != EINTR)
+			return slot_fail(q, s, err_kind(errno));
+	}
+}
+
+static void udp_recv(struct rate *q, struct slot *s) {
+	size_t n = (size_t)q->o->size;
+	for (;;) {
+		ssize_t k = recv(s->fd, q->c->resp, n, 0);
+		if (k < 0 && errno == EAGAIN)
+			return;
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0 && s->state == S_RECEIVING)
+			return slot_fail(q, s, err_kind(errno)); /* ECONNREFUSED from ICMP */
+		if (k < 0)
+			continue; /* about a transaction that already failed (timed out) */
+		if (s->state == S_RECEIVING && (n < 8 || memcmp(q->c->resp, &s->seq, 8) == 0))
+			return k == (ssize_t)n ? slot_complete(q, s) : slot_fail(q, s, "ESHORT");
+		/* a late reply to an earlier, timed-out transaction: drop it */
+	}
+}
+
+/* An epoll event for s: move its transaction on as far as the socket allows. */
+static void slot_event(struct rate *q, struct slot *s, uint32_t events) {
+	if (q->o->mode == M_UDP_RR)
+		return udp_recv(q, s); /* in S_IDLE too: drains late replies */
+	if (s->state == S_CONNECTING) {
+		if (!(events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
+			return;
+		int e = 0;
+		socklen_t len = sizeof e;
+		getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &e, &len);
+		if (e != 0)
+			return slot_fail(q, s, err_kind(e));
+		s->state = S_SENDING;
+		s->done = 0;
+		s->phase = now_ns();
+	}
+	if (s->state == S_SENDING)
+		slot_send(q, s);
+	else if (s->state == S_RECEIVING)
+		tcp_recv(q, s);
+}
+
+/* Transactions that overran their connect or I/O timeout fail with ETIMEDOUT. */
+static void scan_timeouts(struct rate *q, int64_t now) {
+	int64_t cto = q->o->connect_timeout_ms * 1000000LL, ioto = q->o->timeout_ms * 1000000LL;
+	for (long i = 0; i < q->o->concurrency && !q->r->aborted; i++) {
+		struct slot *s = &q->slots[i];
+		if (s->state != S_IDLE && now - s->phase > (s->state == S_CONNECTING ? cto : ioto))
+			slot_fail(q, s, "ETIMEDOUT");
+	}
+}
+
+/* epoll_pwait2 takes nanoseconds (the open loop's schedule is finer than epoll_wait's 1 ms);
+ * kernels before 5.11 lack it: then whole milliseconds, rounded up. */
+static int wait_events(int ep, struct epoll_event *evs, int max, int64_t timeout_ns) {
+	static int no_pwait2;
+	if (!no_pwait2) {
+		struct timespec ts = {timeout_ns / 1000000000LL, timeout_ns % 1000000000LL};
+		int n = epoll_pwait2(ep, evs, max, &ts, NULL);
+		if (n >= 0 || errno != ENOSYS)
+			return n;
+		no_pwait2 = 1;
+	}
+	return epoll_wait(ep, evs, max, (int)((timeout_ns + 999999) / 1000000));
+}
+
+static int64_t intended(const struct rate *q, long k) {
+	return q->sched0 + (int64_t)((double)k * q->interval);
+}
+
+/* The event loop: start transactions on idle slots (closed loop: at once; open loop: when the
+ * schedule says so), wait, move the slots the events name on; until the window closes, -n samples
+ * are kept, or the run aborts. */
+static void rate_loop(struct rate *q) {
+	const struct opts *o = q->o;
+	struct run *r = q->r;
+	struct epoll_event evs[256];
+	int64_t scan = (o->connect_timeout_ms < o->timeout_ms ? o->connect_timeout_ms : o->timeout_ms) * 250000LL;
+	scan = scan < 1000000 ? 1000000 : scan > 50000000 ? 50000000 : scan;
+	int64_t now = now_ns(), next_scan = now + scan;
+	for (;;) {
+		if (r->aborted || r->kept >= o->n || (q->deadline && now >= q->deadline))
+			break;
+		if (now >= next_scan) {
+			scan_timeouts(q, now);
+			next_scan = now + scan;
+		}
+		if (o->rate > 0) {
+			while (q->nidle > 0 && intended(q, q->next) <= now && !r->aborted) {
+				q->next++;
+				slot_start(q, &q->slots[q->idle[--q->nidle]], intended(q, q->next - 1), now);
+			}
+		} else { /* every idle slot once; one that fails at once is pushed back below i, for the next turn */
+			int k = q->nidle;
+			q->nidle = 0;
+			for (int i = 0; i < k; i++) {
+				if (r->aborted) /* keep the rest idle: an abort stops at exactly --max-errors */
+					q->idle[q->nidle++] = q->idle[i];
+				else
+					slot_start(q, &q->slots[q->idle[i]], now, now);
+			}
+		}
+		now = now_ns();
+		int64_t wake = next_scan;
+		if (q->deadline && q->deadline < wake)
+			wake = q->deadline;
+		if (q->nidle > 0 && o->rate > 0 && intended(q, q->next) < wake)
+			wake = intended(q, q->next);
+		if (q->nidle > 0 && o->rate <= 0)
+			wake = now; /* slots that failed at once: retry after looking at the events */
+		int n = wait_events(q->ep, evs, 256, wake > now ? wake - now : 0);
+		for (int i = 0; i < n && !r->aborted; i++) {
+			struct slot *s = &q->slots[(uint32_t)evs[i].data.u64];
+			if (s->fd >= 0 && s->gen == (uint32_t)(evs[i].data.u64 >> 32))
+				slot_event(q, s, evs[i].events);
+		}
+		now = now_ns();
+	}
+	r->kept_end = q->window ? now : r->kept_start;
+}
+
+/* Long-lived sockets (rr, udp_rr) connected before the clock starts, blocking as in latency mode,
+ * then made non-blocking; one that fails is retried in the loop. */
+static void rate_connect_all(struct rate *q) {
+	int type = q->o->mode == M_UDP_RR ? SOCK_DGRAM : SOCK_STREAM;
+	unsigned events = type == SOCK_DGRAM ? EPOLLIN | EPOLLET : EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+	for (long i = 0; i < q->o->concurrency && !q->r->aborted; i++) {
+		struct slot *s = &q->slots[i];
+		if ((s->fd = connect_to(q->c, type)) < 0) {
+			slot_fail(q, s, q->c->err);
+			continue;
+		}
+		fcntl(s->fd, F_SETFL, fcntl(s->fd, F_GETFL) | O_NONBLOCK);
+		struct epoll_event ev = {.events = events, .data.u64 = (uint64_t)++s->gen << 32 | (uint32_t)i};
+		epoll_ctl(q->ep, EPOLL_CTL_ADD, s->fd, &ev);
+		push_idle(q, s);
+	}
+}
+
+/* A whole rate run on c's target: connect, warm up (-w completions), the window, then every socket
+ * closed (a transaction still in flight is dropped, not counted). Fills r and out; no memory for
+ * the slots is an abort (ENOMEM). */
+static void rate_run(struct ctx *c, struct run *r, struct rate_out *out) {
+	const struct opts *o = c->o;
+	struct rate q = {.c = c, .r = r, .o = o, .out = out, .warm = o->warmup, .ep = epoll_create1(EPOLL_CLOEXEC)};
+	*out = (struct rate_out){0};
+	q.slots = calloc((size_t)o->concurrency, sizeof *q.slots);
+	q.idle = calloc((size_t)o->concurrency, sizeof *q.idle);
+	if (q.ep < 0 || !q.slots || !q.idle) {
+		tally_add(&r->kinds, "ENOMEM", 6);
+		r->errors++;
+		r->aborted = 1;
+		free(q.slots);
+		free(q.idle);
+		if (q.ep >= 0)
+			close(q.ep);
+		return;
+	}
+	struct rlimit nofile; /* C sockets, and crr's closing ones: more than the usual soft 1024 */
+	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+		nofile.rlim_cur = nofile.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &nofile);
+	}
+	for (long i = 0; i < o->concurrency; i++)
+		q.slots[i].fd = -1;
+	if (o->mode == M_CRR)
+		for (long i = 0; i < o->concurrency; i++)
+			push_idle(&q, &q.slots[i]);
+	else
+		rate_connect_all(&q);
+	int slack = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
+	if (o->rate > 0) { /* the default 50 µs of timer slack would make every scheduled start late */
+		prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0);
+		q.interval = 1e9 / o->rate;
+	}
+	q.sched0 = now_ns();
+	if (q.warm <= 0)
+		window_open(&q, q.sched0);
+	rate_loop(&q);
+	if (q.window && o->cpu_stat)
+		read_cpu_ticks(o->cpus, &out->cpu1);
+	if (o->rate > 0 && slack > 0)
+		prctl(PR_SET_TIMERSLACK, slack, 0, 0, 0);
+	if (o->rate > 0 && q.window) { /* meant to start by the end, never started: the backlog */
+		long due = (long)((double)(r->kept_end - q.sched0) / q.interval) + 1;
+		out->unstarted = due > q.next ? due - q.next : 0;
+	}
+	for (long i = 0; i < o->concurrency; i++)
+		slot_close(&q, &q.slots[i]);
+	close(q.ep);
+	free(q.slots);
+	free(q.idle);
+}
+
 /* ------------------------------------------------------------------ output */
 
 static int cmp_i64(const void *a, const void *b) {
@@ -443,7 +952,8 @@ static void print_stat(const char *key, double ns, long n) {
 		printf(", \"%s\": null", key);
 }
 
-static void report_obj(const struct opts *o, struct run *r) {
+/* The fields of a run's object, without its closing brace (a rate run's object adds to them). */
+static void report_fields(const struct opts *o, struct run *r) {
 	long n = r->kept;
 	int64_t sum = 0;
 	for (long i = 0; i < n; i++)
@@ -461,7 +971,47 @@ static void report_obj(const struct opts *o, struct run *r) {
 	json_tally("error_kinds", &r->kinds);
 	if (o->mode == M_WHO)
 		json_tally("names", &r->names);
-	printf(", \"aborted\": %s}", r->aborted ? "true" : "false");
+	printf(", \"aborted\": %s", r->aborted ? "true" : "false");
+}
+
+static void report_obj(const struct opts *o, struct run *r) {
+	report_fields(o, r);
+	printf("}");
+}
+
+static void print_or_null(const char *key, const char *fmt, double v, int known) {
+	printf(", \"%s\": ", key);
+	if (known)
+		printf(fmt, v);
+	else
+		printf("null");
+}
+
+/* A rate run's object: the latency fields (over the transactions completed in the window), then
+ * its rate, and the CPU time of the --cpu-stat CPUs over the window. */
+static void report_rate_obj(const struct opts *o, struct run *r, const struct rate_out *x) {
+	double elapsed = (double)(r->kept_end - r->kept_start) / 1e9;
+	report_fields(o, r);
+	printf(", \"concurrency\": %ld", o->concurrency);
+	print_or_null("offered_per_s", "%.3f", o->rate, o->rate > 0);
+	print_or_null("rate_per_s", "%.3f", (double)r->kept / elapsed, elapsed > 0);
+	printf(", \"unstarted\": %ld", x->unstarted);
+	int cpu = o->cpu_stat && elapsed > 0;
+	double hz = (double)sysconf(_SC_CLK_TCK);
+	double busy = (double)(x->cpu1.busy - x->cpu0.busy), total = (double)(x->cpu1.total - x->cpu0.total);
+	printf(", \"cpu_stat\": ");
+	if (o->cpu_stat)
+		json_str(o->cpu_stat);
+	else
+		printf("null");
+	print_or_null("cpu_hz", "%.0f", hz, cpu);
+	print_or_null("cpu_ticks", "%.0f", busy, cpu);
+	print_or_null("cpu_steal_ticks", "%.0f", (double)(x->cpu1.steal - x->cpu0.steal), cpu);
+	print_or_null("cpu_total_ticks", "%.0f", total, cpu);
+	print_or_null("cpu_s", "%.2f", busy / hz, cpu);
+	print_or_null("cpu_us_per_txn", "%.3f", busy / hz * 1e6 / (double)r->kept, cpu && r->kept > 0);
+	print_or_null("cpu_busy", "%.4f", busy / total, cpu && total > 0);
+	printf("}");
 }
 
 static void report(const struct opts *o, struct run *r) {
@@ -491,6 +1041,49 @@ static int parse_long(const char *s, const char *what, long lo, long hi, long *v
 	return 0;
 }
 
+/* "0", "0,2", "0-3,6" (the kernel's cpulist format) into the bit set; 0, or -1 with the message. */
+static int parse_cpu_list(const char *s, uint64_t *set, char *err) {
+	for (const char *p = s;;) {
+		char *end;
+		long lo = *p >= '0' && *p <= '9' ? strtol(p, &end, 10) : -1, hi = lo;
+		if (lo >= 0 && *end == '-')
+			hi = end[1] >= '0' && end[1] <= '9' ? strtol(end + 1, &end, 10) : -1;
+		if (lo < 0 || hi < lo || hi >= MAX_CPUS || (*end != ',' && *end != '\0'))
+			break;
+		for (long cpu = lo; cpu <= hi; cpu++)
+			set[cpu / 64] |= 1ULL << (cpu % 64);
+		if (*end == '\0')
+			return 0;
+		p = end + 1;
+	}
+	return usage_error(err, "--cpu-stat takes a CPU list such as 1 or 0-1,3 (CPUs below %d), got '%s'",
+			   MAX_CPUS, s);
+}
+
+struct cpu_ticks;
+static int read_cpu_ticks(const uint64_t *set, struct cpu_ticks *t);
+
+/* The rate-mode options (given that --concurrency selects it) and their defaults; 0, or -1. */
+static int rate_opts(struct opts *o, char *err) {
+	if (!o->concurrency) {
+		if (o->duration_ms || o->rate > 0 || o->cpu_stat)
+			return usage_error(err, "--duration-ms, --rate and --cpu-stat belong to rate mode: give --concurrency");
+		return 0;
+	}
+	if (o->mode == M_WHO)
+		return usage_error(err, "--concurrency takes crr, rr or udp_rr");
+	if (o->duration > 0)
+		return usage_error(err, "rate mode takes a window in --duration-ms, not --duration");
+	if (o->cpu_stat && read_cpu_ticks(o->cpus, NULL) != 0)
+		return usage_error(err, "--cpu-stat %s: not every CPU is in /proc/stat (offline or absent?)",
+				   o->cpu_stat);
+	if (!o->n_set && o->duration_ms)
+		o->n = MAX_SAMPLES; /* the window ends it */
+	if (o->warmup < 0) /* rr: every connection past lkserver's hand-over to a process of its own */
+		o->warmup = 4 * o->concurrency > 100 ? 4 * o->concurrency : 100;
+	return 0;
+}
+
 /* The options of one run into o; 0, or -1 with the message in err. Allocates nothing. */
 static int parse_opts(int argc, char **argv, struct opts *o, char *err) {
 	static const struct option lo[] = {
@@ -500,6 +1093,8 @@ static int parse_opts(int argc, char **argv, struct opts *o, char *err) {
 		{"duration", required_argument, 0, 'd'},     {"raw", required_argument, 0, 'r'},
 		{"connect-timeout-ms", required_argument, 0, 'c'}, {"timeout-ms", required_argument, 0, 't'},
 		{"max-errors", required_argument, 0, 'e'},   {"help", no_argument, 0, 'h'},
+		{"concurrency", required_argument, 0, 'C'},  {"duration-ms", required_argument, 0, 'D'},
+		{"rate", required_argument, 0, 'R'},         {"cpu-stat", required_argument, 0, 'U'},
 		{0, 0, 0, 0},
 	};
 	const char *mode = NULL;
@@ -512,7 +1107,7 @@ static int parse_opts(int argc, char **argv, struct opts *o, char *err) {
 		case 'm': mode = optarg; break;
 		case 'H': o->host = optarg; break;
 		case 'p': o->port = optarg; rc = parse_long(optarg, "--port", 1, 65535, &port, err); break;
-		case 'n': rc = parse_long(optarg, "-n", 1, MAX_SAMPLES, &o->n, err); break;
+		case 'n': rc = parse_long(optarg, "-n", 1, MAX_SAMPLES, &o->n, err); o->n_set = 1; break;
 		case 'w': rc = parse_long(optarg, "-w", 0, MAX_SAMPLES, &o->warmup, err); break;
 		case 's': rc = parse_long(optarg, "-s", 1, 65536, &o->size, err); break;
 		case 'd': o->duration = atof(optarg); break;
@@ -526,6 +1121,21 @@ static int parse_opts(int argc, char **argv, struct opts *o, char *err) {
 			o->timeout_ms = (int)ms;
 			break;
 		case 'e': rc = parse_long(optarg, "--max-errors", 1, MAX_SAMPLES, &o->max_errors, err); break;
+		case 'C': rc = parse_long(optarg, "--concurrency", 1, MAX_CONCURRENCY, &o->concurrency, err); break;
+		case 'D': rc = parse_long(optarg, "--duration-ms", 1, 3600000, &o->duration_ms, err); break;
+		case 'R': {
+			char *end;
+			o->rate = strtod(optarg, &end);
+			if (*optarg == '\0' || *end != '\0' || !(o->rate > 0 && o->rate <= MAX_RATE))
+				rc = usage_error(err, "--rate must be a number of transactions/s in (0, %g], got '%s'",
+						 MAX_RATE, optarg);
+			break;
+		}
+		case 'U':
+			o->cpu_stat = optarg;
+			memset(o->cpus, 0, sizeof o->cpus);
+			rc = parse_cpu_list(optarg, o->cpus, err);
+			break;
 		default: return usage_error(err, "bad option");
 		}
 	}
@@ -541,6 +1151,8 @@ static int parse_opts(int argc, char **argv, struct opts *o, char *err) {
 	o->mode = (enum mode)m;
 	if (o->mode == M_UDP_RR && o->size > 65507)
 		return usage_error(err, "-s is at most 65507 for udp_rr");
+	if (rate_opts(o, err) != 0)
+		return -1;
 	if (o->warmup < 0)
 		o->warmup = o->mode == M_WHO ? 0 : 100;
 	if (o->max_errors < 0) {
@@ -573,10 +1185,15 @@ static int init_ctx(struct ctx *c, const struct opts *o, char *err) {
 	return 0;
 }
 
+/* How many samples a run allocates first: all of them, or (rate mode, growing) at most 64 Ki. */
+static long first_cap(const struct opts *o) {
+	return o->concurrency && o->n > 65536 ? 65536 : o->n;
+}
+
 /* The sample array (zeroed) and tallies of a run of n samples; 0, or -1 with the message in err.
  * Either way r is left safe to release(). */
 static int init_run(struct run *r, long n, int names, char *err) {
-	*r = (struct run){0};
+	*r = (struct run){.cap = n};
 	r->lat = calloc((size_t)n, sizeof *r->lat);
 	if (!r->lat)
 		return usage_error(err, "cannot allocate the sample array");
@@ -603,14 +1220,24 @@ static int run_once(int argc, char **argv, char *err) {
 	struct run r = {0};
 	if (parse_opts(argc, argv, &o, err) != 0)
 		return -1;
-	if (init_ctx(&c, &o, err) != 0 || init_run(&r, o.n, MAX_NAMES, err) != 0) {
+	if (init_ctx(&c, &o, err) != 0 || init_run(&r, first_cap(&o), MAX_NAMES, err) != 0) {
 		release(&c, &r);
 		return -1;
 	}
-	memset(r.lat, 0, (size_t)o.n * sizeof *r.lat); /* fault every page in before the first sample */
-	measure(&c, &r);
+	memset(r.lat, 0, (size_t)r.cap * sizeof *r.lat); /* fault every page in before the first sample */
+	struct rate_out x;
+	if (o.concurrency)
+		rate_run(&c, &r, &x);
+	else
+		measure(&c, &r);
 	int raw_failed = o.raw ? write_raw(o.raw, &r, 0) : 0; /* raw samples first: keep the data */
-	report(&o, &r);
+	if (o.concurrency) {
+		report_rate_obj(&o, &r, &x);
+		printf("\n");
+		fflush(stdout);
+	} else {
+		report(&o, &r);
+	}
 	int rc = raw_failed ? 3 : 0;
 	if (r.aborted) {
 		fprintf(stderr, "lkclient: aborted after %ld consecutive errors (last: %s) against %s port %s; "
@@ -684,7 +1311,7 @@ static int run_burst(int argc, char **argv, char *err) {
 	}
 	for (int t = 0; t < nt; t++) {
 		r[t] = (struct run){0}; /* init_ctx may fail before init_run clears it */
-		if (init_ctx(&c[t], &o[t], err) != 0 || init_run(&r[t], o[t].n, 1, err) != 0) {
+		if (init_ctx(&c[t], &o[t], err) != 0 || init_run(&r[t], first_cap(&o[t]), 1, err) != 0) {
 			for (int u = 0; u <= t; u++) /* a later target's bad host frees the earlier ones */
 				release(&c[u], &r[u]);
 			return -1;
@@ -694,8 +1321,12 @@ static int run_burst(int argc, char **argv, char *err) {
 	int done[MAX_TARGETS] = {0}, left = nt;
 	for (int t = 0; t < nt; t++)
 		warm[t] = o[t].warmup;
+	static struct rate_out x[MAX_TARGETS];
 	int64_t start = now_ns();
-	while (left > 0)
+	if (o[0].concurrency) /* rate: a window per target, in turn */
+		for (int t = 0; t < nt; t++)
+			rate_run(&c[t], &r[t], &x[t]);
+	while (left > 0 && !o[0].concurrency)
 		for (int t = 0; t < nt; t++)
 			if (!done[t] && attempt(&c[t], &r[t], &warm[t])) {
 				done[t] = 1;
@@ -708,10 +1339,14 @@ static int run_burst(int argc, char **argv, char *err) {
 			rc = 3;
 	printf("{\"targets\": [");
 	for (int t = 0; t < nt; t++) {
-		r[t].kept_start = start;
-		r[t].kept_end = end;
 		printf(t ? ", " : "");
-		report_obj(&o[t], &r[t]);
+		if (o[t].concurrency) {
+			report_rate_obj(&o[t], &r[t], &x[t]);
+		} else {
+			r[t].kept_start = start;
+			r[t].kept_end = end;
+			report_obj(&o[t], &r[t]);
+		}
 		if (c[t].fd >= 0)
 			close_rst(c[t].fd);
 		release(&c[t], &r[t]);
@@ -755,7 +1390,7 @@ int main(int argc, char **argv) {
 	if (rc < 0) {
 		fprintf(stderr, "lkclient: %s\nusage: lkclient --mode crr|rr|udp_rr|who --host IP --port P [-n N] [-w N] "
 				"[-s BYTES] [--duration S] [--raw FILE] [--connect-timeout-ms MS] [--timeout-ms MS] "
-				"[--max-errors N]\n", err);
+				"[--max-errors N] [--concurrency C [--duration-ms D] [--rate R] [--cpu-stat CPUS]]\n", err);
 		return 1;
 	}
 	return rc;
