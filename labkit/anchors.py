@@ -126,20 +126,27 @@ ALIBABA_BANDWIDTH = _modes("alibaba-modes-bandwidth", "bandwidth", "Gbit/s", (29
                            "relative to exclusive ENI")
 
 
-def relative(anchor: Anchor, series: str, base=None) -> dict:
+def relative(anchor: Anchor, series: str, base=None, invert: bool = True) -> dict:
     """``series`` relative to its value at ``base`` (default: its first x). A throughput of requests
-    (``throughput=True``) is inverted first, so that 2.0 means "twice as slow" as for a latency;
-    bandwidth stays a ratio of bandwidths (labkit's bandwidth bars are relative the same way)."""
+    (``throughput=True``) is inverted first unless ``invert`` is false, so that 2.0 means "twice as
+    slow" as for a latency (next to a rate, a rate stays a rate); bandwidth stays a ratio of
+    bandwidths (labkit's bandwidth bars are relative the same way)."""
     values = anchor.series[series]
     base = next(iter(values)) if base is None else base
     ref = values[base]
-    if anchor.throughput:
+    if anchor.throughput and invert:
         return {x: ref / v for x, v in values.items()}
     return {x: v / ref for x, v in values.items()}
 
 
+RATE_OF = {"rr-rate": "rr", "udp-rr-rate": "udp_rr"}  # a labkit rate metric -> the latency metric beside it
+
+
 def for_metric(metric: str) -> list[Anchor]:
-    """Pod-mode anchors that sit next to a labkit metric (``rr``, ``udp_rr``, ``bandwidth``)."""
+    """Pod-mode anchors that sit next to a labkit metric (``rr``, ``udp_rr``, ``bandwidth``; beside the
+    rates ``rr-rate`` and ``udp-rr-rate`` the published rates: TCP_RR, UDP PPS)."""
+    if metric in RATE_OF:
+        return [a for a in ANCHORS.values() if a.x == "mode" and a.metric == RATE_OF[metric] and a.throughput]
     return [a for a in ANCHORS.values() if a.x == "mode" and a.metric == metric]
 
 

@@ -15,12 +15,20 @@ import sys
 from .errors import LabkitError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with labkit's usage errors: one line naming the flag and what is wrong, the command's
+    help named for the fix, exit status 2 (no usage dump to read through)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .commands import COMMANDS
 
-    p = argparse.ArgumentParser(prog="labkit", description="Pod-network and Service-datapath labs on a real kernel.",
-                                epilog=epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="labkit", description="Pod-network and Service-datapath labs on a real kernel.",
+               epilog=epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"labkit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:

@@ -83,10 +83,11 @@ class Lab:
         CPUs of this machine's plan) applies where the pod runs on this machine."""
         return self.backend.client_session(self.spec, pod, cpus)
 
-    def datapath(self, node: str, name: str):
-        """Service datapath ``name`` programming ``node`` (``sync``, ``sync_changes``, ``cleanup``),
-        whether the node is a namespace here or a VM (then it runs in the VM, driven from here)."""
-        return self.backend.datapath(self.spec, node, name, self.plan)
+    def datapath(self, node: str, name: str, **options):
+        """Service datapath ``name`` programming ``node`` (``sync``, ``sync_changes``, ``cleanup``,
+        ``describe``, ``chain_order``, ``walk``), whether the node is a namespace here or a VM (then it
+        runs in the VM, driven from here). ``options``: the class's keywords (``Datapath.options``)."""
+        return self.backend.datapath(self.spec, node, name, self.plan, **options)
 
     def kernels(self) -> dict[str, str]:
         """The kernel release each node runs (this machine's on the netns backend)."""

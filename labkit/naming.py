@@ -11,7 +11,29 @@ of what not to do: ``killall`` on generic names).
 
 from __future__ import annotations
 
+import re
+
 PREFIX = "lk-"
+LAB_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
+LAB_NAME_RULE = "a lab name starts with a letter and has at most 20 lower-case letters, digits and '-'"
+
+
+def lab_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a lab's name (None: it can). A name becomes part of paths and kernel
+    object names, so nothing else gets in: no '/', '..', NUL or spaces."""
+    if isinstance(name, str) and LAB_NAME.match(name):
+        return None
+    return f"lab name {name!r} is not valid: {LAB_NAME_RULE}"
+
+
+def check_lab_name(name: object) -> str:
+    """``name`` if it is a valid lab name; :class:`~labkit.errors.UsageError` otherwise."""
+    problem = lab_name_problem(name)
+    if problem:
+        from .errors import UsageError
+
+        raise UsageError(problem)
+    return name  # type: ignore[return-value]
 
 
 def lab_prefix(lab: str) -> str:
@@ -36,4 +58,5 @@ def node_iface(pod: str) -> str:
     return f"lx-{pod}"
 
 
-__all__ = ["PREFIX", "lab_prefix", "netns_name", "lab_of_netns", "node_iface"]
+__all__ = ["PREFIX", "LAB_NAME", "lab_name_problem", "check_lab_name", "lab_prefix", "netns_name", "lab_of_netns",
+           "node_iface"]

@@ -169,13 +169,18 @@ class NodeRuntime:
         return nsexec.in_netns(self.pod_netns(pod), connect)
 
     # ------------------------------------------------------------ program
-    def datapath(self, name: str):
-        """Service datapath ``name`` of this node, an object of this process (state folder made)."""
+    def datapath(self, name: str, **options):
+        """Service datapath ``name`` of this node, an object of this process (state folder made).
+        ``options``: the class's constructor keywords (``Datapath.options``: e.g. ``order``); the
+        spec's ``kube_proxy`` is passed to a datapath that takes it. Keywords a class does not take
+        are left out."""
         from .datapath import get
 
+        cls = get(name)
+        wanted = {"kube_proxy": self.spec.kube_proxy, **options}
         ctx = self.context()
         ctx.state_dir.mkdir(parents=True, exist_ok=True)
-        return get(name)(ctx)
+        return cls(ctx, **{k: v for k, v in wanted.items() if k in cls.options})
 
     def sync_datapath(self) -> SyncResult | None:
         """Program the spec's datapath with the spec's services (nothing for ``none``)."""

@@ -8,6 +8,9 @@ through the frame's ``run_id`` column.
   min..max across repeats) versus the number of services, one trace per datapath and position;
   log-x optional; ``relative=True`` divides each trace by its value at the fewest services, and
   ``anchors=True`` overlays the published figures (:mod:`labkit.anchors`), normalised the same way.
+- :func:`rate_vs_services`: transactions (requests) per second under load, or CPU µs per
+  transaction, versus services (or the table's size: ``x="table"``), per datapath and position;
+  ``anchors=True`` overlays Alibaba's nginx requests/s, both relative to one service.
 - :func:`latency_cdf`: the distribution of every raw sample, one line per datapath and N.
 - :func:`cost_vs_services`: seconds to load the whole table or to add one service.
 - :func:`mode_bars`: one bar per pod network mode, same node and across nodes.
@@ -82,18 +85,25 @@ def latency_summary(points: pd.DataFrame, metric: str = "crr", position: str | S
 
 def latency_vs_services(source, metric: str = "crr", position: str | Sequence[str] = "last",
                         log_x: bool = False, title: str | None = None, stat: str = "p50_us",
-                        relative: bool = False, anchors: bool = False) -> go.Figure:
+                        relative: bool = False, anchors: bool = False, x: str = "services") -> go.Figure:
     """``stat`` of ``metric`` versus N, one trace per datapath (× position, told apart by dash).
 
     ``relative``: each trace divided by its own value at the fewest services (so shapes compare).
     ``anchors``: overlay the published Service figures; implies ``relative`` (they are requests/s,
-    ms and µs on other machines, so only shapes compare)."""
+    ms and µs on other machines, so only shapes compare). ``x="table"``: versus the size of the
+    table a lookup runs against (:func:`table_size`: nat rules for kube-proxy iptables), the axis the
+    study's "50,000 rules" figures belong on (only those are overlaid then; on the services axis only
+    the figures counted in services)."""
     relative = relative or anchors
     points = points_of(source)
     positions = _positions(position)
     s = latency_summary(points, metric, positions, stats=("p50_us", stat) if stat != "p50_us" else ("p50_us",))
     if not s.empty and "position" not in s:
         s["position"] = positions[0]
+    if not s.empty and x == "table":
+        sel = points[points["metric"] == metric]
+        sizes = sel.assign(size=table_size(sel)).groupby(["datapath", "services"])["size"].median()
+        s = s.assign(services_n=s["services"], services=[sizes.get((d, n)) for d, n in zip(s["datapath"], s["services"])])
     fig = go.Figure()
     name_stat = STAT_NAMES.get(stat, stat)
     order = {p: i for i, p in enumerate(positions)}
@@ -116,13 +126,17 @@ def latency_vs_services(source, metric: str = "crr", position: str | Sequence[st
                           "<br>%{customdata[0]} repeats (bars: min–max)<extra></extra>"))
     if anchors:
         for trace in service_anchor_traces(set(s["datapath"]) if not s.empty else set(), positions):
-            fig.add_trace(trace)
+            if ("[x = rules]" in trace.name) == (x == "table"):
+                fig.add_trace(trace)
     what = f"{metric.upper()} {name_stat}"
     where = positions[0] if len(positions) == 1 else "/".join(positions)
     default_title = (f"{what} to the {where} service vs number of services"
                      + (", relative to the fewest services" if relative else "")
                      + " (median of repeats; bars: min–max)")
-    fig.update_layout(title=title or default_title, xaxis_title="services",
+    if x == "table":
+        default_title = default_title.replace("vs number of services", "vs rules / entries of the table")
+    fig.update_layout(title=title or default_title,
+                      xaxis_title="rules / entries in the table a lookup runs against" if x == "table" else "services",
                       yaxis_title=f"{what} relative to fewest services" if relative else f"{what} (µs)",
                       template=TEMPLATE, legend_title="datapath" + (" / published" if anchors else ""))
     if anchors:  # long source names: a legend under the plot leaves the plot its width
@@ -216,6 +230,78 @@ def latency_cdf(source, metric: str = "crr", position: str = "last", services: S
     return fig
 
 
+# ---------------------------------------------------------------- rates under load
+
+RATE_STATS = {"rate_per_s": "transactions/s", "cpu_us_per_txn": "CPU µs per transaction"}
+
+
+def table_size(points: pd.DataFrame) -> pd.Series:
+    """The size of the table a new connection's lookup runs against: nat rules (kube-proxy iptables),
+    service-map elements (nftables), eBPF map entries; the x of the rules axis."""
+    return points["nat_rules"].fillna(points["set_elements"]).fillna(points["map_entries"])
+
+
+def rate_vs_services(source, metric: str = "crr-rate", position: str | Sequence[str] = "last",
+                     stat: str = "rate_per_s", relative: bool = False, anchors: bool = False, x: str = "services",
+                     log_x: bool = False, title: str | None = None) -> go.Figure:
+    """``stat`` (transactions/s, or ``cpu_us_per_txn``) of a rate metric versus the number of services
+    (``x="table"``: versus the table's size, :func:`table_size`), one trace per datapath × position,
+    median of repeats, bars min–max. ``relative`` divides each trace by its value at the fewest
+    services; ``anchors`` (implies ``relative``) overlays Alibaba's nginx requests/s, also relative to
+    one service (rates stay rates here: higher is faster)."""
+    relative = relative or anchors
+    points = points_of(source)
+    positions = _positions(position)
+    df = points[(points["metric"] == metric) & points["position"].isin(positions)].copy()
+    fig = go.Figure()
+    if not df.empty:
+        df["x"] = table_size(df) if x == "table" else df["services"]
+        g = df.groupby(["datapath", "position", "services"]).agg(
+            y=(stat, "median"), lo=(stat, "min"), hi=(stat, "max"), x=("x", "median"), runs=(stat, "count"))
+        for (dp, pos), t in g.reset_index().groupby(["datapath", "position"], sort=True):
+            t = t.sort_values("services")
+            y, lo, hi = t["y"], t["lo"], t["hi"]
+            if relative:
+                ref = y.iloc[0]
+                y, lo, hi = y / ref, lo / ref, hi / ref
+            name = dp if len(positions) == 1 else f"{dp} · {pos}"
+            fig.add_trace(go.Scatter(
+                x=t["x"], y=y, name=name, mode="lines+markers", legendgroup=dp,
+                line={"color": COLORS.get(dp), "dash": POSITION_DASH.get(pos, "solid")},
+                error_y={"type": "data", "symmetric": False, "array": hi - y, "arrayminus": y - lo},
+                customdata=np.stack([t["services"], t["runs"]], axis=-1),
+                hovertemplate=f"{name}<br>%{{customdata[0]}} services (x %{{x}})<br>{RATE_STATS.get(stat, stat)} "
+                              "%{y:.4g}<br>%{customdata[1]} repeats (bars: min–max)<extra></extra>"))
+    if anchors:
+        a = anchormod.ALIBABA_NGINX
+        measured = set(df["datapath"]) if not df.empty else set()
+        for series, maps_to in a.maps_to.items():
+            if measured and not measured & set(maps_to):
+                continue
+            values = a.series[series]
+            base = next(iter(values.values()))
+            label = f"{a.short}: {series} (rel. to 1 svc)"
+            fig.add_trace(go.Scatter(
+                x=list(values), y=[v / base for v in values.values()], name=label, mode="lines+markers",
+                legendgroup="published", line={**PUBLISHED["line"], "color": _family_color(maps_to, measured) or "#555"},
+                marker={**PUBLISHED["marker"]}, customdata=[[v, a.unit] for v in values.values()],
+                hovertemplate=f"<b>published</b>: {label}<br>%{{x}} services: %{{y:.2f}}× (as published: "
+                              f"%{{customdata[0]:.4g}} %{{customdata[1]}})<br>source: {_wrap(a.source)}"
+                              f"<br>caveats: {_wrap(a.caveats)}<extra></extra>"))
+    what = f"{metric} {RATE_STATS.get(stat, stat)}"
+    where = "/".join(positions)
+    fig.update_layout(
+        title=title or f"{what} to the {where} service vs {'table size' if x == 'table' else 'number of services'}"
+                       + (", relative to the fewest services" if relative else "") + " (median of repeats)",
+        xaxis_title="rules / entries in the table a lookup runs against" if x == "table" else "services",
+        yaxis_title=f"{what}" + (" relative to fewest services" if relative else ""), template=TEMPLATE,
+        legend_title="datapath" + (" / published" if anchors else ""))
+    if log_x:
+        fig.update_xaxes(type="log")
+    fig.update_yaxes(rangemode="tozero")
+    return fig
+
+
 # ---------------------------------------------------------------- load / update cost
 
 def cost_vs_services(source, metric: str = "load", anchors: bool = False, log_x: bool = False) -> go.Figure:
@@ -266,7 +352,8 @@ def mode_bars(source, metric: str = "crr", relative: bool = False, anchors: bool
     relative = relative or anchors
     df = points_of(source)
     df = df[df["metric"] == metric].copy()
-    col = "value" if metric == "bandwidth" else "p50_us"
+    is_rate = metric.endswith("-rate")
+    col = "value" if metric == "bandwidth" else ("rate_per_s" if is_rate else "p50_us")
     fig = go.Figure()
     from .modes import names as mode_names
 
@@ -287,8 +374,8 @@ def mode_bars(source, metric: str = "crr", relative: bool = False, anchors: bool
             hovertemplate=f"%{{x}}, {where}: %{{y:.3g}}<br>%{{customdata[0]}} repeats<extra></extra>"))
     if anchors:
         for a in anchormod.for_metric(metric):
-            rel = anchormod.relative(a, "Alibaba")
-            how = "1/rate" if a.throughput else "as published"
+            rel = anchormod.relative(a, "Alibaba", invert=not is_rate)
+            how = "1/rate" if a.throughput and not is_rate else "as published"
             label = f"{a.short} ({how}, rel. to exclusive ENI)"
             fig.add_trace(go.Scatter(
                 x=list(rel), y=list(rel.values()), name=label, mode="markers", legendgroup="published",
@@ -299,6 +386,8 @@ def mode_bars(source, metric: str = "crr", relative: bool = False, anchors: bool
                               f"<br>source: {_wrap(a.source)}<br>caveats: {_wrap(a.caveats)}<extra></extra>"))
     if metric == "bandwidth":
         unit = "bandwidth" + (f" relative to {baseline}" if relative else " (Gbit/s)")
+    elif is_rate:
+        unit = "transactions/s" + (f" relative to {baseline}" if relative else "")
     else:
         unit = "p50" + (f" relative to {baseline}" if relative else " (µs)")
     fig.update_layout(barmode="group", title=f"{metric.upper()} by pod network mode (median of repeats; bars: min–max)",
@@ -410,20 +499,21 @@ def figures(source, anchors: bool = True, log_x: bool = False) -> dict[str, go.F
     experiment = points["experiment"].dropna().iloc[0] if not points.empty else ""
     figs: dict[str, go.Figure] = {}
     if experiment == "pod-modes":
-        for metric in ("crr", "rr", "udp_rr", "bandwidth"):
+        for metric in ("crr", "rr", "udp_rr", "bandwidth", "crr-rate", "rr-rate", "udp-rr-rate"):
             if (points["metric"] == metric).any():
                 figs[f"modes-{metric}"] = mode_bars(points, metric)
                 if anchors and anchormod.for_metric(metric) and (points["mode"] == anchormod.ALIBABA_BASELINE).any():
                     figs[f"modes-{metric}-vs-published"] = mode_bars(points, metric, anchors=True)
         return figs
     present = set(points["position"].dropna())
-    order = [p for p in ("first", "middle", "last") if p in present]
-    main = next((p for p in ("last", "middle", "first", "random", "pod") if p in present), "last")
+    order = [p for p in ("first", "middle", "last", "kube-proxy-order") if p in present]
+    floor = ["pod"] if "pod" in present else []
+    main = next((p for p in ("last", "middle", "first", "random", "kube-proxy-order", "pod") if p in present), "last")
     anchors = anchors and experiment == "service-scale"  # nothing was published for the others
     for metric in ("crr", "rr"):
         if not ((points["metric"] == metric) & points["p50_us"].notna()).any():
             continue
-        figs[f"{metric}-p50-vs-services"] = latency_vs_services(points, metric, order or main, log_x=log_x)
+        figs[f"{metric}-p50-vs-services"] = latency_vs_services(points, metric, (order or [main]) + floor, log_x=log_x)
         figs[f"{metric}-p99-vs-services"] = latency_vs_services(points, metric, main, log_x=log_x, stat="p99_us")
         if anchors:
             # published x runs to 50,000 rules: only a log axis shows a 1..5,000-service lab beside it
@@ -431,6 +521,18 @@ def figures(source, anchors: bool = True, log_x: bool = False) -> dict[str, go.F
         if (points["raw"].notna()).any():
             figs[f"{metric}-cdf"] = latency_cdf(source if not isinstance(source, pd.DataFrame) else points,
                                                 metric, main)
+        if points["rules_walked"].notna().any():
+            figs[f"{metric}-vs-table-size"] = latency_vs_services(points, metric, (order or [main]), log_x=True,
+                                                                  x="table", anchors=anchors)
+    for metric in ("crr-rate", "rr-rate", "udp-rr-rate", "http-crr-rate", "http-rr-rate"):
+        if not ((points["metric"] == metric) & points["rate_per_s"].notna()).any():
+            continue
+        figs[f"{metric}-vs-services"] = rate_vs_services(points, metric, (order or [main]) + floor, log_x=log_x)
+        if anchors:
+            figs[f"{metric}-vs-published"] = rate_vs_services(points, metric, main, anchors=True, log_x=True)
+        if points.loc[points["metric"] == metric, "cpu_us_per_txn"].notna().any():
+            figs[f"{metric}-cpu"] = rate_vs_services(points, metric, [main] + floor, stat="cpu_us_per_txn",
+                                                     log_x=log_x)
     for metric in ("load", "update"):
         if (points["metric"] == metric).any():
             figs[f"{metric}-cost"] = cost_vs_services(points, metric, anchors=anchors, log_x=log_x)

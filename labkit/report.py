@@ -15,60 +15,95 @@ from .results import Run
 
 def _pick_position(points: pd.DataFrame) -> str:
     present = set(points["position"].dropna())
-    return next((p for p in ("last", "middle", "first", "random", "pod") if p in present), "last")
+    return next((p for p in ("last", "middle", "first", "random", "kube-proxy-order", "pod") if p in present), "last")
 
 
-def summary_frame(run: Run, metric: str = "crr") -> pd.DataFrame:
+def summary_frame(run: Run, metric: str = "crr", stat: str = "p50_us", position: str | None = None) -> pd.DataFrame:
+    """Median across repeats of ``stat`` per datapath (rows) × number of services (columns)."""
     points = run.points()
-    pos = _pick_position(points)
-    s = plots.latency_summary(points, metric, pos)
-    if s.empty:
-        return s
-    return s.pivot(index="datapath", columns="services", values="p50_us")
+    pos = position or _pick_position(points)
+    df = points[(points["metric"] == metric) & (points["position"] == pos)]
+    if df.empty or df[stat].isna().all():
+        return pd.DataFrame()
+    return df.groupby(["datapath", "services"])[stat].median().unstack()
 
 
 def pod_modes_frame(points: pd.DataFrame) -> pd.DataFrame:
-    """Median across repeats per mode × (metric, same-node/cross-node): p50 µs, bandwidth Gbit/s."""
+    """Median across repeats per mode × (metric, same-node/cross-node): p50 µs, bandwidth Gbit/s,
+    transactions/s for the rate metrics."""
     df = points.copy()
     df["figure"] = df["p50_us"].where(df["metric"] != "bandwidth", df["value"])
+    df["figure"] = df["figure"].where(~df["metric"].str.endswith("-rate"), df["rate_per_s"])
     return df.groupby(["mode", "metric", "position"])["figure"].median().unstack(["metric", "position"])
+
+
+def _table_lines(table: pd.DataFrame, who: str, fmt: str, base: str | None = "ebpf") -> list[str]:
+    """Rows per datapath, a column per N, the ratio N_last / N_first, and each datapath relative to
+    ``base`` at the largest N."""
+    ns = list(table.columns)
+    lines = [who.ljust(16) + "".join(f"{n:>10}" for n in ns) + f"{'ratio':>10}  (N={ns[-1]} / N={ns[0]})"]
+    for dp, row in table.iterrows():
+        ratio = row[ns[-1]] / row[ns[0]] if row[ns[0]] else float("nan")
+        lines.append(dp.ljust(16) + "".join(format(row[n], f">10{fmt}") for n in ns) + f"{ratio:>9.2f}x")
+    if base in table.index and len(table.index) > 1:
+        ref = table.loc[base, ns[-1]]
+        others = ", ".join(f"{dp} {table.loc[dp, ns[-1]] / ref:.2f}x" for dp in table.index if dp != base)
+        lines.append(f"at N={ns[-1]}, relative to {base}: {others}")
+    return lines
 
 
 def summary_text(run: Run, metric: str = "crr") -> str:
     points = run.points()
     if points.empty:
         return "no points measured"
-    if run.manifest()["experiment"] == "pod-modes":
+    experiment = run.manifest()["experiment"]
+    if experiment == "pod-modes":
         table = pod_modes_frame(points)
-        return ("p50 in µs (crr, rr, udp_rr) and Gbit/s (bandwidth), median of repeats:\n"
+        return ("p50 in µs (crr, rr, udp_rr), Gbit/s (bandwidth), transactions/s (…-rate), median of repeats:\n"
                 + table.round(2).to_string())
     pos = _pick_position(points)
-    table = summary_frame(run, metric)
-    policy = run.manifest()["experiment"] == "policy-scale"
+    policy = experiment == "policy-scale"
     unit, who = ("policies", "engine") if policy else ("services", "datapath")
     target = f"the server the {pos} policy admits" if policy else f"the {pos} service"
-    lines = [f"{metric.upper()} p50 in µs to {target} (median of repeats), by number of {unit}:"]
-    if table.empty:
-        return lines[0] + " none"
-    ns = list(table.columns)
-    lines.append(who.ljust(16) + "".join(f"{n:>10}" for n in ns) + f"{'ratio':>10}  (N={ns[-1]} / N={ns[0]})")
-    for dp, row in table.iterrows():
-        ratio = row[ns[-1]] / row[ns[0]] if row[ns[0]] else float("nan")
-        lines.append(dp.ljust(16) + "".join(f"{row[n]:>10.1f}" for n in ns) + f"{ratio:>9.2f}x")
-    if "ebpf" in table.index:
-        base = table.loc["ebpf", ns[-1]]
-        others = ", ".join(f"{dp} {table.loc[dp, ns[-1]] / base:.2f}x" for dp in table.index if dp != "ebpf")
-        lines.append(f"at N={ns[-1]}, relative to ebpf: {others}")
-    spread = points[(points["metric"] == metric) & (points["position"] == pos)].groupby(
-        ["datapath", "services"])["p50_us"].agg(lambda v: (v.max() - v.min()) / v.median() if len(v) > 1 else 0)
-    lines.append(f"largest spread of p50 across repeats: {spread.max() * 100:.1f}%")
-    for metric_name in ("load", "update"):
+    lines: list[str] = []
+    if (points["metric"] == metric).any():
+        table = summary_frame(run, metric)
+        lines.append(f"{metric.upper()} p50 in µs to {target} (median of repeats), by number of {unit}:")
+        lines += _table_lines(table, who, ".1f") if not table.empty else ["  none"]
+        spread = points[(points["metric"] == metric) & (points["position"] == pos)].groupby(
+            [who if policy is False else "datapath", "services"])["p50_us"].agg(
+            lambda v: (v.max() - v.min()) / v.median() if len(v) > 1 else 0)
+        lines.append(f"largest spread of p50 across repeats: {spread.max() * 100:.1f}%")
+        floor = summary_frame(run, metric, position="pod") if pos != "pod" else pd.DataFrame()
+        if not floor.empty:
+            lines.append("straight to a backend (no Service; kube-proxy iptables still walks its whole chain): "
+                         + "; ".join(f"{dp} " + " ".join(f"{n}:{v:.1f}" for n, v in r.items())
+                                     for dp, r in floor.iterrows()) + " µs")
+    for rate in ("crr-rate", "rr-rate", "udp-rr-rate", "http-crr-rate", "http-rr-rate"):
+        table = summary_frame(run, rate, "rate_per_s")
+        if table.empty:
+            continue
+        conc = points.loc[points["metric"] == rate, "concurrency"].dropna()
+        at = f", {int(conc.iloc[0])} at once" if not conc.empty else ""
+        lines += ["", f"{rate.upper()} transactions/s to {target} (median of repeats{at}), by number of {unit}:"]
+        lines += _table_lines(table, who, ".0f")
+        sel = points[(points["metric"] == rate) & (points["position"] == pos)]
+        spread = sel.groupby(["datapath", "services"])["rate_per_s"].agg(
+            lambda v: (v.max() - v.min()) / v.median() if len(v) > 1 else 0)
+        lines.append(f"largest spread of the rate across repeats: {spread.max() * 100:.1f}%")
+        cpu = summary_frame(run, rate, "cpu_us_per_txn")
+        if not cpu.empty and cpu.notna().any().any():
+            lines.append("CPU µs per transaction on the load CPU: " + "; ".join(
+                f"{dp} " + " ".join(f"{n}:{v:.1f}" for n, v in r.items()) for dp, r in cpu.iterrows()))
+    costs = []
+    for metric_name, label, scale, unit_ in (("load", "whole-table load", 1, "s"), ("update", "one update", 1000, "ms")):
         df = points[points["metric"] == metric_name]
         if not df.empty:
-            piv = df.groupby(["datapath", "services"])["value"].median().unstack()
-            unit, scale = ("s", 1) if metric_name == "load" else ("ms", 1000)
-            lines.append(f"{metric_name} time ({unit}): " + "; ".join(
-                f"{dp} " + " ".join(f"{n}:{v * scale:.3g}" for n, v in r.items()) for dp, r in piv.iterrows()))
+            piv = df.groupby(["datapath", "services"])["value"].median().unstack() * scale
+            costs.append(f"{label} ({unit_}, median):")
+            costs += ["  " + line for line in _table_lines(piv, who, ".3g", base=None)]
+    if costs:
+        lines += [""] + costs
     return "\n".join(lines)
 
 

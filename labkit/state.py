@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import naming
 from .errors import LabStateError, NoSuchLab
 from .spec import Spec, load_spec
 
@@ -26,7 +27,7 @@ class LabState:
     """The state folder of one lab."""
 
     def __init__(self, name: str, root: Path | None = None):
-        self.name = name
+        self.name = naming.check_lab_name(name)  # a name is a path component: nothing else gets in
         self.dir = (root or STATE_ROOT) / name
         self._fd: int | None = None
 
@@ -96,6 +97,6 @@ class LabState:
 def list_labs(root: Path | None = None) -> list[str]:
     root = root or STATE_ROOT
     try:
-        return sorted(p.name for p in root.iterdir() if p.is_dir())
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not naming.lab_name_problem(p.name))
     except FileNotFoundError:
         return []

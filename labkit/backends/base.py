@@ -60,8 +60,9 @@ class Backend(ABC):
 
     # ------------------------------------------------------------ experiments
     @abstractmethod
-    def datapath(self, spec: Spec, node: str, name: str, plan=None):
-        """Service datapath ``name`` of ``node`` (``sync``, ``sync_changes``, ``cleanup``, ``describe``)."""
+    def datapath(self, spec: Spec, node: str, name: str, plan=None, **options):
+        """Service datapath ``name`` of ``node`` (``sync``, ``sync_changes``, ``cleanup``, ``describe``,
+        ``chain_order``, ``walk``); ``options`` as :meth:`labkit.node.NodeRuntime.datapath` takes them."""
 
     @abstractmethod
     def client_session(self, spec: Spec, pod: str, cpus=None):

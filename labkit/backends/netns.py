@@ -141,9 +141,9 @@ class NetnsBackend(Backend):
     def node_context(self, spec: Spec, node_name: str, plan: addressing.AddressPlan | None = None) -> NodeContext:
         return self.node(spec, node_name, plan).context()
 
-    def datapath(self, spec: Spec, node: str, name: str, plan: addressing.AddressPlan | None = None):
+    def datapath(self, spec: Spec, node: str, name: str, plan: addressing.AddressPlan | None = None, **options):
         """Datapath ``name`` of ``node``, an object of this process (its state folder made)."""
-        return self.node(spec, node, plan).datapath(name)
+        return self.node(spec, node, plan).datapath(name, **options)
 
     def client_session(self, spec: Spec, pod: str, cpus=None):
         """:class:`labkit.measure.loadgen.ClientSession` in the pod's namespace and cgroup."""

@@ -90,6 +90,9 @@ class Datapath(ABC):
     # which pods' ClusterIP traffic it sees: "node" (rules in the node's stack: pods whose traffic
     # crosses the node), "pod" (in each pod's cgroup or on its own interface: every pod), "none"
     scope: ClassVar[str] = "node"
+    # constructor keywords a class takes beyond the NodeContext, with the values each takes (None: any
+    # int); a runtime passes only these (labkit.node.NodeRuntime.datapath)
+    options: ClassVar[dict[str, tuple[str, ...] | None]] = {}
 
     def __init__(self, ctx: NodeContext):
         self.ctx = ctx
@@ -137,6 +140,20 @@ class Datapath(ABC):
         """Counts for `labkit` inspection (rules, map entries …); subclasses add what they know."""
         return {"datapath": self.name, "node": self.ctx.node,
                 "services": None if self._applied is None else len(self._applied)}
+
+    def chain_order(self) -> list[str]:
+        """The service ports (keys) in the order a new connection's lookup meets them: install order
+        unless a datapath writes its table otherwise (kube-proxy's Go map order)."""
+        if self._applied is None:
+            raise DatapathError(f"{self.name} on node {self.ctx.node}: nothing applied yet")
+        return [sp.key for sp in self._applied if sp.endpoints]
+
+    def walk(self, key: str | None) -> dict:
+        """What a new connection to service port ``key`` (None: to an address no service has, such as
+        a pod's) walks, for the experiments' rules axis, as result columns (``rules_walked``,
+        ``nat_rules``, ``set_elements``, ``map_entries``); computed from the last sync. A datapath
+        says what it knows; the base knows nothing."""
+        return {}
 
 
 def guarded_apply(owner, label: str, apply) -> None:

@@ -759,6 +759,17 @@ class IptablesDatapath(Datapath):
         n = len(self._places)
         return ServicePlace(key, pos, pos * per + per - 1, n, n * per + 1)
 
+    def walk(self, key: str | None) -> dict:
+        """Rules of nat KUBE-SERVICES a new connection to ``key`` is checked against before its jump
+        (to an address no service has, such as a pod's: every rule of the chain, none matching), and
+        the rules of the nat table's KUBE chains in all."""
+        if key is None:
+            ports = sum(1 for sp in self._applied if sp.endpoints) if self._applied is not None else 0
+            walked = ports * self.kube_proxy.services_rules_per_port + 1
+        else:
+            walked = self.place(key).rules_before
+        return {"rules_walked": walked, "nat_rules": self.kube_proxy.nat_rules(self._applied)}
+
     def describe(self) -> dict:
         """Also the version, the order and the rule counts of the last sync (computed, cheap):
         ``nat_rules`` (rules in the nat KUBE chains), ``kube_services_rules`` (in nat

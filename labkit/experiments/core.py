@@ -56,9 +56,24 @@ class RunContext:
             self.on_point(row)
 
 
+def point_name(full: dict[str, Any]) -> str:
+    """A point's name in file names (its raw samples): what identifies it, as ``key=value`` pairs."""
+    return "-".join(f"{k}={full.get(k)}" for k in ("datapath", "mode", "services", "position", "repeat", "metric"))
+
+
 def point_key(row: dict[str, Any]) -> tuple:
-    """Identity of a point for resume: what was measured, not what came out."""
-    return tuple(str(row.get(k, "")) for k in ("datapath", "mode", "services", "position", "repeat", "metric"))
+    """Identity of a point for resume: what was measured, not what came out. The same for a row as
+    written and as read back from points.csv (where an empty field is NaN and a whole number may be
+    a float): a resumed run skips exactly the points it has."""
+    return tuple(_plain(row.get(k)) for k in ("datapath", "mode", "services", "position", "repeat", "metric"))
+
+
+def _plain(value: Any) -> str:
+    if value is None or value == "" or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 @nsexec.outside_event_loop
@@ -122,8 +137,7 @@ class LatencyPoint:
 
     @property
     def key(self) -> str:
-        return "-".join(f"{k}={self.full.get(k)}" for k in ("datapath", "mode", "services", "position", "repeat",
-                                                            "metric"))
+        return point_name(self.full)
 
 
 def measure_interleaved(ctx: RunContext, points: list[LatencyPoint], samples: int, warmup: int,
@@ -226,3 +240,188 @@ def _finish_point(ctx: RunContext, pt: LatencyPoint, raw: Path) -> None:
         os.close(fd)
     ctx.record({**pt.full, **latency_stats(load_raw(raw)), "errors": _errors(raw), "raw": raw.name})
     _errors_path(raw).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- rates under load
+
+@dataclasses.dataclass(frozen=True)
+class RatePoint:
+    """One rate point of :func:`measure_rates_interleaved`: ``row`` + ``metric`` identify it
+    (``crr-rate`` …), ``mode`` is lkclient's (``crr``, ``rr``, ``udp_rr``), the client runs in ``pod``
+    of ``lab`` against ``host:port``."""
+
+    row: dict[str, Any]
+    metric: str
+    mode: str
+    host: str
+    port: int
+    lab: Any
+    pod: str
+
+    @property
+    def full(self) -> dict[str, Any]:
+        return {**self.row, "metric": self.metric}
+
+    @property
+    def key(self) -> str:
+        return point_name(self.full)
+
+
+def measure_rates_interleaved(ctx: RunContext, points: list[RatePoint], seconds: float, window_ms: int,
+                              concurrency: int, size: int = 64, rng: random.Random | None = None,
+                              on_window: Callable[[int], None] | None = None) -> None:
+    """Rates under load, in the interleaved discipline of :func:`measure_interleaved`: each point gets
+    windows of ``window_ms`` with ``concurrency`` transactions at once (closed loop), one window per
+    point in turn, client pods' turns in a fresh random order each cycle, until it has ``seconds`` of
+    windows. A point's row has its transactions/s (all its windows' transactions over their time),
+    the CPU µs per transaction on the load CPUs (/proc/stat) and its latency percentiles under that
+    load; its raw samples are appended window by window, its windows' results kept beside them
+    (``<raw>.windows.jsonl``), so a killed run resumes with the windows it had."""
+    import json
+    import math
+
+    need = max(1, math.ceil(seconds * 1000 / window_ms))
+    todo = [pt for pt in points if point_key(pt.full) not in ctx.done]
+    windows: dict[str, list[dict]] = {pt.key: _windows(ctx.run.raw_path(pt.key)) for pt in todo}
+    groups: dict[tuple, list[RatePoint]] = {}
+    for pt in todo:
+        if len(windows[pt.key]) >= need:  # measured before a kill, not yet recorded
+            _finish_rate(ctx, pt, windows[pt.key], concurrency)
+        else:
+            groups.setdefault((id(pt.lab), pt.pod, pt.mode), []).append(pt)
+    cpus = ctx.cpus.load_cpus if ctx.cpus.pinned else None
+    sessions: dict[tuple, loadgen.ClientSession] = {}
+    try:
+        for key, pts in groups.items():
+            sessions[key] = pts[0].lab.client_session(pts[0].pod, cpus)
+        while groups:
+            keys = list(groups)
+            for key in rng.sample(keys, len(keys)) if rng else keys:
+                pts = groups[key]
+                raws = [ctx.run.raw_path(pt.key) for pt in pts]
+                res = sessions[key].rate_burst(key[2], [(pt.host, pt.port, raw) for pt, raw in zip(pts, raws)],
+                                               concurrency, window_ms, size=size)
+                for pt, raw, r in zip(pts, raws, res):
+                    with open(raw.with_name(raw.name + ".windows.jsonl"), "a") as log:
+                        log.write(json.dumps({k: r.get(k) for k in WINDOW_FIELDS}) + "\n")
+                    windows[pt.key].append(r)
+                    if r.get("aborted"):
+                        raise MeasurementError(f"lkclient {pt.metric} to {pt.host}:{pt.port} from pod {pt.pod} aborted "
+                                               f"after {r.get('errors')} consecutive errors: {r.get('error_kinds')}")
+                    if len(windows[pt.key]) >= need:
+                        _finish_rate(ctx, pt, windows[pt.key], concurrency)
+                if on_window:
+                    on_window(len(pts))
+                groups[key] = [pt for pt in pts if len(windows[pt.key]) < need]
+                if not groups[key]:
+                    del groups[key]
+    finally:
+        for sess in sessions.values():
+            sess.close()
+
+
+WINDOW_FIELDS = ("samples", "errors", "elapsed_s", "cpu_ticks", "cpu_total_ticks", "cpu_hz", "rate_per_s")
+
+
+def _windows(raw: Path) -> list[dict]:
+    import json
+
+    try:
+        lines = raw.with_name(raw.name + ".windows.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            break
+    return out
+
+
+def _finish_rate(ctx: RunContext, pt: RatePoint, windows: list[dict], concurrency: int) -> None:
+    """A rate point's row: its windows added up (:func:`labkit.measure.loadgen.combine_windows`) and
+    its latencies under load from the raw samples."""
+    raw = ctx.run.raw_path(pt.key)
+    total = loadgen.combine_windows(windows)
+    stats = latency_stats(load_raw(raw)) if raw.exists() else {}
+    ctx.record({**pt.full, **stats, "samples": total["samples"], "errors": total["errors"],
+                "rate_per_s": total["rate_per_s"], "cpu_us_per_txn": total["cpu_us_per_txn"],
+                "concurrency": concurrency, "raw": raw.name if raw.exists() else ""})
+
+
+# ---------------------------------------------------------------- a workload's own client (wrk)
+
+@dataclasses.dataclass(frozen=True)
+class WrkPoint:
+    """One point measured with ``wrk`` (the http workload's client) from ``pod`` of ``lab`` to ``url``:
+    ``close`` sends ``Connection: close`` (a connection per request), else keep-alive."""
+
+    row: dict[str, Any]
+    metric: str
+    url: str
+    close: bool
+    lab: Any
+    pod: str
+
+    @property
+    def full(self) -> dict[str, Any]:
+        return {**self.row, "metric": self.metric}
+
+    @property
+    def key(self) -> str:
+        return point_name(self.full)
+
+
+def measure_wrk_interleaved(ctx: RunContext, points: list[WrkPoint], seconds: float, concurrency: int,
+                            rng: random.Random | None = None, on_run: Callable[[int], None] | None = None) -> None:
+    """``wrk`` runs of one second (its shortest) per point in turn, points in a fresh random order each
+    cycle, until each has ``seconds``; pinned to the load CPUs, whose /proc/stat time gives the CPU
+    µs per request. A point's row: requests/s over all its runs, the median of its runs' latency
+    percentiles (wrk keeps no raw samples; each run's summary is kept, ``<raw>.wrk.jsonl``)."""
+    import json
+    import math
+    import statistics
+
+    from ..measure.cpus import USER_HZ, cpu_ticks
+    from ..workloads import run_wrk
+
+    need = max(1, math.ceil(seconds))
+    todo = [pt for pt in points if point_key(pt.full) not in ctx.done]
+    runs = {pt.key: [json.loads(x) for x in _lines(_wrk_log(ctx, pt))] for pt in todo}
+    cpus = ctx.cpus.load_cpus if ctx.cpus.pinned else None
+    script = ctx.run.path / "raw" / "wrk-summary.lua"
+    while todo:
+        for pt in rng.sample(todo, len(todo)) if rng else list(todo):
+            before = cpu_ticks(cpus) if cpus else None
+            out = run_wrk(lambda argv, timeout: pt.lab.exec(pt.pod, argv, cpus=cpus, check=False, timeout=timeout),
+                          pt.url, concurrency, 1, pt.close, script)
+            if before is not None:
+                out["cpu_s"] = (cpu_ticks(cpus)[0] - before[0]) / USER_HZ
+            with open(_wrk_log(ctx, pt), "a") as log:
+                log.write(json.dumps(out) + "\n")
+            runs[pt.key].append(out)
+            if on_run:
+                on_run(1)
+        for pt in [pt for pt in todo if len(runs[pt.key]) >= need]:
+            rs = runs[pt.key]
+            requests, us = sum(r["requests"] for r in rs), sum(r["duration_us"] for r in rs)
+            cpu = [r["cpu_s"] for r in rs if r.get("cpu_s") is not None]
+            med = {f"{q}_us": statistics.median(r[f"{q}_us"] for r in rs) for q in ("p50", "p90", "p99", "mean")}
+            ctx.record({**pt.full, **med, "samples": requests, "errors": sum(r["error_count"] for r in rs),
+                        "rate_per_s": requests / (us / 1e6) if us else None,
+                        "cpu_us_per_txn": sum(cpu) * 1e6 / requests if cpu and requests and len(cpu) == len(rs)
+                        else None, "concurrency": concurrency, "raw": _wrk_log(ctx, pt).name})
+            todo.remove(pt)
+
+
+def _wrk_log(ctx: RunContext, pt: WrkPoint) -> Path:
+    raw = ctx.run.raw_path(pt.key)
+    return raw.with_name(raw.name + ".wrk.jsonl")
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [x for x in path.read_text().splitlines() if x.strip()]
+    except FileNotFoundError:
+        return []

@@ -121,22 +121,31 @@ class PodModes:
 
     def measure(self, ctx: core.RunContext) -> None:
         """Every latency point (mode × same/cross node × repeat × metric) measured interleaved (see
-        :func:`labkit.experiments.core.measure_interleaved`), then bandwidth, modes in a fresh
+        :func:`labkit.experiments.core.measure_interleaved`), then every rate point interleaved
+        (:func:`labkit.experiments.core.measure_rates_interleaved`), then bandwidth, modes in a fresh
         random order per repeat (iperf3 runs alone: it fills the CPU)."""
         p: PodModesParams = ctx.params
         rng = random.Random(p.seed)
-        lat = [m for m in p.metrics if m != "bandwidth"]
+        lat = [m for m in p.metrics if m in LATENCY]
+        rates = [m for m in p.metrics if m in RATES]
         order = [(rep, mode) for rep in range(1, p.repeats + 1) for mode in rng.sample(p.modes, len(p.modes))]
-        points = [self._point(mode, where, f"{server}-{short(mode)}", rep, metric) for rep, mode in order
-                  for where, server in (("same-node", "s"), ("cross-node", "r")) for metric in lat]
+        where = (("same-node", "s"), ("cross-node", "r"))
+        points = [self._point(mode, w, f"{server}-{short(mode)}", rep, metric) for rep, mode in order
+                  for w, server in where for metric in lat]
+        rate_points = [self._rate_point(mode, w, f"{server}-{short(mode)}", rep, metric) for rep, mode in order
+                       for w, server in where for metric in rates]
         todo = [pt for pt in points if core.point_key(pt.full) not in ctx.done]
         bw = len(order) * 2 if "bandwidth" in p.metrics else 0
-        with tqdm(total=(len(points) + bw) * p.samples, desc="pod-modes", unit="sample", unit_scale=True,
-                  disable=not ctx.progress) as bar:
+        total = (len(points) + bw) * p.samples + len(rate_points) * p.rate_seconds * 10000
+        with tqdm(total=total, desc="pod-modes", unit="sample", unit_scale=True, disable=not ctx.progress) as bar:
             bar.update((len(points) - len(todo)) * p.samples)
             if todo:
                 core.measure_interleaved(ctx, todo, p.samples, p.warmup, p.size, p.burst,
                                          rng=random.Random(f"{p.seed}-lat"), on_samples=bar.update)
+            if rate_points:
+                core.measure_rates_interleaved(ctx, rate_points, p.rate_seconds, p.window_ms, p.concurrency, p.size,
+                                               rng=random.Random(f"{p.seed}-rates"),
+                                               on_window=lambda k: bar.update(k * p.window_ms * 10))
             for rep, mode in order if bw else ():
                 for where, server in (("same-node", "s"), ("cross-node", "r")):
                     self._bandwidth(ctx, mode, where, f"{server}-{short(mode)}", rep)
@@ -145,6 +154,10 @@ class PodModes:
     def _row(self, mode, where, rep) -> dict:
         return {"experiment": self.name, "datapath": "none", "mode": mode, "services": 0, "position": where,
                 "repeat": rep}
+
+    def _rate_point(self, mode, where, server, rep, metric) -> core.RatePoint:
+        return core.RatePoint(self._row(mode, where, rep), metric, RATES[metric], str(self.lab.plan.pods[server].ip),
+                              8080, self.lab, f"c-{short(mode)}")
 
     def _point(self, mode, where, server, rep, metric) -> core.LatencyPoint:
         client = f"c-{short(mode)}"

@@ -1,4 +1,5 @@
-"""``service-scale``: Service latency versus the number of services, per datapath (the seed's chart).
+"""``service-scale``: Service latency and throughput versus the number of services, per datapath (the
+seed's chart, in its own units too).
 
 One small lab per datapath (``ss<run>-<datapath>``). On the netns backend every N of the sweep has a
 node of its own in it (``n0``, ``n1``, …: a client pod ``cli-<i>`` and three backend pods
@@ -7,11 +8,25 @@ node's table is loaded (timed: ``load``); then every point of the sweep — each
 and repeat — is measured together, finely interleaved
 (:func:`labkit.experiments.core.measure_interleaved`): this machine's speed changes in steps every few
 tenths of a second and, for minutes at a time, by up to ~20 %, so points measured at different times
-are not comparable; interleaved, every point sees the same mix. Points are TCP_CRR to the service at
-each position of the table (``first``, ``middle``, ``last``, ``random``) and to a backend directly
-(``pod``, the no-Service floor); finally one service is added ``updates`` times at each N (timed:
-``update``). CRR is the metric that shows the table: a Service rule is walked on a connection's first
-packet only (established connections are flat; add ``rr`` to ``metrics`` to see it).
+are not comparable; interleaved, every point sees the same mix. Finally one service is added
+``updates`` times at each N (timed: ``update``).
+
+Positions: the service first, in the middle or last in the datapath's own lookup order (kube-proxy's
+KUBE-SERVICES chain; the table's order where the lookup is a hash), a random one, ``kube-proxy-order``
+(a service chosen per repeat, wherever kube-proxy's Go map order put it: the iptables datapaths then
+write KUBE-SERVICES in that order, as a real kube-proxy does), and ``pod``: straight to a backend,
+no Service (for kube-proxy iptables not a floor: a connection to a pod address walks the whole
+KUBE-SERVICES chain and matches nothing). Every point records what its new connection walks
+(``rules_walked``, ``nat_rules``, ``set_elements``, ``map_entries``): the study's "50,000 rules"
+sit on that axis, not on the services axis.
+
+Metrics: ``crr`` and ``rr`` (one transaction at a time: latency; a Service rule is walked on a
+connection's first packet only, so CRR shows the table), and the rates under load the study charts
+(``crr-rate``, ``rr-rate``, ``udp-rr-rate``: ``concurrency`` transactions at once,
+:func:`labkit.experiments.core.measure_rates_interleaved`; transactions/s and CPU µs per transaction).
+``workload="http"``: backends also run nginx and wrk measures requests/s through the same tables
+(``http-crr-rate`` with ``Connection: close``, ``http-rr-rate`` with keep-alive). ``kube_proxy="1.18"``:
+the iptables datapaths write the study's time's rules (two per service in KUBE-SERVICES).
 
 On the vagrant backend a node is a VM, so each datapath's lab has one node and the Ns take turns in
 it (``together=False``): flushed and loaded per N, the points of one N measured together.
@@ -187,25 +202,29 @@ class ServiceScale:
         p: ServiceScaleParams = ctx.params
         p.validate()
         self.mode = p.mode
+        self.ports = bulk_ports(p.workload, p.metrics)
         # N -> index of the node whose table holds N services (all 0 when the Ns take turns)
         self.node_of = {n: (i if p.all_at_once else 0) for i, n in enumerate(p.services)}
         nodes = len(p.services) if p.all_at_once else 1
         for dp in p.datapaths:  # the backend checks what it can before any lab exists
-            get_backend(p.backend).preflight(parse_spec({**lab_spec(dp, p.mode, "", p.backend, nodes), "datapath": dp}))
-        self.labs, self.paths, self.clients = {}, {}, {}
+            get_backend(p.backend).preflight(parse_spec({**lab_spec(dp, p.mode, "", p.backend, nodes, p.workload),
+                                                         "datapath": dp}))
+        # kube-proxy's own order (a Go map's) where a datapath has a choice; the table's order else
+        options = {"kube_proxy": p.kube_proxy, "order_seed": p.seed,
+                   "order": "go-map" if "kube-proxy-order" in p.positions else "install"}
+        self.labs, self.paths = {}, {}
         for dp in tqdm(p.datapaths, desc="labs", disable=not ctx.progress, leave=False):
-            spec = parse_spec(lab_spec(dp, p.mode, ctx.run.run_id[-4:], p.backend, nodes))
+            spec = parse_spec(lab_spec(dp, p.mode, ctx.run.run_id[-4:], p.backend, nodes, p.workload))
             labmod.down(spec.name)  # left by this run when it was killed (resume)
             lb = self.labs[dp] = labmod.up(spec, progress=False)
             for i in range(nodes):
-                self.paths[dp, i] = lb.datapath(f"n{i}", dp)  # on the vagrant backend it runs in the VM
-                self.clients[dp, i] = (lb.pod_netns(f"cli-{i}"), lb.backend.pod_cgroup(lb.spec, f"cli-{i}"))
+                self.paths[dp, i] = lb.datapath(f"n{i}", dp, **options)  # on the vagrant backend it runs in the VM
         first = next(iter(self.labs.values()))
-        self.endpoints = [tuple(Endpoint(str(first.plan.pods[f"be-{i}-{k}"].ip), 8080, f"be-{i}-{k}")
+        self.endpoints = [tuple(Endpoint(str(first.plan.pods[f"be-{i}-{k}"].ip), ECHO.target, f"be-{i}-{k}")
                                 for k in range(BACKENDS)) for i in range(nodes)]
         # the kernel each datapath ran on (the VM's on the vagrant backend; `machine` is this host)
         ctx.run.update_manifest(labs={dp: lb.name for dp, lb in self.labs.items()}, backend=p.backend,
-                                together=p.all_at_once,
+                                together=p.all_at_once, service_ports=[vars(x) for x in self.ports],
                                 node_kernels={dp: lb.kernels() for dp, lb in self.labs.items()})
 
     def teardown(self, ctx: core.RunContext) -> None:
@@ -213,13 +232,22 @@ class ServiceScale:
             labmod.down(lb.name)  # the datapath lives in the lab's node namespace: it goes with it
 
     def measure(self, ctx: core.RunContext) -> None:
+        """Per turn (all Ns at once, or one N at a time): load the tables, then every latency point
+        interleaved, then every rate point interleaved, then wrk's (--workload http), then the
+        one-service updates."""
         p: ServiceScaleParams = ctx.params
         rng = random.Random(p.seed)
-        tables = {n: bulk_table(self.endpoints[self.node_of[n]], n) for n in p.services}
-        picks = {n: {"first": 0, "middle": n // 2, "last": n - 1, "random": rng.randrange(n)} for n in p.services}
-        per_n = p.repeats * len(p.datapaths) * len(p.positions) * len(p.metrics) * p.samples
-        bar = tqdm(total=per_n * len(p.services), desc="service-scale", unit="sample", unit_scale=True,
-                   disable=not ctx.progress)
+        tables = {n: bulk_table(self.endpoints[self.node_of[n]], n, ports=self.ports) for n in p.services}
+        # the service each (N, random / repeat of kube-proxy-order) point connects to: the same for
+        # every datapath (first, middle and last are places in each datapath's own lookup order)
+        self.random_pick = {n: rng.randrange(n) for n in p.services}
+        self.kp_pick = {(n, rep): rng.randrange(n) for n in p.services for rep in range(1, p.repeats + 1)}
+        latency = [m for m in p.metrics if m in LATENCY]
+        rates = [m for m in p.metrics if m in RATES]
+        wrk = ["http-crr-rate", "http-rr-rate"] if p.workload == "http" else []
+        per_point = len(latency) * p.samples + len(rates) * p.rate_seconds * 10000 + len(wrk) * p.rate_seconds * 10000
+        total = p.repeats * len(p.datapaths) * len(p.positions) * per_point * len(p.services)
+        bar = tqdm(total=total, desc="service-scale", unit="sample", unit_scale=True, disable=not ctx.progress)
         # together: one turn with every N; else a turn per N, flushed and loaded in the same node
         turns = [list(p.services)] if p.all_at_once else [[n] for n in p.services]
         try:
@@ -228,14 +256,23 @@ class ServiceScale:
                     for n in ns:
                         self._load(ctx, n, tables[n])
                 self._settle(ctx, ns)
-                points = [self._point(dp, n, tables[n], picks[n], pos, rep, metric)
-                          for rep in range(1, p.repeats + 1)
-                          for dp in rng.sample(p.datapaths, len(p.datapaths))
-                          for n in ns for pos in p.positions for metric in p.metrics]
-                bar.update(sum(core.point_key(pt.full) in ctx.done for pt in points) * p.samples)
                 seed = f"{p.seed}-{ns[0]}" if len(ns) == 1 else f"{p.seed}-all"
-                core.measure_interleaved(ctx, points, p.samples, p.warmup, p.size, p.burst,
-                                         rng=random.Random(seed), on_samples=bar.update)
+                grid = [(rep, dp, n, pos) for rep in range(1, p.repeats + 1)
+                        for dp in rng.sample(p.datapaths, len(p.datapaths)) for n in ns for pos in p.positions]
+                if latency:
+                    points = [self._point(dp, n, pos, rep, m) for rep, dp, n, pos in grid for m in latency]
+                    bar.update(sum(core.point_key(pt.full) in ctx.done for pt in points) * p.samples)
+                    core.measure_interleaved(ctx, points, p.samples, p.warmup, p.size, p.burst,
+                                             rng=random.Random(seed), on_samples=bar.update)
+                if rates:
+                    points = [self._rate_point(dp, n, pos, rep, m) for rep, dp, n, pos in grid for m in rates]
+                    core.measure_rates_interleaved(ctx, points, p.rate_seconds, p.window_ms, p.concurrency, p.size,
+                                                   rng=random.Random(f"{seed}-rates"),
+                                                   on_window=lambda k: bar.update(k * p.window_ms * 10))
+                if wrk:
+                    points = [self._wrk_point(dp, n, pos, rep, m) for rep, dp, n, pos in grid for m in wrk]
+                    core.measure_wrk_interleaved(ctx, points, p.rate_seconds, p.concurrency,
+                                                 rng=random.Random(f"{seed}-wrk"), on_run=lambda k: bar.update(k * 10000))
                 with all_cpus():
                     for n in ns:
                         self._updates(ctx, n, tables[n])
@@ -253,6 +290,10 @@ class ServiceScale:
             row = self._row(dp, n, position="", repeat=0)
             if core.point_key({**row, "metric": "load"}) not in ctx.done:
                 core.record_value(ctx, row, "load", took)
+        self._orders = getattr(self, "_orders", {})
+        for dp in ctx.params.datapaths:  # where each service sits in each datapath's lookup, this load
+            echo = {port_key(k, self.ports[0]): k for k in range(n)}
+            self._orders[dp, n] = [echo[key] for key in self.paths[dp, self.node_of[n]].chain_order() if key in echo]
 
     def _settle(self, ctx: core.RunContext, ns: list[int]) -> None:
         """Wait for the load CPUs to go idle after the loads (the kernel frees the old tables in
@@ -263,17 +304,37 @@ class ServiceScale:
         settle = {**ctx.run.manifest().get("settle_s", {}), ",".join(map(str, ns)): round(waited, 2)}
         ctx.run.update_manifest(settle_s=settle)
 
-    def _point(self, dp, n, table, picks, pos, rep, metric) -> core.LatencyPoint:
-        index = picks.get(pos)
+    def _target(self, dp: str, n: int, pos: str, rep: int, port: BulkPort) -> tuple[dict, str, int]:
+        """A point's row (its service and what a new connection walks to reach it) and its target."""
         node = self.node_of[n]
-        row = self._row(dp, n, position=pos, repeat=rep, service_index="" if index is None else index)
-        if pos == "pod":
-            host, port = self.endpoints[node][0].ip, self.endpoints[node][0].port
-        else:
-            sp = table.at(index)
-            host, port = sp.cluster_ip, sp.port
-        netns, cgroup = self.clients[dp, node]
-        return core.LatencyPoint(row, metric, netns, cgroup, host, port, self.labs[dp], f"cli-{node}")
+        if pos == "pod":  # straight to a backend (kube-proxy's chain is walked all the same: no rule matches)
+            row = self._row(dp, n, position=pos, repeat=rep, service_index="", **self.paths[dp, node].walk(None))
+            return row, self.endpoints[node][0].ip, port.target
+        order = self._orders[dp, n]
+        k = {"first": order[0], "middle": order[len(order) // 2], "last": order[-1],
+             "random": self.random_pick[n]}.get(pos)
+        if k is None:  # kube-proxy-order: a service of this repeat's, wherever the datapath put it
+            k = self.kp_pick[n, rep]
+        key = port_key(k, port)
+        sp = bulk_service(self.endpoints[node], k, port=port)
+        walk = self.paths[dp, node].walk(key)
+        return self._row(dp, n, position=pos, repeat=rep, service_index=k, **walk), sp.cluster_ip, sp.port
+
+    def _point(self, dp, n, pos, rep, metric) -> core.LatencyPoint:
+        row, host, port = self._target(dp, n, pos, rep, self.ports[0])
+        lb, pod = self.labs[dp], f"cli-{self.node_of[n]}"
+        return core.LatencyPoint(row, metric, lb.pod_netns(pod), lb.backend.pod_cgroup(lb.spec, pod), host, port,
+                                 lb, pod)
+
+    def _rate_point(self, dp, n, pos, rep, metric) -> core.RatePoint:
+        port = UDP if RATES[metric] == "udp_rr" else self.ports[0]
+        row, host, port_number = self._target(dp, n, pos, rep, port)
+        return core.RatePoint(row, metric, RATES[metric], host, port_number, self.labs[dp], f"cli-{self.node_of[n]}")
+
+    def _wrk_point(self, dp, n, pos, rep, metric) -> core.WrkPoint:
+        row, host, port = self._target(dp, n, pos, rep, HTTP)
+        return core.WrkPoint(row, metric, f"http://{host}:{port}/", metric == "http-crr-rate", self.labs[dp],
+                             f"cli-{self.node_of[n]}")
 
     def _updates(self, ctx: core.RunContext, n: int, table: ServiceTable) -> None:
         p: ServiceScaleParams = ctx.params
@@ -282,10 +343,10 @@ class ServiceScale:
             current = table
             for k in range(1, p.updates + 1):
                 row = self._row(dp, n, position="", repeat=k)
-                extra = bulk_service(self.endpoints[self.node_of[n]], n + k - 1)
-                current = current.with_ports(extra)
+                extra = [bulk_service(self.endpoints[self.node_of[n]], n + k - 1, port=port) for port in self.ports]
+                current = current.with_ports(*extra)
                 # the change is known, as kube-proxy's trackers know it
-                took = path.sync_changes(current, TableDiff(added=(extra,))).seconds
+                took = path.sync_changes(current, TableDiff(added=tuple(extra))).seconds
                 if core.point_key({**row, "metric": "update"}) not in ctx.done:
                     core.record_value(ctx, row, "update", took)
 

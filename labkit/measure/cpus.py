@@ -174,3 +174,21 @@ def all_cpus() -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, before)
+
+
+def cpu_ticks(cpus: Iterable[int]) -> tuple[int, int]:
+    """(busy, total) USER_HZ ticks of ``cpus`` since boot, from /proc/stat: busy is user + nice +
+    system + irq + softirq, as lkclient counts it (``--cpu-stat``)."""
+    wanted = {f"cpu{c}" for c in cpus}
+    busy = total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *values = line.split()
+            if name in wanted:
+                v = [int(x) for x in values[:8]]  # user nice system idle iowait irq softirq steal
+                busy += v[0] + v[1] + v[2] + v[5] + v[6]
+                total += sum(v)
+    return busy, total
+
+
+USER_HZ = os.sysconf("SC_CLK_TCK")

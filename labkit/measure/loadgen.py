@@ -7,7 +7,11 @@ cgroup) and is pinned to the load CPUs from :mod:`labkit.measure.cpus` before it
 - :func:`start_server` starts ``lkserver`` and returns once it printed its readiness line.
 - :func:`run_client` runs ``lkclient`` once and returns its JSON result as a dict.
 - :class:`ClientSession` keeps one ``lkclient --serve`` in a pod and runs many measurements
-  through it (slices of interleaved points: a pipe round trip each instead of a process start).
+  through it (slices of interleaved points: a pipe round trip each instead of a process start):
+  latency (:meth:`~ClientSession.run`, :meth:`~ClientSession.burst`: one transaction at a time) and
+  rates under load (:meth:`~ClientSession.rate`, :meth:`~ClientSession.rate_burst`: C transactions
+  at once, closed loop or at an offered rate, with the CPU time per transaction).
+- :func:`combine_windows` adds up a point's rate windows into its rate and CPU cost.
 - :func:`who` asks a Service address ``count`` times which pod answered.
 
 A program that fails raises :class:`~labkit.errors.MeasurementError` carrying its stderr; raw
@@ -33,6 +37,9 @@ from labkit.errors import LabStateError, MeasurementError
 from labkit.native import binary
 
 MODES = ("crr", "rr", "udp_rr", "who")
+# rms rounding of a window's busy ticks: three counters move (user, system, softirq), each read
+# twice and truncated to a tick, the difference uniform-triangular: sqrt(3 x 1/6) tick
+CPU_ROUNDING_TICKS = 0.7
 
 
 # ---------------------------------------------------------------- server
@@ -137,21 +144,37 @@ def _read_log(log: IO[bytes], log_path: Path | None) -> str:
 # ---------------------------------------------------------------- client
 
 def client_argv(
-    mode: str, host: str, port: int, samples: int, warmup: int | None = None, size: int = 64,
+    mode: str, host: str, port: int, samples: int | None, warmup: int | None = None, size: int = 64,
     raw_path: Path | None = None, duration: float | None = None, connect_timeout_ms: int = 1000,
-    timeout_ms: int = 1000, max_errors: int | None = None,
+    timeout_ms: int = 1000, max_errors: int | None = None, *, concurrency: int | None = None,
+    duration_ms: int | None = None, rate: float | None = None, cpu_stat: Sequence[int] | str | None = None,
 ) -> list[str]:
-    """The ``lkclient`` command line for these options (see lkclient.c for their meaning)."""
+    """The ``lkclient`` command line for these options (see lkclient.c for their meaning).
+
+    ``concurrency`` selects rate mode (``duration_ms`` its window, ``rate`` an offered rate per
+    second, ``cpu_stat`` the CPUs whose /proc/stat time it reports); ``samples=None`` leaves ``-n``
+    out (in rate mode with a window: no cap)."""
     if mode not in MODES:
         raise ValueError(f"unknown load mode {mode!r}; known: {', '.join(MODES)}")
-    argv = [str(binary("lkclient")), "--mode", mode, "--host", host, "--port", str(port),
-            "-n", str(samples), "-s", str(size), "--connect-timeout-ms", str(connect_timeout_ms),
-            "--timeout-ms", str(timeout_ms)]
-    optional = {"-w": warmup, "--raw": raw_path, "--duration": duration, "--max-errors": max_errors}
+    argv = [str(binary("lkclient")), "--mode", mode, "--host", host, "--port", str(port)]
+    if samples is not None:
+        argv += ["-n", str(samples)]
+    argv += ["-s", str(size), "--connect-timeout-ms", str(connect_timeout_ms), "--timeout-ms", str(timeout_ms)]
+    optional = {"-w": warmup, "--raw": raw_path, "--duration": duration, "--max-errors": max_errors,
+                **_rate_options(concurrency, duration_ms, rate, cpu_stat)}
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, str(value)]
     return argv
+
+
+def _rate_options(concurrency: int | None, duration_ms: int | None, rate: float | None,
+                  cpu_stat: Sequence[int] | str | None) -> dict[str, str | None]:
+    if cpu_stat is not None and not isinstance(cpu_stat, str):
+        cpu_stat = ",".join(str(int(c)) for c in cpu_stat) or None
+    return {"--concurrency": None if concurrency is None else str(concurrency),
+            "--duration-ms": None if duration_ms is None else str(duration_ms),
+            "--rate": None if rate is None else repr(float(rate)), "--cpu-stat": cpu_stat}
 
 
 def run_client(
@@ -171,13 +194,13 @@ def run_client(
     """Run ``lkclient`` once inside ``netns`` and return its JSON result.
 
     ``options`` are passed to :func:`client_argv` (``duration``, ``connect_timeout_ms``,
-    ``timeout_ms``, ``max_errors``). ``timeout`` bounds the whole run; by default it allows
-    every attempt its connect and I/O timeouts plus a minute."""
+    ``timeout_ms``, ``max_errors``; rate mode: ``concurrency``, ``duration_ms``, ``rate``,
+    ``cpu_stat``, with ``samples=None`` for a window without a cap). ``timeout`` bounds the whole
+    run; by default it allows every attempt its connect and I/O timeouts plus a minute."""
     _require_netns(netns)
     argv = client_argv(mode, host, port, samples, warmup, size, raw_path, **options)
     if timeout is None:
-        per_try = (options.get("connect_timeout_ms", 1000) + options.get("timeout_ms", 1000)) / 1000
-        timeout = 60 + per_try * min(samples + (warmup or 0), 1000)
+        timeout = _default_timeout(samples, warmup, options)
     where = f"{host}:{port}" + (f" from netns {netns}" if netns else "")
     try:
         proc = nsexec.run(argv, netns, check=False, timeout=timeout, cgroup=cgroup, cpus=cpus)
@@ -193,13 +216,22 @@ def run_client(
     return result
 
 
+def _default_timeout(samples: int | None, warmup: int | None, options: dict[str, Any], targets: int = 1) -> float:
+    """A minute plus every attempt's connect and I/O timeouts (up to 1000 attempts), plus the windows."""
+    per_try = (options.get("connect_timeout_ms", 1000) + options.get("timeout_ms", 1000)) / 1000
+    window = (options.get("duration_ms") or 0) / 1000
+    return 60 + targets * (window + per_try * min((samples or 0) + (warmup or 0), 1000))
+
+
 class ClientSession:
     """One ``lkclient --serve`` process inside ``netns``/``cgroup``, pinned to ``cpus``, that runs
-    measurements on request (:meth:`run`, same options and result as :func:`run_client`). It waits
-    on its stdin between requests, using no CPU. Use as a context manager, or :meth:`close`."""
+    measurements on request (:meth:`run`, same options and result as :func:`run_client`; rates under
+    load: :meth:`rate`, :meth:`rate_burst`). It waits on its stdin between requests, using no CPU.
+    Use as a context manager, or :meth:`close`."""
 
     def __init__(self, netns: str | None, cgroup: Path | None = None, cpus: Sequence[int] | None = None):
         _require_netns(netns)
+        self.cpus = tuple(cpus) if cpus else None  # also the CPUs whose time rate() reports
         self.where = f" from netns {netns}" if netns else ""
         self._err = tempfile.TemporaryFile()
         self.proc = nsexec.spawn([str(binary("lkclient")), "--serve"], netns, cgroup=cgroup, cpus=cpus,
@@ -212,8 +244,7 @@ class ClientSession:
         if any(not a or any(c.isspace() for c in a) for a in argv):
             raise ValueError(f"lkclient --serve takes space-separated options; got {argv}")
         if timeout is None:
-            per_try = (options.get("connect_timeout_ms", 1000) + options.get("timeout_ms", 1000)) / 1000
-            timeout = 60 + per_try * min(samples + (warmup or 0), 1000)
+            timeout = _default_timeout(samples, warmup, options)
         where = f"{host}:{port}{self.where}"
         result = self._request(argv, f"{mode} to {host}:{port}", timeout)
         if result.get("aborted"):
@@ -234,13 +265,61 @@ class ClientSession:
                 "--connect-timeout-ms", str(connect_timeout_ms), "--timeout-ms", str(timeout_ms)]
         if max_errors is not None:
             argv += ["--max-errors", str(max_errors)]
+        if timeout is None:
+            timeout = 60 + (connect_timeout_ms + timeout_ms) / 1000 * min(len(targets) * (samples + warmup), 1000)
+        return self._targets(argv, targets, f"{mode} burst", timeout)
+
+    def rate(self, mode: str, host: str, port: int, concurrency: int = 1, duration_ms: int | None = None,
+             samples: int | None = None, warmup: int | None = None, rate: float | None = None, size: int = 64,
+             raw_path: Path | None = None, cpu_stat: Sequence[int] | str | None = None,
+             timeout: float | None = None, **options: Any) -> dict[str, Any]:
+        """``concurrency`` transactions at once to ``host:port`` for a window of ``duration_ms``
+        (and/or until ``samples`` completed), after ``warmup`` completions (lkclient's default:
+        max(100, 4 x concurrency)). Closed loop: a slot starts its next transaction as soon as one
+        ends. Open loop with ``rate`` (per second, across the slots): transactions start on a
+        fixed schedule and their latency counts from when they were MEANT to start, so a server
+        that falls behind shows in the latencies (``unstarted``: due by the window's end, never
+        started). ``cpu_stat``: the CPUs whose /proc/stat time is reported (default: the ones
+        this session is pinned to; ``()`` for none). The result is :meth:`run`'s, its latencies
+        under that load, plus ``concurrency``, ``offered_per_s``, ``rate_per_s``, ``unstarted``
+        and ``cpu_*`` (see lkclient.c). An aborted run raises, as :meth:`run` does."""
+        if duration_ms is None and samples is None:
+            raise ValueError("rate() needs a window (duration_ms) or a number of transactions (samples)")
+        return self.run(mode, host, port, samples, warmup, size, raw_path, timeout, concurrency=concurrency,
+                        duration_ms=duration_ms, rate=rate, cpu_stat=self._cpu_stat(cpu_stat), **options)
+
+    def rate_burst(self, mode: str, targets: Sequence[tuple[str, int, Path]], concurrency: int, duration_ms: int,
+                   warmup: int | None = None, rate: float | None = None, size: int = 64,
+                   cpu_stat: Sequence[int] | str | None = None, max_errors: int | None = None,
+                   timeout: float | None = None, connect_timeout_ms: int = 1000,
+                   timeout_ms: int = 1000) -> list[dict[str, Any]]:
+        """A window of ``duration_ms`` for each of ``targets`` (``host, port, raw file``) in turn,
+        as :meth:`rate` runs one (fresh connections and ``warmup`` completions per window), each
+        target's samples APPENDED to its raw file: the interleaved discipline of :meth:`burst` for
+        rates. One result per target, in order (``aborted`` set instead of raising); add a point's
+        windows up with :func:`combine_windows`."""
+        argv = ["--mode", mode, "--concurrency", str(concurrency), "--duration-ms", str(duration_ms),
+                "-s", str(size), "--connect-timeout-ms", str(connect_timeout_ms), "--timeout-ms", str(timeout_ms)]
+        flags = {"-w": warmup, "--max-errors": max_errors,
+                 **_rate_options(None, None, rate, self._cpu_stat(cpu_stat))}
+        argv += [a for flag, value in flags.items() if value is not None for a in (flag, str(value))]
+        if timeout is None:
+            timeout = _default_timeout(None, warmup, {"duration_ms": duration_ms, "connect_timeout_ms":
+                                                      connect_timeout_ms, "timeout_ms": timeout_ms}, len(targets))
+        return self._targets(argv, targets, f"{mode} rate burst", timeout)
+
+    def _cpu_stat(self, cpu_stat: Sequence[int] | str | None) -> Sequence[int] | str | None:
+        if cpu_stat is None:
+            return getattr(self, "cpus", None)  # a subclass may not pin (remote sessions)
+        return cpu_stat or None
+
+    def _targets(self, argv: list[str], targets: Sequence[tuple[str, int, Path]], what: str,
+                 timeout: float) -> list[dict[str, Any]]:
         for host, port, raw in targets:
             if any(c.isspace() or c == ":" for c in str(raw)):
                 raise ValueError(f"raw path {raw} must not contain spaces or ':'")
-            argv += ["--target", f"{host}:{port}:{raw}"]
-        if timeout is None:
-            timeout = 60 + (connect_timeout_ms + timeout_ms) / 1000 * min(len(targets) * (samples + warmup), 1000)
-        result = self._request(argv, f"{mode} burst to {len(targets)} targets", timeout)
+            argv = argv + ["--target", f"{host}:{port}:{raw}"]
+        result = self._request(argv, f"{what} to {len(targets)} targets", timeout)
         out = result.get("targets")
         if not isinstance(out, list) or len(out) != len(targets):
             raise MeasurementError(f"lkclient --serve: unexpected burst reply {str(result)[:300]}")
@@ -284,6 +363,32 @@ class ClientSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def combine_windows(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """One point's rate windows (results of :meth:`ClientSession.rate_burst` for that point) added
+    up: ``samples``, ``errors``, ``elapsed_s`` and the CPU ticks summed, ``rate_per_s`` and
+    ``cpu_us_per_txn`` from the sums (None when unknown), ``windows`` counted.
+
+    ``cpu_rounding`` is the typical relative error of ``cpu_us_per_txn`` from /proc/stat's 10 ms
+    ticks (one standard deviation): each window rounds the counters that moved by under a tick each,
+    about 0.7 tick rms in all, independently from window to window, so ``0.7 x sqrt(windows) /
+    cpu_ticks``: 25 saturated windows of 200 ms (500 ticks) give 0.7 %. A partly idle CPU adds the
+    sampling error of tick-based accounting (see lkclient.c), not included."""
+    rs = list(results)
+    samples = sum(int(r.get("samples") or 0) for r in rs)
+    elapsed = sum(float(r.get("elapsed_s") or 0) for r in rs)
+    out: dict[str, Any] = {"windows": len(rs), "samples": samples, "errors": sum(int(r.get("errors") or 0) for r in rs),
+                           "elapsed_s": elapsed, "rate_per_s": samples / elapsed if elapsed else None}
+    opened = [r for r in rs if r.get("elapsed_s")]  # a window that never opened (aborted) has no CPU reading
+    if not opened or any(r.get("cpu_ticks") is None for r in opened):
+        return out | {"cpu_s": None, "cpu_us_per_txn": None, "cpu_ticks": None, "cpu_busy": None, "cpu_rounding": None}
+    ticks = sum(int(r["cpu_ticks"]) for r in opened)
+    total = sum(int(r["cpu_total_ticks"]) for r in opened)
+    cpu_s = ticks / float(opened[0]["cpu_hz"])
+    return out | {"cpu_ticks": ticks, "cpu_s": cpu_s, "cpu_us_per_txn": cpu_s * 1e6 / samples if samples else None,
+                  "cpu_busy": ticks / total if total else None,
+                  "cpu_rounding": CPU_ROUNDING_TICKS * len(opened) ** 0.5 / ticks if ticks else None}
 
 
 def _parse_result(stdout: str) -> dict[str, Any] | None:

@@ -165,7 +165,9 @@ def sync_datapath(spec: Spec, node_name: str) -> dict:
 def serve(spec: Spec, node_name: str, requests, replies) -> int:
     """Answer datapath requests until ``requests`` ends. A request is
     ``{"op": "sync", "datapath": NAME, "table": [...]}`` (a whole table) or ``{..., "changes": {...}}``
-    (a change set from the table this process applied last), ``{"op": "cleanup" | "describe", ...}``;
+    (a change set from the table this process applied last), ``{"op": "cleanup" | "describe" |
+    "chain_order", ...}``, ``{"op": "walk", "key": ...}``; every request carries the datapath's
+    constructor ``options`` (used when the datapath object is made);
     the reply ``{"result": ...}`` (for sync the :class:`SyncResult` fields) or ``{"error": "..."}``."""
     runtime = NodeRuntime(spec, node_name, whole_machine=True)
     paths = {}
@@ -176,7 +178,7 @@ def serve(spec: Spec, node_name: str, requests, replies) -> int:
             req = json.loads(line)
             name = req["datapath"]
             if name not in paths:
-                paths[name] = runtime.datapath(name)
+                paths[name] = runtime.datapath(name, **req.get("options", {}))
             dp = paths[name]
             if req["op"] == "sync":
                 if "table" in req:
@@ -192,6 +194,10 @@ def serve(spec: Spec, node_name: str, requests, replies) -> int:
                 reply = {"result": {}}
             elif req["op"] == "describe":
                 reply = {"result": dp.describe()}
+            elif req["op"] == "chain_order":
+                reply = {"result": dp.chain_order()}
+            elif req["op"] == "walk":
+                reply = {"result": dp.walk(req["key"])}
             else:
                 raise BackendError(f"unknown op {req['op']!r}")
         except (LabkitError, OSError, subprocess.CalledProcessError, KeyError, ValueError) as exc:

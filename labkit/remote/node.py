@@ -129,8 +129,8 @@ class RemoteNode:
             cgroup=self.cgroup, pods=topology.pod_ifaces(self.spec, plan, self.node, self.pod_netns),
             node_ip=str(plan.nodes[self.node].primary.ip), machine=self.machine)
 
-    def datapath(self, name: str) -> RemoteDatapath:
-        return RemoteDatapath(self, name)
+    def datapath(self, name: str, **options) -> RemoteDatapath:
+        return RemoteDatapath(self, name, options)
 
     def client_session(self, pod: str) -> RemoteClientSession:
         return RemoteClientSession(self, pod)
@@ -162,8 +162,9 @@ class RemoteDatapath:
     machine's own (the apply, without the ssh round trip). Channels are closed by :meth:`close` or by
     :func:`close_datapaths` (the lab's ``down``)."""
 
-    def __init__(self, node: RemoteNode, name: str):
+    def __init__(self, node: RemoteNode, name: str, options: dict | None = None):
         self.remote, self.node, self.name = node, node.node, name
+        self.options = dict(options or {})
         self._applied = None
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
@@ -184,6 +185,7 @@ class RemoteDatapath:
         return self._proc
 
     def _call(self, request: dict, timeout: float = 900) -> dict:
+        request = {**request, "options": self.options}
         with self._lock:
             proc = self._channel()
             proc.stdin.write(json.dumps(request, separators=(",", ":")) + "\n")
@@ -219,6 +221,12 @@ class RemoteDatapath:
 
     def describe(self) -> dict:
         return self._call({"op": "describe", "datapath": self.name})
+
+    def chain_order(self) -> list[str]:
+        return self._call({"op": "chain_order", "datapath": self.name})
+
+    def walk(self, key: str) -> dict:
+        return self._call({"op": "walk", "datapath": self.name, "key": key})
 
     def close(self) -> None:
         """End the agent (its datapath keeps running in the machine's kernel)."""
@@ -259,8 +267,8 @@ class RemoteClientSession(loadgen.ClientSession):
     """:class:`labkit.measure.loadgen.ClientSession` with its ``lkclient --serve`` in a pod of a remote
     node. Raw samples are written on the machine (``/run/labkit/<lab>/raw``) and brought here after
     every request, also when it failed (raw samples are kept before an error propagates): :meth:`run`
-    fills its ``raw_path``, :meth:`burst` appends to each target's raw file as lkclient does locally
-    (one ssh round trip for all of a burst's files)."""
+    fills its ``raw_path``, bursts (latency and rate) append to each target's raw file as lkclient
+    does locally (one ssh round trip for all of a burst's files)."""
 
     def __init__(self, node: RemoteNode, pod: str):
         from ..native import binary
@@ -285,7 +293,9 @@ class RemoteClientSession(loadgen.ClientSession):
             if raw_path:
                 self.node.machine.fetch(remote, Path(raw_path))
 
-    def burst(self, mode: str, targets, samples: int, **kw) -> list[dict]:
+    def _targets(self, argv, targets, what, timeout):
+        """A burst (latency or rate) with each target's raw file on the machine, appended back to its
+        local file afterwards (one ssh round trip for all of them), also when it failed."""
         self._bursts += 1
         remote, copies = [], []
         for i, (host, port, raw) in enumerate(targets):
@@ -296,7 +306,7 @@ class RemoteClientSession(loadgen.ClientSession):
             remote.append((host, port, f"{self.raw_dir}/{name}"))
             copies.append((name, Path(raw)))
         try:
-            return super().burst(mode, remote, samples, **kw)
+            return super()._targets(argv, remote, what, timeout)
         finally:
             if copies:
                 self.node.machine.fetch_append(self.raw_dir, copies)

@@ -156,7 +156,8 @@ def _parse(p: Problems, data: Any) -> Spec | None:
     return _build(p, "", data, Spec, {
         "name": s, "backend": s, "vpc_cidr": s, "pod_cidr": s, "service_cidr": s, "node_pod_prefix": i,
         "datapath": s, "nodes": lambda q, x: items(q, x, node), "services": lambda q, x: items(q, x, svc),
-        "policies": lambda q, x: items(q, x, policy), "policy_engine": s, "server": server})
+        "policies": lambda q, x: items(q, x, policy), "policy_engine": s, "server": server,
+        "kube_proxy": s})
 
 
 def _parse_server(p: Problems, path: str, data: Any) -> ServerSpec | None:

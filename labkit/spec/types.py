@@ -233,6 +233,7 @@ class Spec:
     policies: tuple[PolicySpec, ...] = ()
     policy_engine: str = "iptables"  # how policies are enforced: iptables, ebpf, none (not enforced)
     server: ServerSpec = ServerSpec()  # what serves in every pod that does not say
+    kube_proxy: str = "current"  # the iptables datapaths' rule shape: current, or 1.18 (the study's time)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(self.nodes))

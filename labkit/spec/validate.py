@@ -15,12 +15,12 @@ import difflib
 import ipaddress
 import re
 
+from .. import naming
 from ..errors import SpecError
 from .types import (DEFAULT_BULK_PEER_CIDR, MAX_BULK_RULES, MAX_ENIS, MAX_IFNAME, MAX_NAME, MAX_POLICIES,
                     MAX_SERVICES, POLICY_TYPES, PROTOCOLS, RESERVED_NAMES, Node, PolicyRule, PolicySpec, Spec)
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-_LAB_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
 POD_OPTIONS = {"ipvlan_mode": "l2"}  # Pod fields that only some modes take (PodMode.options), with defaults
 
 
@@ -74,11 +74,13 @@ def problems(spec: Spec) -> list[tuple[str, str]]:
     from ..datapath import DATAPATHS
 
     p = Problems()
-    if not _LAB_NAME.match(spec.name or ""):
-        p.add("name", f"lab name {spec.name!r} must start with a letter and use at most 20 lower-case letters, "
-                      "digits and '-'")
+    problem = naming.lab_name_problem(spec.name)
+    if problem:
+        p.add("name", problem)
     _choice(p, "backend", spec.backend, BACKENDS.names(), "backend")
     _choice(p, "datapath", spec.datapath, DATAPATHS.names(), "datapath")
+    if spec.datapath in DATAPATHS:
+        _check_kube_proxy(p, spec, DATAPATHS.get(spec.datapath))
     nets = {k: _network(p, k, getattr(spec, k)) for k in ("vpc_cidr", "pod_cidr", "service_cidr")}
     names = list(nets)
     for a in range(len(names)):
@@ -179,6 +181,19 @@ def _check_slaves(p: Problems, npath: str, node: Node, known: dict) -> None:
                                             f"{pod.name} a shared ENI of its own with 'eni' (raise {npath}.enis if "
                                             "needed)")
         kinds.setdefault(kind, pod.name)
+
+
+def _check_kube_proxy(p: Problems, spec: Spec, datapath) -> None:
+    """``kube_proxy`` chooses the iptables datapaths' rule shape; elsewhere only the default fits."""
+    takes = datapath.options.get("kube_proxy")
+    if takes is not None:
+        _choice(p, "kube_proxy", spec.kube_proxy, takes, "kube-proxy version")
+    elif spec.kube_proxy != "current":
+        from ..datapath import DATAPATHS
+
+        which = [n for n, cls in DATAPATHS.items() if "kube_proxy" in cls.options]
+        p.add("kube_proxy", f"kube_proxy {spec.kube_proxy!r} shapes the rules of {', '.join(which)}; datapath "
+                            f"{spec.datapath} has no such choice: remove kube_proxy or pick one of those datapaths")
 
 
 def _check_servers(p: Problems, spec: Spec) -> None:

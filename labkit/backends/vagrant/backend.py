@@ -314,10 +314,10 @@ Host *
         node, _ = spec.pod(pod)
         return self.remote(spec, node.name).client_session(pod)
 
-    def datapath(self, spec: Spec, node: str, name: str, plan: addressing.AddressPlan | None = None):
+    def datapath(self, spec: Spec, node: str, name: str, plan: addressing.AddressPlan | None = None, **options):
         """Datapath ``name`` of ``node``, run by the agent in the VM and driven from here."""
         get_datapath(name)  # a known name, or the registry's error listing them
-        return self.remote(spec, node).datapath(name)
+        return self.remote(spec, node).datapath(name, **options)
 
     def node_context(self, spec: Spec, node_name: str, plan: addressing.AddressPlan | None = None) -> NodeContext:
         """The datapath's view of a node as seen from the host: ``run()`` goes over ssh into the VM."""
