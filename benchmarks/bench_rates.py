@@ -36,19 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from labkit import nsexec  # noqa: E402
 from labkit.measure import cpus, loadgen, stats  # noqa: E402
 
+from bench_loadgen import create_lab_netns  # noqa: E402  # this folder is sys.path[0] for a script
+
 PORT = 18080
-
-
-def create_lab_netns(name: str) -> None:
-    from pyroute2 import IPRoute
-
-    ipr = nsexec.create_netns(name, on_socket=IPRoute)  # a netlink socket bound inside the netns
-    try:
-        with ipr:
-            ipr.link("set", index=1, state="up")
-    except BaseException:
-        nsexec.remove_netns(name)
-        raise
 
 
 def measure(ns: str, load: tuple[int, ...], points: list[tuple[str, int]], rounds: int, window_ms: int,
