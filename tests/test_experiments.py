@@ -101,6 +101,8 @@ def test_resume_after_kill(store):
     lat = after[after.metric == "crr"]
     keys = [point_key(r) for r in lat.to_dict("records")]
     assert len(keys) == len(set(keys)) == 2 * 2 * 2 * 3  # nothing measured twice, nothing missing
+    every = [point_key(r) for r in after.to_dict("records")]
+    assert len(every) == len(set(every))  # the loads and updates the resumed run saw again are not recorded twice
     # what was there before the kill is kept as it was
     kept = before[before.metric == "crr"]
     assert kept.p50_us.tolist() == lat.head(len(kept)).p50_us.tolist()
@@ -109,3 +111,80 @@ def test_resume_after_kill(store):
     # and the experiment's labs are gone
     tag = run_id[-4:]
     assert not [n for n in os.listdir("/run/netns") if n.startswith(f"lk-ss{tag}-")]
+
+
+def test_rates_the_rules_axis_and_the_seed_era_shape(store):
+    """Each rate metric under load, CPU per transaction, the rules axis, kube-proxy 1.18's two rules
+    per service and kube-proxy's own order, on the real kernel."""
+    params = service_scale.ServiceScaleParams(
+        datapaths=["iptables-nft", "ebpf"], services=[1, 2000], positions=["first", "last", "pod", "kube-proxy-order"],
+        metrics=["crr-rate", "rr-rate", "udp-rr-rate"], repeats=1, rate_seconds=0.4, window_ms=200, concurrency=8,
+        kube_proxy="1.18", updates=0)
+    run = service_scale.run(params, progress=False)
+    pts = run.points()
+    rates = pts[pts.metric.str.endswith("-rate")]
+    assert len(rates) == 2 * 2 * 4 * 3  # datapaths × N × positions × metrics
+    assert (rates.rate_per_s > 100).all() and (rates.errors == 0).all() and (rates.concurrency == 8).all()
+    assert (rates.cpu_us_per_txn > 0).all() and rates.p50_us.notna().all()
+    # a rate's latency samples under load are kept, window after window
+    for _, row in rates.iterrows():
+        assert (run.path / "raw" / row.raw).stat().st_size >= 8 * 100
+    crr = rates[rates.metric == "crr-rate"].set_index(["datapath", "services", "position"])
+    ipt = crr.loc["iptables-nft"]
+    # kube-proxy 1.18: two KUBE-SERVICES rules per service port (a new connection is checked against
+    # its port's masquerade rule, then jumps); every service has an echo and a UDP port, written in
+    # kube-proxy's (Go map) order: first/last are the first/last echo ports in the chain
+    ports = 2 * 2000
+    walked = {pos: ipt.loc[(2000, pos), "rules_walked"] for pos in ("first", "last", "kube-proxy-order")}
+    assert all(w % 2 == 1 for w in walked.values()), walked
+    assert walked["first"] <= 5 and walked["last"] >= 2 * ports - 3, walked
+    assert walked["first"] <= walked["kube-proxy-order"] <= walked["last"], walked
+    assert ipt.loc[(2000, "pod"), "rules_walked"] == 2 * ports + 1  # a pod address walks all of it
+    assert ipt.loc[(2000, "last"), "nat_rules"] > 10 * 2000
+    eb = crr.loc["ebpf"]
+    assert (eb.loc[2000, "rules_walked"] == 0).all() and eb.loc[(2000, "last"), "map_entries"] == ports * (1 + 3)
+    # the walk costs CPU that would have served connections: fewer per second, more CPU per connection
+    # (a 4,000-rule walk here is ~70 µs on top of a ~140 µs connection)
+    assert ipt.loc[(2000, "last"), "rate_per_s"] < 0.85 * ipt.loc[(1, "last"), "rate_per_s"]
+    assert ipt.loc[(2000, "last"), "cpu_us_per_txn"] > 1.15 * ipt.loc[(1, "last"), "cpu_us_per_txn"]
+    text = report.summary_text(run)
+    assert "CRR-RATE transactions/s" in text and "CPU µs per transaction" in text
+    from labkit import plots
+
+    figs = plots.figures(run)
+    assert {"crr-rate-vs-services", "crr-rate-vs-published", "crr-rate-cpu"} <= set(figs)
+    assert any("Alibaba 2020 nginx" in n for n in plots.trace_names(figs["crr-rate-vs-published"]))
+
+
+@pytest.mark.needs("root", "nginx", "wrk")
+def test_http_workload_wrk_beside_labkits_rate(store):
+    """--workload http: nginx in the backends, wrk's requests/s (a connection per request, and
+    keep-alive) measured through the same tables as labkit's own rate."""
+    params = service_scale.ServiceScaleParams(datapaths=["ebpf"], services=[1, 50], positions=["last"],
+                                              metrics=["crr-rate"], workload="http", repeats=1, rate_seconds=1,
+                                              window_ms=200, concurrency=4, updates=0)
+    run = service_scale.run(params, progress=False)
+    pts = run.points()
+    wrk = pts[pts.metric.isin(["http-crr-rate", "http-rr-rate"])]
+    assert len(wrk) == 2 * 2 and (wrk.rate_per_s > 100).all() and (wrk.errors == 0).all()
+    keep = wrk[wrk.metric == "http-rr-rate"].rate_per_s.median()
+    close = wrk[wrk.metric == "http-crr-rate"].rate_per_s.median()
+    assert keep > close  # a connection per request costs more than a request on an open connection
+    assert {p["name"] for p in run.manifest()["service_ports"]} == {"echo", "http"}
+
+
+def test_pod_modes_rates(store):
+    """pod-modes measures transactions/s under load per mode, same node and across nodes; an overlay
+    pod pays for VXLAN on every packet, so it serves fewer RR transactions than a routed veth pod."""
+    from labkit.experiments import pod_modes
+
+    params = pod_modes.PodModesParams(modes=["veth", "overlay"], metrics=["rr-rate", "udp-rr-rate"], repeats=2,
+                                      rate_seconds=0.6, window_ms=200, concurrency=8)
+    run = pod_modes.run(params, progress=False)
+    pts = run.points()
+    assert len(pts) == 2 * 2 * 2 * 2 and (pts.rate_per_s > 100).all() and (pts.errors == 0).all()
+    rr = pts[(pts.metric == "rr-rate") & (pts.position == "cross-node")].groupby("mode").rate_per_s.median()
+    assert rr["overlay"] < rr["veth"], rr
+    from labkit import plots
+
+    assert "modes-rr-rate" in plots.figures(run)
