@@ -191,8 +191,11 @@ static __always_inline int handle_from_container(struct __sk_buff *skb, __u32 se
 	}
 
 	svc = lb4_lookup_service(pkt.ip.daddr, pkt.dport, pkt.ip.protocol);
-	if (!svc)
+	if (!svc) {
+		if ((pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+			ct4_forget_reply(pkt.ip.saddr, pkt.sport, pkt.ip.daddr, pkt.dport, pkt.ip.protocol);
 		return hairpin_reply(skb, &pkt, self_redirect);
+	}
 	rev_nat_index = svc->rev_nat_index;
 	if (lb4_select_backend(svc, &slot, &be) < 0) {
 		if (pkt.ip.ihl != 5)

@@ -632,3 +632,37 @@ def test_tc_clients_never_remove_each_others_filters(tmp_path):
     finally:
         for fn in reversed(undo):
             fn()
+
+
+@pytest.mark.needs(*KERNEL)
+def test_ebpf_tc_a_direct_connection_reusing_a_service_flows_port_is_not_rewritten(make_lab, lab_name):
+    """A pod opening thousands of connections a second reuses its ports within seconds. A service flow
+    from port P to backend B leaves a reply entry {B -> pod:P} while it closes; a direct connection
+    from P to B must not get its replies rewritten to the ClusterIP (its socket would never see them:
+    every such connection stalled, found by the rate metric's pod floor)."""
+    import sys as _sys
+
+    from labkit.spec import parse_spec
+
+    spec = parse_spec({"name": lab_name, "datapath": "ebpf-tc", "nodes": [{"name": "n1", "pods": [
+        {"name": "cli"}, {"name": "web", "labels": {"app": "web"}}]}],
+        "services": [{"name": "web", "port": 80, "target_port": 8080, "selector": {"app": "web"}}]})
+    lb = make_lab(spec)
+    cip, web = lb.services().at(0).cluster_ip, str(lb.plan.pods["web"].ip)
+    script = f"""
+import socket, struct
+def get(host, port):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))  # RST, as lkclient's crr
+    s.bind(('0.0.0.0', 40123))
+    s.settimeout(2)
+    s.connect((host, port))
+    s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')
+    data = s.recv(4096)
+    s.close()
+    return data.split(b'\\r\\n\\r\\n', 1)[-1].strip().decode()
+print(get('{cip}', 80), get('{web}', 8080))
+"""
+    out = lb.exec("cli", [_sys.executable, "-c", script], check=False, timeout=30)
+    assert out.returncode == 0 and out.stdout.split() == ["web", "web"], out.stderr[-500:]

@@ -99,4 +99,22 @@ ct4_create(struct ipv4_ct_tuple *fwd, __be32 be_addr, __be16 be_port, __u32 rev_
 	return 0;
 }
 
+/* A pod opens a connection (a TCP SYN) to an address no service has: forget any reply entry a
+ * translated flow left for the same tuple. With thousands of connections a second a pod reuses its
+ * ports within seconds, and a service flow to backend B from port P leaves {B -> pod:P} in lk_ct_v4
+ * while it closes (10 s): a direct connection to B from P would otherwise get its replies rewritten
+ * to the ClusterIP, which its socket never sent to, and stall. */
+static __always_inline void ct4_forget_reply(__be32 saddr, __be16 sport, __be32 daddr, __be16 dport, __u8 proto)
+{
+	struct ipv4_ct_tuple rev = {};
+
+	rev.saddr = daddr;
+	rev.sport = dport;
+	rev.daddr = saddr;
+	rev.dport = sport;
+	rev.nexthdr = proto;
+	rev.flags = CT_REPLY;
+	lk_ct_v4.delete(&rev);
+}
+
 #endif /* __LK_LIB_CONNTRACK_H_ */
