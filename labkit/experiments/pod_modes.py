@@ -68,9 +68,9 @@ class PodModesParams(Params):
     seed: int = param(1, help="random choices (orders) of the run")
     backend: str = param("netns", choices=_backend_names, help="netns, or vagrant (node1 and node2 are VMs)")
     concurrency: int = param(16, min=1, max=1024, help="connections (flows) at once for the rate metrics")
-    rate_seconds: float = param(2.0, min=0.2, max=600, help="measured time per rate point, in windows "
+    rate_seconds: float = param(3.0, min=0.2, max=600, help="measured time per rate point, in windows "
                                                            "interleaved with the other points")
-    window_ms: int = param(200, min=20, max=10000, help="a rate point's window per turn")
+    window_ms: int = param(100, min=20, max=10000, help="a rate point's window per turn")
 
     @classmethod
     def quick(cls) -> PodModesParams:

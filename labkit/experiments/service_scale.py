@@ -13,7 +13,7 @@ are not comparable; interleaved, every point sees the same mix. Finally one serv
 
 Positions: the service first, in the middle or last in the datapath's own lookup order (kube-proxy's
 KUBE-SERVICES chain; the table's order where the lookup is a hash), a random one, ``kube-proxy-order``
-(a service chosen per repeat, wherever kube-proxy's Go map order put it: the iptables datapaths then
+(a service chosen once per N, wherever kube-proxy's Go map order put it at this load: the iptables datapaths then
 write KUBE-SERVICES in that order, as a real kube-proxy does), and ``pod``: straight to a backend,
 no Service (for kube-proxy iptables not a floor: a connection to a pod address walks the whole
 KUBE-SERVICES chain and matches nothing). Every point records what its new connection walks
@@ -106,9 +106,9 @@ class ServiceScaleParams(Params):
     together: bool | None = param(None, help="every N in a node of its own, all measured together "
                                              "(unset: yes on netns, no on vagrant)")
     concurrency: int = param(16, min=1, max=1024, help="connections (flows) at once for the rate metrics")
-    rate_seconds: float = param(2.0, min=0.2, max=600, help="measured time per rate point, in windows "
+    rate_seconds: float = param(3.0, min=0.2, max=600, help="measured time per rate point, in windows "
                                                            "interleaved with the other points")
-    window_ms: int = param(200, min=20, max=10000, help="a rate point's window per turn")
+    window_ms: int = param(100, min=20, max=10000, help="a rate point's window per turn")
     workload: str = param("labkit", choices=WORKLOADS,
                           help="what serves in backend pods: labkit's echo server, or http (nginx; wrk measures "
                                "requests/s beside labkit's own rate)")
@@ -241,7 +241,9 @@ class ServiceScale:
         # the service each (N, random / repeat of kube-proxy-order) point connects to: the same for
         # every datapath (first, middle and last are places in each datapath's own lookup order)
         self.random_pick = {n: rng.randrange(n) for n in p.services}
-        self.kp_pick = {(n, rep): rng.randrange(n) for n in p.services for rep in range(1, p.repeats + 1)}
+        # kube-proxy-order: one service per N, wherever this load's Go map order put it (the repeats
+        # measure the same place: their spread is the machine's, not the order's)
+        self.kp_pick = {n: rng.randrange(n) for n in p.services}
         latency = [m for m in p.metrics if m in LATENCY]
         rates = [m for m in p.metrics if m in RATES]
         wrk = ["http-crr-rate", "http-rr-rate"] if p.workload == "http" else []
@@ -313,8 +315,8 @@ class ServiceScale:
         order = self._orders[dp, n]
         k = {"first": order[0], "middle": order[len(order) // 2], "last": order[-1],
              "random": self.random_pick[n]}.get(pos)
-        if k is None:  # kube-proxy-order: a service of this repeat's, wherever the datapath put it
-            k = self.kp_pick[n, rep]
+        if k is None:  # kube-proxy-order: the N's service, wherever the datapath's order put it
+            k = self.kp_pick[n]
         key = port_key(k, port)
         sp = bulk_service(self.endpoints[node], k, port=port)
         walk = self.paths[dp, node].walk(key)
