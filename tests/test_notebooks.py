@@ -18,6 +18,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from labkit import plots
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 PLOTLY = "application/vnd.plotly.v1+json"
@@ -130,11 +132,15 @@ def test_02_pod_network_modes(tmp_path):
 def test_03_service_scale_and_sweep(tmp_path):
     dps = _datapaths(SMALL_SCALE["datapaths"])
     nb = execute("03-service-scale", tmp_path, **{**SMALL_SCALE, "datapaths": dps}, updates=1,
-                 export_dir=str(tmp_path / "img"))
+                 export_dir=str(tmp_path / "img"), rate_seconds=0.4, window_ms=100, concurrency=8)
     run = glued_run(nb, tmp_path)
     figs = figures(nb)
-    assert len(figs) == 6
-    p50, p99, pub, cdf, load, update = figs
+    assert len(figs) == 9
+    p50, p99, rate, cpu, pub, rules, cdf, load, update = figs
+    # requests/s beside latency, with the study's nginx series; CPU per transaction; the rules axis
+    assert any(n.startswith("Alibaba 2020 nginx") for n in names(rate)) and set(dps) <= set(names(rate))
+    assert cpu["layout"]["yaxis"]["title"]["text"].startswith("crr-rate CPU µs per transaction")
+    assert any("[x = rules]" in n for n in names(rules)) and rules["layout"]["xaxis"]["type"] == "log"
     assert names(p50) == [f"{d} · {p}" for d in sorted(dps) for p in ("first", "middle", "last")]
     assert p50["layout"]["xaxis"]["title"]["text"] == "services"
     assert p50["layout"]["yaxis"]["title"]["text"] == "CRR p50 (µs)"
@@ -142,7 +148,7 @@ def test_03_service_scale_and_sweep(tmp_path):
     assert any(n.startswith("Cilium 1.6 HTTP") for n in names(pub)) and pub["layout"]["xaxis"]["type"] == "log"
     assert len(cdf["data"]) == 2 * len(dps) and cdf["layout"]["xaxis"]["type"] == "log"
     assert names(load) == names(update)[:len(dps)] and load["layout"]["yaxis"]["type"] == "log"
-    assert len(list((tmp_path / "img" / run.run_id).glob("*.png"))) == 6
+    assert len(list((tmp_path / "img" / run.run_id).glob("*.png"))) == len(plots.figures(run))  # every figure of the run
 
     # the sweep: re-render that run twice (log-x off and on) -> two notebooks, index, metadata
     env = {**os.environ, "LABKIT_RESULTS": str(tmp_path / "results")}
