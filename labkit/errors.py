@@ -47,10 +47,10 @@ class SpecError(LabkitError):
     def __init__(self, problems: list[tuple[str, str]]):
         self.problems = list(problems)
         lines = [f"{path}: {msg}" if path else msg for path, msg in self.problems]
-        super().__init__(
-            f"invalid lab spec ({len(lines)} problem{'s' if len(lines) != 1 else ''}):\n  "
-            + "\n  ".join(lines)
-        )
+        if len(lines) == 1:  # one problem, one line
+            super().__init__(f"invalid lab spec: {lines[0]}")
+        else:
+            super().__init__(f"invalid lab spec ({len(lines)} problems):\n  " + "\n  ".join(lines))
 
 
 class MissingFeature(LabkitError):

@@ -52,6 +52,32 @@ def _table_lines(table: pd.DataFrame, who: str, fmt: str, base: str | None = "eb
     return lines
 
 
+def summary_data(run: Run) -> dict:
+    """The summary as data (``labkit run --json``): per metric, the median of repeats per datapath
+    (or pod mode) and N; rates with their CPU per transaction; load and update times."""
+    points = run.points()
+    m = run.manifest()
+    out: dict = {"run_id": run.run_id, "experiment": m["experiment"], "status": m["status"], "path": str(run.path),
+                 "points": len(points), "metrics": {}}
+    if points.empty:
+        return out
+    pos = _pick_position(points)
+    for metric, g in points.groupby("metric"):
+        stat = ("value" if metric in ("load", "update", "bandwidth") else
+                "rate_per_s" if str(metric).endswith("-rate") else "p50_us")
+        by = ["mode", "position"] if m["experiment"] == "pod-modes" else ["datapath", "services"]
+        sel = g if m["experiment"] == "pod-modes" or metric in ("load", "update") else g[g.position == pos]
+        med = sel.groupby(by)[stat].median()
+        entry = {"stat": stat, "position": None if m["experiment"] == "pod-modes" else pos,
+                 "median": {str(a): {str(b): v for (a2, b), v in med.items() if a2 == a} for a in med.index.levels[0]}}
+        if stat == "rate_per_s":
+            cpu = sel.groupby(by)["cpu_us_per_txn"].median()
+            entry["cpu_us_per_txn"] = {str(a): {str(b): v for (a2, b), v in cpu.items() if a2 == a}
+                                       for a in cpu.index.levels[0]}
+        out["metrics"][str(metric)] = entry
+    return out
+
+
 def summary_text(run: Run, metric: str = "crr") -> str:
     points = run.points()
     if points.empty:

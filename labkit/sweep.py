@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from .errors import LabkitError
+from .errors import LabkitError, UsageError
 
 GLUE_MIME = "application/vnd.labkit.glue+json"
 
@@ -89,11 +89,11 @@ def parse_assignments(items: list[str]) -> dict[str, list[Any]]:
     for item in items:
         name, sep, values = item.partition("=")
         if not sep or not name.strip().isidentifier():
-            raise LabkitError(f"-p {item!r}: expected NAME=VALUE[,VALUE...], e.g. -p repeats=2,3")
+            raise UsageError(f"-p {item!r}: expected NAME=VALUE[,VALUE...], e.g. -p repeats=2,3")
         try:
             grid[name.strip()] = [yaml.safe_load(v) for v in split_values(values)]
         except yaml.YAMLError as exc:
-            raise LabkitError(f"-p {item!r}: a value is not YAML: {exc}") from None
+            raise UsageError(f"-p {item!r}: a value is not YAML: {exc}") from None
     return grid
 
 
@@ -128,7 +128,7 @@ def run_sweep(notebook: str | Path, grid: dict[str, list[Any]], out: str | Path 
     known = notebook_parameters(notebook)
     unknown = sorted(set(grid) - set(known))
     if unknown:
-        raise LabkitError(f"{notebook.name} has no parameter {', '.join(unknown)}; its parameters: "
+        raise UsageError(f"{notebook.name} has no parameter {', '.join(unknown)}; its parameters: "
                           f"{', '.join(known) or '(no cell tagged parameters)'}")
     results_dir = Path(results_dir or results_root()).resolve()
     os.environ["LABKIT_RESULTS"] = str(results_dir)  # kernels inherit it: notebooks without results_dir too

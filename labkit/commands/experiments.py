@@ -23,6 +23,10 @@ def _run_args(p) -> None:
         e.add_argument("--resume", metavar="RUN_ID", help="continue a run that was stopped")
         e.add_argument("--no-report", action="store_true", help="skip the HTML report")
         e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        e.add_argument("--params", metavar="FILE.yaml", help="parameters from a YAML mapping (papermill's convention: "
+                       "names as the flags or the fields); flags given as well win")
+        e.add_argument("--dry-run", action="store_true", help="print the plan (labs, points, estimated time) and stop")
+        e.add_argument("--json", action="store_true", help="print the summary as JSON (and the plan, with --dry-run)")
         add_arguments(e, cls)
 
 
@@ -31,23 +35,87 @@ def run(args) -> int:
     import dataclasses
 
     from .. import report
+    from ..errors import UsageError
     from ..experiments import EXPERIMENTS, pod_modes
     from ..experiments.params import given
 
     cls, run_fn = EXPERIMENTS[args.experiment]
     params = cls.quick() if args.quick else cls()
-    chosen = given(args, cls)
+    chosen = {**_params_file(args.params, cls), **given(args, cls)}
     if args.experiment == "pod-modes" and "backend" in chosen and "modes" not in chosen:
         chosen["modes"] = pod_modes.default_modes(chosen["backend"])  # the VMs' kernel has every mode
+    if args.resume and chosen:
+        raise UsageError(f"--resume continues run {args.resume} with its own parameters; give no others "
+                         f"(given: {', '.join('--' + cls.flag(k) for k in chosen)})")
     params = dataclasses.replace(params, **chosen)
     if not args.resume:
         params.validate()
+    if args.dry_run:
+        plan = {"experiment": args.experiment, "params": dataclasses.asdict(params), **params.estimate()}
+        print(json.dumps(plan, indent=1) if args.json else _plan_text(plan))
+        return 0
+    _writable_results()
     result = run_fn(params, resume=args.resume, progress=not args.quiet)
+    path = None if args.no_report else report.write_report(result)
+    if args.json:
+        print(json.dumps({**report.summary_data(result), "report": str(path) if path else None}, indent=1,
+                         default=str))
+        return 0
     print(report.summary_text(result))
-    if not args.no_report:
-        print(f"\nreport: {report.write_report(result)}")
+    if path:
+        print(f"\nreport: {path}")
     print(f"results: {result.path}/points.csv ({args.experiment}, run {result.run_id})")
     return 0
+
+
+def _params_file(path: str | None, cls) -> dict:
+    """The parameters of a ``--params`` YAML file (validated with the rest)."""
+    if not path:
+        return {}
+    from pathlib import Path
+
+    import yaml
+
+    from ..errors import UsageError
+
+    f = Path(path)
+    if not f.is_file():
+        raise UsageError(f"--params {path}: no such file")
+    try:
+        data = yaml.safe_load(f.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--params {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--params {path}: expected a mapping of parameter names to values")
+    return cls.from_mapping(data, f"--params {path}")
+
+
+def _writable_results() -> None:
+    """The results store can be made and written: said before any lab is built (root passes every
+    permission check, so this writes a file there, as the run is about to)."""
+    import tempfile
+
+    from ..errors import UsageError
+    from ..results import results_root
+
+    root = results_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise UsageError(f"results store {root} is not a writable folder ({exc.strerror}); set LABKIT_RESULTS "
+                         "to one") from None
+
+
+def _plan_text(plan: dict) -> str:
+    minutes = plan["estimated_seconds"] / 60
+    took = f"{minutes:.0f} min" if minutes >= 1.5 else f"{plan['estimated_seconds']} s"
+    lines = [f"labkit run {plan['experiment']}: {plan['points_total']} points, about {took} here (estimate)"]
+    lines += [f"  points by metric: {', '.join(f'{m} {n}' for m, n in plan['points'].items())}"]
+    lines += [f"  lab {lab['name']}: {lab['nodes']} node(s), {lab['pods']} pods" for lab in plan["labs"]]
+    lines += ["  parameters: " + ", ".join(f"{k}={v}" for k, v in plan["params"].items())]
+    return "\n".join(lines)
 
 
 def _results_args(p) -> None:

@@ -22,8 +22,11 @@ def _args(w) -> None:
 def sweep(args) -> int:
     from pathlib import Path
 
+    from ..errors import UsageError
     from ..sweep import combinations, parse_assignments, run_sweep
 
+    if not Path(args.notebook).is_file():
+        raise UsageError(f"notebook {args.notebook}: no such file (e.g. notebooks/03-service-scale.ipynb)")
     grid = parse_assignments(args.param or [])
     if args.dry_run:
         for k, combo in enumerate(combinations(grid), 1):

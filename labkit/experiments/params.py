@@ -64,6 +64,36 @@ class Params:
     """Base of experiment parameter dataclasses (see the module docstring)."""
 
     experiment: str = ""  # the name in messages ("service-scale")
+    # a field's flag where the field's name would mislead (policy-scale's "datapaths" are engines)
+    flags: typing.ClassVar[dict[str, str]] = {}
+    # old flag spellings kept one release: old name -> field (a warning says the new one)
+    aliases: typing.ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def flag(cls, field: str) -> str:
+        return cls.flags.get(field, field).replace("_", "-")
+
+    @classmethod
+    def from_mapping(cls, data: dict, where: str = "parameters") -> dict[str, Any]:
+        """Field values from a mapping whose keys are field names, flag names or old spellings (a
+        ``--params`` file); an unknown key is a :class:`UsageError` naming it and the known ones."""
+        names = {f.name: f.name for f, *_ in cls.fields()}
+        names |= {cls.flag(n): n for n in list(names)} | {k.replace("_", "-"): k for k in list(names)}
+        names |= {old: new for old, new in cls.aliases.items()}
+        out = {}
+        for key, value in data.items():
+            field = names.get(str(key)) or names.get(str(key).replace("_", "-"))
+            if field is None:
+                known = sorted({cls.flag(n) for n in names.values()})
+                near = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise UsageError(f"{where}: unknown parameter {key!r}{hint}; {cls.experiment} takes {', '.join(known)}")
+            out[field] = value
+        return out
+
+    def estimate(self) -> dict[str, Any]:
+        """What a run of these parameters does, for ``--dry-run``: labs, points by metric, seconds."""
+        return {}
 
     @classmethod
     def fields(cls) -> list[tuple[dataclasses.Field, type, bool, bool]]:
@@ -77,18 +107,18 @@ class Params:
     def problems(self) -> list[str]:
         out = []
         for f, elem, is_list, optional in self.fields():
-            value = getattr(self, f.name)
+            value, name = getattr(self, f.name), self.flag(f.name)
             if value is None and optional:
                 continue
             values = value if is_list else [value]
             if is_list and not isinstance(value, list):
-                out.append(f"{f.name}: expected a list, got {value!r}")
+                out.append(f"{name}: expected a list, got {value!r}")
                 continue
             if is_list and not value:
-                out.append(f"{f.name}: name at least one")
+                out.append(f"{name}: name at least one")
                 continue
             if not all(_is(v, elem) for v in values):
-                out.append(f"{f.name}: expected {'a list of ' if is_list else ''}{elem.__name__}, got {value!r}")
+                out.append(f"{name}: expected {'a list of ' if is_list else ''}{elem.__name__}, got {value!r}")
                 continue
             choices = _choices(f.metadata)
             if choices is not None:
@@ -96,22 +126,46 @@ class Params:
                 for v in bad:
                     near = difflib.get_close_matches(str(v), choices, n=1)
                     hint = f" (did you mean '{near[0]}'?)" if near else ""
-                    out.append(f"{f.name}: unknown {v!r}{hint}; expected {'some' if is_list else 'one'} of "
+                    out.append(f"{name}: unknown {v!r}{hint}; expected {'some' if is_list else 'one'} of "
                                f"{', '.join(choices)}")
             lo, hi = f.metadata.get("min"), f.metadata.get("max")
             for v in values if elem in (int, float) else ():
                 if (lo is not None and v < lo) or (hi is not None and v > hi):
                     rng = f"{lo}..{hi}" if lo is not None and hi is not None else (f"≥ {lo}" if lo is not None
                                                                                       else f"≤ {hi}")
-                    out.append(f"{f.name}: {v} is outside {rng}")
+                    out.append(f"{name}: {v} is outside {rng}")
                     break
         return out + (self.checks() if not out else [])
 
     def validate(self) -> None:
         """Raise :class:`UsageError` listing every problem, or do nothing."""
         found = self.problems()
+        if len(found) == 1:
+            raise UsageError(f"invalid {self.experiment} parameter {found[0]}")
         if found:
             raise UsageError(f"invalid {self.experiment} parameters:\n  " + "\n  ".join(found))
+
+
+# what a sample, a second of rate and a rule cost here, for --dry-run's estimate (netns, this machine)
+SECONDS_PER_SAMPLE = 0.25e-3
+RATE_OVERHEAD = 1.4  # a rate point's windows take this many times their measured length
+SECONDS_PER_RULE = 0.2e-3  # a table entry loaded (the slowest datapaths)
+SECONDS_PER_LAB = 2.0
+VM_FACTOR, VM_UP = 10.0, 120.0  # QEMU TCG: samples cost ~10x, and the VMs take ~2 min to come up
+
+
+def estimate(points: dict[str, int], samples: int, rate_seconds: float, backend: str, labs: list[dict],
+             table_loads: int = 0, extra_seconds: float = 0) -> dict[str, Any]:
+    """The plan ``--dry-run`` prints: labs, points per metric and a rough time (this machine's costs;
+    say "about")."""
+    latency = sum(n for m, n in points.items() if not m.endswith("-rate") and m != "bandwidth") * samples
+    rates = sum(n for m, n in points.items() if m.endswith("-rate")) * rate_seconds * RATE_OVERHEAD
+    seconds = latency * SECONDS_PER_SAMPLE + rates + table_loads * SECONDS_PER_RULE + extra_seconds
+    seconds += len(labs) * SECONDS_PER_LAB
+    if backend != "netns":
+        seconds = seconds * VM_FACTOR + VM_UP
+    return {"labs": labs, "points": points, "points_total": sum(points.values()),
+            "estimated_seconds": round(seconds)}
 
 
 # ---------------------------------------------------------------- CLI
@@ -135,8 +189,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Params]) -> None:
     """One flag per parameter of ``cls``, its help ending with the default (from the class)."""
     defaults = cls()
     group = parser.add_argument_group(f"{cls.experiment} parameters")
+    for old, field in cls.aliases.items():
+        group.add_argument(f"--{old}", dest=field, action=_Deprecated, new=cls.flag(field), help=argparse.SUPPRESS)
     for f, elem, is_list, _ in cls.fields():
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + cls.flag(f.name)
         default = getattr(defaults, f.name)
         shown = ",".join(map(str, default)) if is_list else default
         help_ = f"{f.metadata['help']} (default: {shown})"
@@ -147,7 +203,25 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Params]) -> None:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             group.add_argument(flag, dest=f.name, type=_csv(elem) if is_list else elem, default=None, help=help_,
-                               metavar=f.name.upper())
+                               metavar=cls.flag(f.name).replace("-", "_").upper())
+    for old, field in cls.aliases.items():  # an old spelling parses as the new flag's type
+        action = next(a for a in group._group_actions if a.dest == field and a.option_strings[0] != f"--{old}")
+        alias = next(a for a in group._group_actions if a.option_strings == [f"--{old}"])
+        alias.type = action.type
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of a flag: it still works, and says the new one on stderr."""
+
+    def __init__(self, *args, new: str = "", **kw):
+        self.new = new
+        super().__init__(*args, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import sys
+
+        print(f"labkit: {option_string} is deprecated and goes in the next release; use --{self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def given(args: argparse.Namespace, cls: type[Params]) -> dict[str, Any]:
@@ -155,4 +229,4 @@ def given(args: argparse.Namespace, cls: type[Params]) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f, *_ in cls.fields() if getattr(args, f.name, None) is not None}
 
 
-__all__ = ["Params", "param", "add_arguments", "given"]
+__all__ = ["Params", "param", "add_arguments", "given", "estimate"]

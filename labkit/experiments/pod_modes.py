@@ -29,7 +29,7 @@ from ..errors import MeasurementError
 from .. import modes as podmodes
 from ..spec import parse_spec
 from . import core
-from .params import Params, param
+from .params import Params, estimate, param
 
 def default_modes(backend: str = "netns") -> list[str]:
     """Every mode the backend's kernel has: this machine's on netns, all of them in the VMs."""
@@ -75,6 +75,15 @@ class PodModesParams(Params):
     @classmethod
     def quick(cls) -> PodModesParams:
         return cls(repeats=3, samples=1000, warmup=100, bandwidth_seconds=1.0)
+
+    def estimate(self) -> dict:
+        grid = len(self.modes) * 2 * self.repeats
+        points = {m: grid for m in self.metrics if m != "bandwidth"}
+        extra = grid * (self.bandwidth_seconds + 1) if "bandwidth" in self.metrics else 0
+        if "bandwidth" in self.metrics:
+            points["bandwidth"] = grid
+        labs = [{"name": "pm<run>", "nodes": 2, "pods": 3 * len(self.modes)}]
+        return estimate(points, self.samples, self.rate_seconds, self.backend, labs, extra_seconds=extra)
 
     def checks(self) -> list[str]:
         problems = []

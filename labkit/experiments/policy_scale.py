@@ -34,7 +34,7 @@ from ..policy import get as get_engine
 from .. import modes as podmodes
 from ..spec import MAX_BULK_RULES, PolicyPeer, PolicyPort, PolicyRule, PolicySpec, parse_spec
 from . import core
-from .params import Params, param
+from .params import Params, estimate, param
 
 ENGINES = ("iptables", "ebpf")
 POSITIONS = ("first", "last")
@@ -50,6 +50,8 @@ def _engine_names() -> list[str]:
 @dataclass
 class PolicyScaleParams(Params):
     experiment = "policy-scale"
+    flags = {"datapaths": "engines", "services": "policies"}  # the results' columns keep the datapath/services names
+    aliases = {"datapaths": "datapaths", "services": "services"}
     datapaths: list[str] = param(default_factory=lambda: list(ENGINES), choices=_engine_names,
                                  help="the NetworkPolicy engines to compare")
     services: list[int] = param(default_factory=lambda: [0, 10, 100, 1000, 10000], min=0, max=100000,
@@ -72,6 +74,13 @@ class PolicyScaleParams(Params):
     def quick(cls) -> PolicyScaleParams:
         """A couple of minutes here: CI's and the notebook's default run."""
         return cls(services=[0, 10, 1000], metrics=["crr"], repeats=2, samples=1500, warmup=150, updates=2)
+
+    def estimate(self) -> dict:
+        grid = len(self.datapaths) * len(self.services) * len(self.positions) * self.repeats
+        nodes = len(self.services) * len(self.positions)
+        labs = [{"name": f"ps<run>-{eng}", "nodes": nodes, "pods": 2 * nodes} for eng in self.datapaths]
+        return estimate({m: grid for m in self.metrics}, self.samples, 0, "netns", labs,
+                        table_loads=len(self.datapaths) * sum(self.services) * self.rules * (1 + self.updates))
 
     def checks(self) -> list[str]:
         if self.burst > self.samples:

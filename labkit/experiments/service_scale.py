@@ -47,7 +47,7 @@ from ..services import Endpoint, ServicePort, ServiceTable, TableDiff
 from .. import modes as podmodes
 from ..spec import parse_spec
 from . import core
-from .params import Params, param
+from .params import Params, estimate, param
 
 DEFAULT_DATAPATHS = ("iptables-legacy", "iptables-nft", "nftables", "ebpf", "ebpf-tc")
 POSITIONS = ("first", "middle", "last", "random", "pod", "kube-proxy-order")
@@ -124,6 +124,17 @@ class ServiceScaleParams(Params):
     def quick(cls) -> ServiceScaleParams:
         """≤ 3 minutes here: the README's and CI's run."""
         return cls(services=[1, 1000, 5000], positions=["first", "last", "pod"], samples=2000, warmup=200)
+
+    def estimate(self) -> dict:
+        grid = len(self.datapaths) * len(self.services) * len(self.positions) * self.repeats
+        points = {m: grid for m in self.metrics}
+        if self.workload == "http":
+            points |= {"http-crr-rate": grid, "http-rr-rate": grid}
+        nodes = len(self.services) if self.all_at_once else 1
+        labs = [{"name": f"ss<run>-{SHORT.get(dp, dp)}", "nodes": nodes, "pods": nodes * (1 + BACKENDS)}
+                for dp in self.datapaths]
+        return estimate(points, self.samples, self.rate_seconds, self.backend, labs,
+                        table_loads=len(self.datapaths) * sum(self.services) * (1 + self.updates))
 
     def checks(self) -> list[str]:
         problems = []
