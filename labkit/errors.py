@@ -10,7 +10,8 @@ LabkitError                  exit 5 unless a subclass says otherwise
 ├── NoSuchRun            4   no run of that id in the results store
 ├── BackendError         5   a backend failed to realise or tear down a lab
 ├── DatapathError        5   a datapath failed to render or apply rules (previous state left intact)
-└── MeasurementError     1   a load generator failed; raw samples already saved are kept
+├── MeasurementError     1   a load generator failed; raw samples already saved are kept
+└── ResultsStoreError    6   the results store could not be written (full, read-only)
 """
 
 
@@ -23,6 +24,7 @@ EXIT_CODES = {
     3: "this machine lacks a feature it needs (labkit doctor's reason and fix)",
     4: "the lab or run does not exist",
     5: "building, changing or removing a lab failed (the message says what and where; the lab's log has more)",
+    6: "the results store could not be written (full or read-only); what was written before is kept",
     130: "interrupted (Ctrl-C)",
 }
 
@@ -91,3 +93,9 @@ class MeasurementError(LabkitError):
     """A load generator failed. Raw samples written before the failure are kept."""
 
     exit_code = 1
+
+
+class ResultsStoreError(LabkitError):
+    """The results store could not be written (full, read-only). Points written before are kept."""
+
+    exit_code = 6

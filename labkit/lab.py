@@ -304,8 +304,11 @@ def results_json(results: list[CheckResult]) -> list[dict]:
 def up(spec: Spec | str, progress: bool = True) -> Lab:
     """Build a lab from a spec (a :class:`Spec`, validated here before anything exists, or a YAML
     file or text)."""
+    from .measure.cpus import off_the_load_cpus
+
     spec = validate(spec) if isinstance(spec, Spec) else load_spec(spec)
-    get_backend(spec.backend).up(spec, progress=progress)
+    with off_the_load_cpus():  # another lab may be measuring there
+        get_backend(spec.backend).up(spec, progress=progress)
     return Lab(spec)
 
 
@@ -324,9 +327,12 @@ def down(name: str, missing_ok: bool = True) -> dict:
     ``missing_ok=False``: :class:`NoSuchLab` when nothing of it is here."""
     if not missing_ok and not exists(name):
         raise NoSuchLab(f"no lab named {name!r} on this machine (see `labkit ls`; --missing-ok for scripts)")
+    from .measure.cpus import off_the_load_cpus
+
     state = LabState(name)
     backend = state.meta().get("backend", "netns") if state.exists else "netns"
-    return get_backend(backend).down(name)
+    with off_the_load_cpus():  # another lab may be measuring there
+        return get_backend(backend).down(name)
 
 
 def _owner(state: LabState) -> int:

@@ -85,8 +85,8 @@ def summary_text(run: Run, metric: str = "crr") -> str:
     experiment = run.manifest()["experiment"]
     if experiment == "pod-modes":
         table = pod_modes_frame(points)
-        return ("p50 in µs (crr, rr, udp_rr), Gbit/s (bandwidth), transactions/s (…-rate), median of repeats:\n"
-                + table.round(2).to_string())
+        return "\n".join(["p50 in µs (crr, rr, udp_rr), Gbit/s (bandwidth), transactions/s (…-rate), median of "
+                          "repeats:", table.round(2).to_string(), *_errors_lines(run, points)])
     pos = _pick_position(points)
     policy = experiment == "policy-scale"
     unit, who = ("policies", "engine") if policy else ("services", "datapath")
@@ -130,7 +130,20 @@ def summary_text(run: Run, metric: str = "crr") -> str:
             costs += ["  " + line for line in _table_lines(piv, who, ".3g", base=None)]
     if costs:
         lines += [""] + costs
+    lines += _errors_lines(run, points)
     return "\n".join(lines)
+
+
+def _errors_lines(run: Run, points: pd.DataFrame) -> list[str]:
+    """How many attempts failed, in how many points, and which points were cut short."""
+    errs = pd.to_numeric(points["errors"], errors="coerce").fillna(0)
+    if not errs.any():
+        return []
+    out = ["", f"errors: {int(errs.sum())} failed attempts in {int((errs > 0).sum())} of {len(points)} points "
+               "(the errors column of points.csv says which)"]
+    for cut in run.manifest().get("cut_short", []):
+        out.append(f"  cut short: {cut['point']} ({cut['target']} stopped answering: {cut['errors']})")
+    return out
 
 
 def write_report(run: Run, path: Path | None = None, images: bool = False) -> Path:

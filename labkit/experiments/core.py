@@ -14,6 +14,7 @@ point's samples are spread over the same stretch of time (why: see its docstring
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import random
 import warnings
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import nsexec
-from ..errors import LabkitError, MeasurementError
+from ..errors import LabkitError, ResultsStoreError
 from ..measure import loadgen
 from ..measure.cpus import CpuPlan, pin_current_thread, plan_cpus
 from ..measure.stats import latency_stats, load_raw
@@ -94,6 +95,7 @@ def execute(experiment: Experiment, params: Any, resume: str | None = None, prog
         run = Run.create(experiment.name, dataclasses.asdict(params))
         done = set()
     ctx = RunContext(run, params, plan, done, progress, on_point)
+    affinity = os.sched_getaffinity(0)
     pin_current_thread(plan.orchestration_cpus)
     status = "failed"
     try:
@@ -103,12 +105,26 @@ def execute(experiment: Experiment, params: Any, resume: str | None = None, prog
     except KeyboardInterrupt:
         status = "interrupted"
         raise
+    except OSError as exc:
+        if exc.errno not in STORE_FULL:
+            raise
+        raise ResultsStoreError(f"the results store {run.path.parent} could not be written ({exc.strerror}): the "
+                                f"{len(run.points())} points written before are kept in {run.points_path}; free "
+                                f"space and continue with --resume {run.run_id}") from exc
     finally:
         try:
             experiment.teardown(ctx)
         finally:
-            run.finish(status)
+            try:
+                run.finish(status)
+            except OSError as exc:  # a full store: the status stays "running", resumable
+                if exc.errno not in STORE_FULL:
+                    raise
+            os.sched_setaffinity(0, affinity)  # the caller (a notebook, a test) gets its CPUs back
     return run
+
+
+STORE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def record_value(ctx: RunContext, row: dict[str, Any], metric: str, value: float, unit: str = "s") -> None:
@@ -190,12 +206,14 @@ def measure_interleaved(ctx: RunContext, points: list[LatencyPoint], samples: in
                     with open(_errors_path(raw), "a") as log:  # errors survive a resume
                         log.write(f"{int(r.get('errors') or 0)}\n")
                     have[pt.key] += int(r.get("samples") or 0)
-                    if r.get("aborted"):
-                        ctx.record({**pt.full, "samples": have[pt.key], "errors": _errors(raw), "raw": ""})
-                        raise MeasurementError(
-                            f"lkclient {pt.metric} to {pt.host}:{pt.port} from netns {pt.netns} aborted after "
-                            f"{r.get('errors')} consecutive errors: {r.get('error_kinds')}")
-                    if have[pt.key] >= samples:
+                    if _raw_count(raw) < have[pt.key]:  # lkclient could not write them (it says so on stderr)
+                        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: raw samples of {pt.key} "
+                                                    f"missing from {raw}")
+                    if r.get("aborted"):  # its target stopped answering: keep what it has, go on
+                        _cut_short(ctx, pt, r)
+                        _finish_point(ctx, pt, raw)
+                        have[pt.key] = samples
+                    elif have[pt.key] >= samples:
                         _finish_point(ctx, pt, raw)
                 if on_samples:
                     on_samples(n * len(pts))
@@ -205,6 +223,18 @@ def measure_interleaved(ctx: RunContext, points: list[LatencyPoint], samples: in
     finally:
         for sess in sessions.values():
             sess.close()
+
+
+def _cut_short(ctx: RunContext, pt, result: dict) -> None:
+    """A point whose target stopped answering (consecutive errors): noted in the manifest; its row
+    keeps the samples and errors it has, and the run goes on."""
+    import warnings
+
+    where = getattr(pt, "netns", None) or getattr(pt, "pod", "")
+    what = {"point": pt.key, "target": f"{pt.host}:{pt.port}", "from": where,
+            "errors": result.get("error_kinds") or result.get("errors")}
+    ctx.run.update_manifest(cut_short=[*ctx.run.manifest().get("cut_short", []), what])
+    warnings.warn(f"point {pt.key} cut short: {pt.host}:{pt.port} stopped answering ({what['errors']})", stacklevel=2)
 
 
 def _errors_path(raw: Path) -> Path:
@@ -305,11 +335,11 @@ def measure_rates_interleaved(ctx: RunContext, points: list[RatePoint], seconds:
                     with open(raw.with_name(raw.name + ".windows.jsonl"), "a") as log:
                         log.write(json.dumps({k: r.get(k) for k in WINDOW_FIELDS}) + "\n")
                     windows[pt.key].append(r)
-                    if r.get("aborted"):
-                        raise MeasurementError(f"lkclient {pt.metric} to {pt.host}:{pt.port} from pod {pt.pod} aborted "
-                                               f"after {r.get('errors')} consecutive errors: {r.get('error_kinds')}")
+                    if r.get("aborted"):  # its target stopped answering: keep what it has, go on
+                        _cut_short(ctx, pt, r)
+                        windows[pt.key] += [{}] * (need - len(windows[pt.key]))
                     if len(windows[pt.key]) >= need:
-                        _finish_rate(ctx, pt, windows[pt.key], concurrency)
+                        _finish_rate(ctx, pt, [w for w in windows[pt.key] if w], concurrency)
                 if on_window:
                     on_window(len(pts))
                 groups[key] = [pt for pt in pts if len(windows[pt.key]) < need]

@@ -176,6 +176,21 @@ def all_cpus() -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+@contextmanager
+def off_the_load_cpus() -> Iterator[None]:
+    """Run the calling thread (and what it starts, unless pinned otherwise) on the orchestration CPUs
+    for a while: building or removing a lab never competes with a measurement on the load CPU
+    (another lab's, perhaps another user's). Nothing changes on a one-CPU machine."""
+    plan = plan_cpus()
+    before = os.sched_getaffinity(0)
+    if plan.pinned:
+        os.sched_setaffinity(0, set(plan.orchestration_cpus))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def cpu_ticks(cpus: Iterable[int]) -> tuple[int, int]:
     """(busy, total) USER_HZ ticks of ``cpus`` since boot, from /proc/stat: busy is user + nice +
     system + irq + softirq, as lkclient counts it (``--cpu-stat``)."""
