@@ -13,10 +13,12 @@ point's samples are spread over the same stretch of time (why: see its docstring
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
 import random
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +57,22 @@ class RunContext:
         self.run.append(row)
         if self.on_point:
             self.on_point(row)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time a phase of the run (labs up, latency, rates …): its seconds are added to the
+        manifest's ``phases`` and a line goes to the run's ``run.log``, so a slow run shows where its
+        time went."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            took = round(time.monotonic() - t0, 1)
+            phases = self.run.manifest().get("phases", {})
+            phases[name] = round(phases.get(name, 0) + took, 1)
+            self.run.update_manifest(phases=phases)
+            with open(self.run.path / "run.log", "a") as log:
+                log.write(f"{time.strftime('%H:%M:%S')} {name}: {took} s\n")
 
 
 def point_name(full: dict[str, Any]) -> str:
@@ -99,7 +117,8 @@ def execute(experiment: Experiment, params: Any, resume: str | None = None, prog
     pin_current_thread(plan.orchestration_cpus)
     status = "failed"
     try:
-        experiment.setup(ctx)
+        with ctx.phase("setup"):
+            experiment.setup(ctx)
         experiment.measure(ctx)
         status = "complete"
     except KeyboardInterrupt:
@@ -113,7 +132,8 @@ def execute(experiment: Experiment, params: Any, resume: str | None = None, prog
                                 f"space and continue with --resume {run.run_id}") from exc
     finally:
         try:
-            experiment.teardown(ctx)
+            with ctx.phase("teardown"):
+                experiment.teardown(ctx)
         finally:
             try:
                 run.finish(status)
@@ -206,15 +226,15 @@ def measure_interleaved(ctx: RunContext, points: list[LatencyPoint], samples: in
                     with open(_errors_path(raw), "a") as log:  # errors survive a resume
                         log.write(f"{int(r.get('errors') or 0)}\n")
                     have[pt.key] += int(r.get("samples") or 0)
-                    if _raw_count(raw) < have[pt.key]:  # lkclient could not write them (it says so on stderr)
-                        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: raw samples of {pt.key} "
-                                                    f"missing from {raw}")
                     if r.get("aborted"):  # its target stopped answering: keep what it has, go on
                         _cut_short(ctx, pt, r)
+                    if r.get("aborted") or have[pt.key] >= samples:
+                        sessions[key].collect([raw])  # a remote session's samples come over now
+                        if _raw_count(raw) < have[pt.key]:  # lkclient could not write them (it said why)
+                            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: raw samples of {pt.key} "
+                                                        f"missing from {raw}")
                         _finish_point(ctx, pt, raw)
-                        have[pt.key] = samples
-                    elif have[pt.key] >= samples:
-                        _finish_point(ctx, pt, raw)
+                        have[pt.key] = max(have[pt.key], samples)
                 if on_samples:
                     on_samples(n * len(pts))
                 groups[key] = [pt for pt in pts if have[pt.key] < samples]
@@ -339,6 +359,7 @@ def measure_rates_interleaved(ctx: RunContext, points: list[RatePoint], seconds:
                         _cut_short(ctx, pt, r)
                         windows[pt.key] += [{}] * (need - len(windows[pt.key]))
                     if len(windows[pt.key]) >= need:
+                        sessions[key].collect([raw])
                         _finish_rate(ctx, pt, [w for w in windows[pt.key] if w], concurrency)
                 if on_window:
                     on_window(len(pts))

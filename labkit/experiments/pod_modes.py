@@ -14,6 +14,7 @@ round trip is ~1 ms); with KVM (or VirtualBox on a laptop) they are a real compa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import subprocess
@@ -149,16 +150,19 @@ class PodModes:
         with tqdm(total=total, desc="pod-modes", unit="sample", unit_scale=True, disable=not ctx.progress) as bar:
             bar.update((len(points) - len(todo)) * p.samples)
             if todo:
-                core.measure_interleaved(ctx, todo, p.samples, p.warmup, p.size, p.burst,
-                                         rng=random.Random(f"{p.seed}-lat"), on_samples=bar.update)
+                with ctx.phase("latency"):
+                    core.measure_interleaved(ctx, todo, p.samples, p.warmup, p.size, p.burst,
+                                             rng=random.Random(f"{p.seed}-lat"), on_samples=bar.update)
             if rate_points:
-                core.measure_rates_interleaved(ctx, rate_points, p.rate_seconds, p.window_ms, p.concurrency, p.size,
-                                               rng=random.Random(f"{p.seed}-rates"),
-                                               on_window=lambda k: bar.update(k * p.window_ms * 10))
-            for rep, mode in order if bw else ():
-                for where, server in (("same-node", "s"), ("cross-node", "r")):
-                    self._bandwidth(ctx, mode, where, f"{server}-{short(mode)}", rep)
-                    bar.update(p.samples)
+                with ctx.phase("rates"):
+                        core.measure_rates_interleaved(ctx, rate_points, p.rate_seconds, p.window_ms, p.concurrency,
+                                                   p.size, rng=random.Random(f"{p.seed}-rates"),
+                                                   on_window=lambda k: bar.update(k * p.window_ms * 10))
+            with ctx.phase("bandwidth") if bw else contextlib.nullcontext():
+                for rep, mode in order if bw else ():
+                    for w, server in where:
+                        self._bandwidth(ctx, mode, w, f"{server}-{short(mode)}", rep)
+                        bar.update(p.samples)
 
     def _row(self, mode, where, rep) -> dict:
         return {"experiment": self.name, "datapath": "none", "mode": mode, "services": 0, "position": where,

@@ -265,28 +265,33 @@ class ServiceScale:
         turns = [list(p.services)] if p.all_at_once else [[n] for n in p.services]
         try:
             for ns in turns:
-                with all_cpus():  # nothing is measured meanwhile: load as this machine can
+                with ctx.phase("load"), all_cpus():  # nothing is measured meanwhile: load as this machine can
                     for n in ns:
                         self._load(ctx, n, tables[n])
-                self._settle(ctx, ns)
+                with ctx.phase("settle"):
+                    self._settle(ctx, ns)
                 seed = f"{p.seed}-{ns[0]}" if len(ns) == 1 else f"{p.seed}-all"
                 grid = [(rep, dp, n, pos) for rep in range(1, p.repeats + 1)
                         for dp in rng.sample(p.datapaths, len(p.datapaths)) for n in ns for pos in p.positions]
                 if latency:
                     points = [self._point(dp, n, pos, rep, m) for rep, dp, n, pos in grid for m in latency]
                     bar.update(sum(core.point_key(pt.full) in ctx.done for pt in points) * p.samples)
-                    core.measure_interleaved(ctx, points, p.samples, p.warmup, p.size, p.burst,
-                                             rng=random.Random(seed), on_samples=bar.update)
+                    with ctx.phase("latency"):
+                        core.measure_interleaved(ctx, points, p.samples, p.warmup, p.size, p.burst,
+                                                 rng=random.Random(seed), on_samples=bar.update)
                 if rates:
                     points = [self._rate_point(dp, n, pos, rep, m) for rep, dp, n, pos in grid for m in rates]
-                    core.measure_rates_interleaved(ctx, points, p.rate_seconds, p.window_ms, p.concurrency, p.size,
-                                                   rng=random.Random(f"{seed}-rates"),
-                                                   on_window=lambda k: bar.update(k * p.window_ms * 10))
+                    with ctx.phase("rates"):
+                        core.measure_rates_interleaved(ctx, points, p.rate_seconds, p.window_ms, p.concurrency,
+                                                       p.size, rng=random.Random(f"{seed}-rates"),
+                                                       on_window=lambda k: bar.update(k * p.window_ms * 10))
                 if wrk:
                     points = [self._wrk_point(dp, n, pos, rep, m) for rep, dp, n, pos in grid for m in wrk]
-                    core.measure_wrk_interleaved(ctx, points, p.rate_seconds, p.concurrency,
-                                                 rng=random.Random(f"{seed}-wrk"), on_run=lambda k: bar.update(k * 10000))
-                with all_cpus():
+                    with ctx.phase("wrk"):
+                        core.measure_wrk_interleaved(ctx, points, p.rate_seconds, p.concurrency,
+                                                     rng=random.Random(f"{seed}-wrk"),
+                                                     on_run=lambda k: bar.update(k * 10000))
+                with ctx.phase("updates"), all_cpus():
                     for n in ns:
                         self._updates(ctx, n, tables[n])
         finally:

@@ -344,6 +344,10 @@ class ClientSession:
             raise MeasurementError(f"lkclient --serve {what}{self.where}: {result['error']}")
         return result
 
+    def collect(self, raws: Iterable[Path]) -> None:
+        """Make sure every sample the session took for these raw files is in them, on this machine
+        (here they always are; a remote session copies them now)."""
+
     def close(self) -> None:
         if self.proc.poll() is None:
             try:

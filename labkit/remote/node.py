@@ -267,8 +267,9 @@ class RemoteClientSession(loadgen.ClientSession):
     """:class:`labkit.measure.loadgen.ClientSession` with its ``lkclient --serve`` in a pod of a remote
     node. Raw samples are written on the machine (``/run/labkit/<lab>/raw``) and brought here after
     every request, also when it failed (raw samples are kept before an error propagates): :meth:`run`
-    fills its ``raw_path``, bursts (latency and rate) append to each target's raw file as lkclient
-    does locally (one ssh round trip for all of a burst's files)."""
+    fills its ``raw_path``; bursts (latency and rate) append to a file per target on the machine,
+    brought over and appended to the local raw file by :meth:`collect` (when a point is finished)
+    and at :meth:`close`."""
 
     def __init__(self, node: RemoteNode, pod: str):
         from ..native import binary
@@ -277,7 +278,7 @@ class RemoteClientSession(loadgen.ClientSession):
         self.where = f" from pod {pod} (node {node.node}, remote)"
         self.raw_dir = f"/run/labkit/{node.lab}/raw"
         self._err = tempfile.TemporaryFile()
-        self._bursts = 0
+        self._remote_names: dict[str, str] = {}  # local raw file -> its file on the machine
         cmd = f"mkdir -p {self.raw_dir} && exec " + node.pod_command(pod, [str(binary("lkclient")), "--serve"])
         self.proc = node.machine.popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err)
 
@@ -294,22 +295,28 @@ class RemoteClientSession(loadgen.ClientSession):
                 self.node.machine.fetch(remote, Path(raw_path))
 
     def _targets(self, argv, targets, what, timeout):
-        """A burst (latency or rate) with each target's raw file on the machine, appended back to its
-        local file afterwards (one ssh round trip for all of them), also when it failed."""
-        self._bursts += 1
-        remote, copies = [], []
-        for i, (host, port, raw) in enumerate(targets):
+        """A burst (latency or rate) with each target's raw file kept on the machine, appended to
+        burst after burst (one file per local raw file), until :meth:`collect` brings it over: a copy
+        per point, not per burst (under TCG an ssh command costs a tenth of a second)."""
+        remote = []
+        for host, port, raw in targets:
             if str(raw) == os.devnull:  # warm-up: nothing to keep
                 remote.append((host, port, os.devnull))
                 continue
-            name = f"b{os.getpid()}-{id(self)}-{self._bursts}-{i}.i64"
+            name = self._remote_names.setdefault(str(raw), f"r{os.getpid()}-{id(self)}-{len(self._remote_names)}.i64")
             remote.append((host, port, f"{self.raw_dir}/{name}"))
-            copies.append((name, Path(raw)))
+        return super()._targets(argv, remote, what, timeout)
+
+    def collect(self, raws) -> None:
+        copies = [(self._remote_names.pop(str(raw)), Path(raw)) for raw in raws if str(raw) in self._remote_names]
+        if copies:
+            self.node.machine.fetch_append(self.raw_dir, copies)
+
+    def close(self) -> None:
         try:
-            return super()._targets(argv, remote, what, timeout)
+            self.collect(list(self._remote_names))  # what was taken is kept, also when a run stops
         finally:
-            if copies:
-                self.node.machine.fetch_append(self.raw_dir, copies)
+            super().close()
 
 
 __all__ = ["RemoteNode", "RemoteNodeContext", "RemoteDatapath", "RemoteClientSession", "close_datapaths"]
