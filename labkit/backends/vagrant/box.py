@@ -1,4 +1,8 @@
-"""The VM box: a Debian 12 libvirt box built here from Debian packages only (``labkit box build``).
+"""The VM box: a Debian libvirt box built here from Debian packages only (``labkit box build``).
+
+One box per Debian release (:data:`RELEASES`): ``bookworm`` (Debian 12, kernel 6.1, the default) and
+``trixie`` (Debian 13, kernel 6.12: netkit, BIG TCP for IPv4 too). A lab picks one with ``release:``
+in its spec; ``labkit box build --release trixie`` builds the other.
 
 No image is downloaded from anywhere but the Debian mirror the host's apt sources name:
 ``debootstrap --variant=minbase`` makes a root file system with Debian's kernel and the tools a lab
@@ -24,15 +28,16 @@ the VPC NICs by MAC address).
 
 Cache (``$LABKIT_CACHE`` or ``~/.cache/labkit``)::
 
-    boxes/<key>/recipe.json        the recipe; <key> = hash of the recipe (packages, suite, script)
-    boxes/<key>/vmlinuz, initrd.img
+    boxes/<key>/recipe.json        the recipe; <key> = hash of the recipe (packages, release, script);
+                                   also the kernel's version and features (:func:`kernel_features`)
+    boxes/<key>/vmlinuz, initrd.img, config-<kernel>
     boxes/<key>/build.log          debootstrap's output; recipe.json also holds the time of each phase
     boxes/debs/                    debootstrap's .deb cache: a rebuild downloads nothing new
-    vagrant.d/                     VAGRANT_HOME: the box as Vagrant knows it (labkit/debian12-<key>)
+    vagrant.d/                     VAGRANT_HOME: the box as Vagrant knows it (labkit/debian<12|13>-<key>)
 
 libvirt must read the kernel as its qemu user, so the kernel and initrd are also copied to
 ``/var/lib/libvirt/boot/labkit-<key>/``. vagrant-libvirt uploads the image once into libvirt's
-``default`` pool as ``labkit-VAGRANTSLASH-debian12-<key>_vagrant_box_image_0_<stamp>_box.img``, the base of
+``default`` pool as ``labkit-VAGRANTSLASH-debian<N>-<key>_vagrant_box_image_0_<stamp>_box.img``, the base of
 every VM's copy-on-write disk; it belongs to the box, not to a lab, and ``labkit box rm`` removes it
 with the rest.
 """
@@ -48,14 +53,28 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ... import nsexec
 from ...errors import LabkitError, MissingFeature
 
-SUITE = "bookworm"
-BOX_PREFIX = "labkit/debian12"
+
+@dataclass(frozen=True)
+class Release:
+    """A Debian release labkit builds boxes of. ``python``: its python3 (the payload ships bytecode
+    for it when this host runs the same version)."""
+
+    name: str
+    version: int
+    python: tuple[int, int]
+
+
+RELEASES = {r.name: r for r in (Release("bookworm", 12, (3, 11)), Release("trixie", 13, (3, 13)))}
+DEFAULT_RELEASE = "bookworm"
+BOX_PREFIX = "labkit/debian"  # + the release's version: labkit/debian12-<key>, labkit/debian13-<key>
 LIBVIRT_BOOT = Path("/var/lib/libvirt/boot")
 LIBVIRT_IMAGES = Path("/var/lib/libvirt/images")  # libvirt's default pool, as vagrant-libvirt makes it
 DISK_GB = 4
@@ -64,6 +83,13 @@ DISK_GB = 4
 CMDLINE = ("root=/dev/vda rootfstype=ext4 rw console=ttyS0 net.ifnames=0 mitigations=off quiet i8042.noaux "
            "tsc=reliable no5lvl")
 SCRIPT_VERSION = 6  # bump when the rootfs configuration below changes: it is part of the cache key
+# What a box's kernel has, read from its /boot/config-<version> ("y", "m" or "" for absent): the
+# netkit pod mode needs netkit (6.7+: trixie's kernel, not bookworm's), BTF is
+# /sys/kernel/btf/vmlinux. BIG TCP has no Kconfig symbol: it is in the core of every kernel since
+# 5.19 for IPv6 and 6.3 for IPv4 (gso_ipv4_max_size), so the version says (``big_tcp``: the families).
+KERNEL_CONFIG = {"netkit": "CONFIG_NETKIT", "ipvlan": "CONFIG_IPVLAN", "ip_vs": "CONFIG_IP_VS",
+                 "btf": "CONFIG_DEBUG_INFO_BTF"}
+BIG_TCP_SINCE = {"ipv4": (6, 3), "ipv6": (5, 19)}
 
 PACKAGES = (
     "systemd-sysv", "udev", "dbus", "linux-image-amd64", "openssh-server", "sudo", "procps",
@@ -91,11 +117,22 @@ def vagrant_home() -> Path:
     return cache_root() / "vagrant.d"
 
 
+def release_of(name: str) -> Release:
+    """The :class:`Release` called ``name``; an unknown name is a :class:`LabkitError` listing them."""
+    if name not in RELEASES:
+        import difflib
+
+        near = difflib.get_close_matches(name, RELEASES, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise LabkitError(f"unknown Debian release {name!r}{hint}; labkit builds boxes of {', '.join(RELEASES)}")
+    return RELEASES[name]
+
+
 @dataclass(frozen=True)
 class BoxRecipe:
     """What goes into a box. Its hash names the box, so a changed recipe is a new box."""
 
-    suite: str = SUITE
+    release: str = DEFAULT_RELEASE
     packages: tuple[str, ...] = PACKAGES
     with_bcc: bool = True  # False: a smaller box without the eBPF datapaths
     disk_gb: int = DISK_GB
@@ -109,12 +146,24 @@ class BoxRecipe:
 
     @property
     def key(self) -> str:
-        data = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(data).hexdigest()[:10]
+        recipe = asdict(self)
+        # hashed under the field's first name, "suite": the bookworm box built before trixie keeps its key
+        recipe["suite"] = recipe.pop("release")
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
 
     @property
     def box_name(self) -> str:
-        return f"{BOX_PREFIX}-{self.key}"
+        return f"{BOX_PREFIX}{release_of(self.release).version}-{self.key}"
+
+    @classmethod
+    def from_json(cls, meta: dict) -> BoxRecipe:
+        """The recipe a box's recipe.json holds (``suite``: the release, in boxes built before trixie)."""
+        data = {k: v for k, v in meta.items() if k in cls.__dataclass_fields__}
+        data.setdefault("release", meta.get("suite", DEFAULT_RELEASE))
+        for k in ("packages", "extra"):
+            if k in data:
+                data[k] = tuple(data[k])
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -148,21 +197,107 @@ class Box:
     def ready(self) -> bool:
         return self.vagrant_dir.is_dir() and self.kernel.exists() and self.initrd.exists()
 
-    def info(self) -> dict:
-        meta = {}
+    def meta(self) -> dict:
+        """recipe.json as the build wrote it ({} before a build)."""
         try:
-            meta = json.loads((self.dir / "recipe.json").read_text())
+            return json.loads((self.dir / "recipe.json").read_text())
         except (OSError, json.JSONDecodeError):
-            pass
-        return {"name": self.name, "key": self.recipe.key, "ready": self.ready(), "dir": str(self.dir),
-                "kernel": meta.get("kernel_version", ""), "size_mb": meta.get("image_mb"),
-                "built": meta.get("built"), "build_seconds": meta.get("build_seconds"),
-                "with_bcc": self.recipe.with_bcc}
+            return {}
+
+    def features(self) -> dict[str, str]:
+        """The box's kernel features (:func:`kernel_features`), {} when unknown (not built). A box built
+        before labkit recorded them gets them now, from its kernel's .deb in the package cache."""
+        meta = self.meta()
+        if "kernel_features" not in meta and meta.get("kernel_version"):
+            config = _cached_kernel_config(meta["kernel_version"])
+            if config is not None:
+                meta["kernel_features"] = kernel_features(config, meta["kernel_version"])
+                try:
+                    (self.dir / f"config-{meta['kernel_version']}").write_text(config)
+                    (self.dir / "recipe.json").write_text(json.dumps(meta, indent=1))
+                except OSError:
+                    pass  # another user's cache: read again next time
+        return dict(meta.get("kernel_features", {}))
+
+    def lacks(self, features) -> list[str]:
+        """Which of ``features`` (names of :data:`KERNEL_CONFIG`; others are not the box's to say) the
+        box's kernel does not have."""
+        have = self.features()
+        return [f for f in features if f in KERNEL_CONFIG and have and not have.get(f)]
+
+    def info(self) -> dict:
+        meta = self.meta()
+        return {"name": self.name, "release": self.recipe.release, "key": self.recipe.key, "ready": self.ready(),
+                "dir": str(self.dir), "kernel": meta.get("kernel_version", ""), "features": self.features(),
+                "size_mb": meta.get("image_mb"), "built": meta.get("built"),
+                "build_seconds": meta.get("build_seconds"), "with_bcc": self.recipe.with_bcc}
 
 
 def box_for(recipe: BoxRecipe | None = None) -> Box:
     recipe = recipe or BoxRecipe()
     return Box(recipe, cache_root() / "boxes" / recipe.key)
+
+
+def cached_boxes() -> list[Box]:
+    """Every box with a folder in the cache (built, or a build that failed), by release then name."""
+    out = []
+    for meta_file in sorted((cache_root() / "boxes").glob("*/recipe.json")):
+        try:
+            recipe = BoxRecipe.from_json(json.loads(meta_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if recipe.release in RELEASES and recipe.key == meta_file.parent.name:
+            out.append(box_for(recipe))
+    order = list(RELEASES)
+    return sorted(out, key=lambda b: (order.index(b.recipe.release), not b.recipe.with_bcc, b.name))
+
+
+# ================================================================ kernel features
+
+def kernel_features(config: str, kver: str) -> dict[str, str]:
+    """``{feature: "y" | "m" | ""}`` for each of :data:`KERNEL_CONFIG` from a kernel's config text, and
+    ``big_tcp``: the families with BIG TCP (``"ipv4,ipv6"``, ``"ipv6"`` or ``""``) from its version."""
+    values = dict(re.findall(r"^(CONFIG_\w+)=([ym])\s*$", config, re.MULTILINE))
+    out = {name: values.get(symbol, "") for name, symbol in KERNEL_CONFIG.items()}
+    m = re.match(r"(\d+)\.(\d+)", kver)
+    version = (int(m[1]), int(m[2])) if m else (0, 0)
+    families = [f for f, since in sorted(BIG_TCP_SINCE.items()) if version >= since
+                and values.get("CONFIG_IPV6" if f == "ipv6" else "CONFIG_INET")]
+    out["big_tcp"] = ",".join(families)
+    return out
+
+
+def describe_features(features: dict[str, str]) -> str:
+    """``netkit y, ipvlan m, ip_vs m, BTF y, BIG TCP ipv4+ipv6`` (``no netkit`` for one absent)."""
+    if not features:
+        return "features unknown"
+    label = {"btf": "BTF", "big_tcp": "BIG TCP"}
+    parts = []
+    for name in (*KERNEL_CONFIG, "big_tcp"):
+        value = features.get(name, "")
+        parts.append(f"{label.get(name, name)} {value.replace(',', '+')}" if value else f"no {label.get(name, name)}")
+    return ", ".join(parts)
+
+
+def _cached_kernel_config(kver: str) -> str | None:
+    """``/boot/config-<kver>`` from ``linux-image-<kver>``'s .deb in the package cache, if it is there."""
+    for deb in sorted((cache_root() / "boxes" / "debs").glob(f"linux-image-{kver}_*.deb")):
+        try:
+            proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL)
+        except OSError:
+            return None
+        try:
+            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+                for member in tar:
+                    if member.name.lstrip("./") in (f"boot/config-{kver}", f"usr/boot/config-{kver}"):
+                        return tar.extractfile(member).read().decode()
+        except tarfile.TarError:
+            pass
+        finally:
+            proc.kill()
+            proc.wait()
+    return None
 
 
 # ================================================================ environment
@@ -178,24 +313,44 @@ def vagrant_env() -> dict[str, str]:
     return env
 
 
-def debian_mirror() -> str:
-    """The Debian mirror the host's apt sources name (deb822 ``URIs:`` or a one-line ``deb`` entry)."""
+def debian_mirror(release: str = DEFAULT_RELEASE) -> str:
+    """The Debian mirror the host's apt sources name (deb822 ``URIs:`` or a one-line ``deb`` entry): the
+    one listing ``release``, else the one listing any Debian release (a Debian 12 host builds Debian
+    13 boxes from its own mirror, which serves every release; :func:`check_release` asks it)."""
     candidates = sorted(Path("/etc/apt/sources.list.d").glob("*.sources")) + [Path("/etc/apt/sources.list")]
-    for path in candidates:
-        try:
-            text = path.read_text()
-        except OSError:
-            continue
-        for stanza in re.split(r"\n\s*\n", text):
-            if "Suites:" in stanza and re.search(rf"Suites:.*\b{SUITE}\b", stanza) and "security" not in stanza:
-                m = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
-                if m and "debian" in m.group(1):
+    for wanted in dict.fromkeys((release, *RELEASES)):
+        for path in candidates:
+            try:
+                text = path.read_text()
+            except OSError:
+                continue
+            for stanza in re.split(r"\n\s*\n", text):
+                if "Suites:" in stanza and re.search(rf"Suites:.*\b{wanted}\b", stanza) and "security" not in stanza:
+                    m = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
+                    if m and "debian" in m.group(1):
+                        return m.group(1)
+            for line in text.splitlines():
+                m = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+" + wanted + r"\s", line.strip())
+                if m and "security" not in m.group(1):
                     return m.group(1)
-        for line in text.splitlines():
-            m = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+" + SUITE + r"\s", line.strip())
-            if m and "security" not in m.group(1):
-                return m.group(1)
-    raise LabkitError("no Debian bookworm mirror in /etc/apt/sources.list{,.d}: labkit builds its box from it")
+    raise LabkitError("no Debian mirror in /etc/apt/sources.list{,.d}: labkit builds its boxes from it")
+
+
+def check_release(mirror: str, release: str, timeout: float = 15) -> None:
+    """Fail fast, before debootstrap, when ``mirror`` does not serve ``release`` (its
+    ``dists/<release>/InRelease``, or ``Release``, must be there)."""
+    problems = []
+    for name in ("InRelease", "Release"):
+        url = f"{mirror.rstrip('/')}/dists/{release}/{name}"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+                return
+        except urllib.error.HTTPError as exc:
+            problems.append(f"{url}: HTTP {exc.code}")
+        except (urllib.error.URLError, OSError) as exc:
+            problems.append(f"{url}: {getattr(exc, 'reason', exc)}")
+    raise LabkitError(f"the Debian mirror {mirror} does not serve {release} ({'; '.join(problems)}): no "
+                      f"{release} box can be built from it")
 
 
 def _need(tool: str, package: str) -> str:
@@ -265,7 +420,9 @@ _BLACKLIST = ("kvm", "kvm_amd", "kvm_intel", "ccp", "floppy", "ata_piix", "ata_g
               "qemu_fw_cfg", "aesni_intel", "sha1_ssse3", "sha256_ssse3", "sha512_ssse3", "ghash_clmulni_intel",
               "crc32_pclmul", "polyval_clmulni", "drm", "bochs")
 # Written between debootstrap's stages, before dpkg unpacks anything: what a lab VM never uses is not
-# installed at all (copyright files stay). Kernel modules of hardware a QEMU guest cannot have.
+# installed at all (copyright files stay). Kernel modules of hardware a QEMU guest cannot have, in
+# /lib/modules (bookworm's packages) and /usr/lib/modules (where trixie's may put them; bookworm's
+# rootfs is the same with or without those lines, so its box's key stays).
 _DPKG_EXCLUDES = """path-exclude=/usr/share/doc/*
 path-include=/usr/share/doc/*/copyright
 path-exclude=/usr/share/man/*
@@ -274,7 +431,7 @@ path-exclude=/usr/share/groff/*
 path-exclude=/usr/share/lintian/*
 path-exclude=/usr/share/locale/*
 path-include=/usr/share/locale/locale.alias
-""" + "".join(f"path-exclude=/lib/modules/*/kernel/{d}/*\n" for d in (
+""" + "".join(f"path-exclude={top}/modules/*/kernel/{d}/*\n" for top in ("/lib", "/usr/lib") for d in (
     "drivers/gpu", "drivers/media", "drivers/net/wireless", "drivers/infiniband", "drivers/iio",
     "drivers/bluetooth", "drivers/staging", "drivers/isdn", "drivers/hwmon", "drivers/input/touchscreen",
     "sound", "net/wireless", "net/mac80211", "net/bluetooth"))
@@ -289,6 +446,9 @@ def build(recipe: BoxRecipe | None = None, force: bool = False, log=print) -> Bo
     if box.ready() and not force:
         log(f"box {box.name} is cached ({box.dir})")
         return box
+    release = release_of(box.recipe.release)
+    mirror = debian_mirror(release.name)
+    check_release(mirror, release.name)
     if os.geteuid() != 0:
         raise LabkitError("labkit box build needs root (debootstrap, chroot)")
     debootstrap = _need("debootstrap", "debootstrap")
@@ -304,13 +464,13 @@ def build(recipe: BoxRecipe | None = None, force: bool = False, log=print) -> Bo
     fast = _tmpfs_dir()
     try:
         rootfs = (fast or work) / "rootfs"
-        mirror = debian_mirror()
         phases: dict[str, float] = {}
         mark = _phase_clock(phases)
-        log(f"debootstrap {box.recipe.suite} from {mirror} ({len(box.recipe.all_packages)} packages) …")
+        log(f"debootstrap {release.name} (Debian {release.version}) from {mirror} "
+            f"({len(box.recipe.all_packages)} packages) …")
         with open(logf, "w") as out:
             subprocess.run([debootstrap, "--foreign", "--variant=minbase", f"--cache-dir={debs}",
-                            "--include=" + ",".join(box.recipe.all_packages), box.recipe.suite, str(rootfs), mirror],
+                            "--include=" + ",".join(box.recipe.all_packages), release.name, str(rootfs), mirror],
                            stdout=out, stderr=subprocess.STDOUT, check=True, stdin=subprocess.DEVNULL)
             mark("download")
             _preinstall(rootfs)
@@ -325,6 +485,11 @@ def build(recipe: BoxRecipe | None = None, force: bool = False, log=print) -> Bo
         boot.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(rootfs / "boot" / f"vmlinuz-{kver}", box.dir / "vmlinuz")
         shutil.copyfile(rootfs / "boot" / f"initrd.img-{kver}", box.dir / "initrd.img")
+        config, features = rootfs / "boot" / f"config-{kver}", {}
+        if config.exists():
+            features = kernel_features(config.read_text(), kver)
+            shutil.copyfile(config, box.dir / config.name)
+        log(f"  kernel {kver}: {describe_features(features)}")
         mark("configure")
         img = (fast or work) / "box.img"
         _make_image(rootfs, img, box.recipe.disk_gb, fast or work, logf, mark)
@@ -341,7 +506,8 @@ def build(recipe: BoxRecipe | None = None, force: bool = False, log=print) -> Bo
         for name in ("vmlinuz", "initrd.img"):
             shutil.copyfile(box.dir / name, boot / name)
         (box.dir / "recipe.json").write_text(json.dumps(
-            {**asdict(box.recipe), "name": box.name, "kernel_version": kver, "image_mb": image_mb, "mirror": mirror,
+            {**asdict(box.recipe), "name": box.name, "kernel_version": kver, "kernel_features": features,
+             "image_mb": image_mb, "mirror": mirror,
              "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": round(time.monotonic() - t0, 1),
              "phases_s": phases},
             indent=1))
@@ -384,7 +550,10 @@ def _check_headers(root: Path, kver: str) -> None:
     """bcc compiles against /lib/modules/<running kernel>/build: the headers must be the kernel's."""
     build = root / "lib/modules" / kver / "build"
     target = os.readlink(build) if build.is_symlink() else ""
-    inside = root / target.lstrip("/") if target else build
+    if target.startswith("/"):  # bookworm: /usr/src/linux-headers-<kver>, inside the box's root
+        inside = root / target.lstrip("/")
+    else:  # trixie: ../../../src/linux-headers-<kver>, from /usr/lib/modules/<kver>
+        inside = Path(os.path.realpath(build))
     if not (inside / "include").is_dir():
         have = sorted(p.name for p in (root / "usr/src").glob("linux-headers-*"))
         raise LabkitError(f"the box's kernel {kver} has no matching headers (/lib/modules/{kver}/build -> "
@@ -553,13 +722,29 @@ def status(recipe: BoxRecipe | None = None) -> dict:
     return box_for(recipe).info()
 
 
+def describe(box: Box) -> str:
+    """One line: ``bookworm labkit/debian12-<key>: kernel 6.1.0-50-amd64, 952 MiB; no netkit, ipvlan m, …``."""
+    info = box.info()
+    size = f", {info['size_mb']} MiB" if info.get("size_mb") else ""
+    bcc = "" if box.recipe.with_bcc else ", no bcc"
+    return (f"{box.recipe.release} {box.name}: kernel {info['kernel'] or '?'}{size}{bcc}; "
+            f"{describe_features(info['features'])}")
+
+
 def doctor_row() -> tuple[str, str, str]:
-    """(status, detail, fix) for `labkit doctor`'s ``box`` row."""
-    info = status()
-    if info["ready"]:
-        extra = f", {info['size_mb']} MiB" if info.get("size_mb") else ""
-        return "ok", f"{info['name']} (kernel {info['kernel'] or '?'}{extra})", ""
-    return "warn", f"box {info['name']} not built yet", "labkit box build (debootstrap from the apt mirror, ~2 min)"
+    """(status, detail, fix) for `labkit doctor`'s ``box`` row: every built box, with its kernel and
+    its features; ok when the default release's box (what labs use unless they say) is built."""
+    built = [b for b in cached_boxes() if b.ready()]
+    detail = " | ".join(describe(b) for b in built)
+    absent = [r for r in RELEASES if not any(b.recipe == BoxRecipe(release=r) for b in built)]
+    if absent:
+        detail += (" | " if detail else "") + f"not built: {', '.join(absent)}"
+    if box_for().ready():
+        return "ok", detail, ""
+    return "warn", detail, ("labkit box build (debootstrap from the apt mirror, ~2 min); "
+                            "labkit box build --release trixie for labs with release: trixie")
 
 
-__all__ = ["Box", "BoxRecipe", "box_for", "build", "remove", "status", "vagrant_env", "debian_mirror"]
+__all__ = ["Box", "BoxRecipe", "Release", "RELEASES", "DEFAULT_RELEASE", "KERNEL_CONFIG", "box_for", "build",
+           "cached_boxes", "check_release", "describe", "describe_features", "kernel_features", "release_of",
+           "remove", "status", "vagrant_env", "debian_mirror"]
