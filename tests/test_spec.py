@@ -191,3 +191,18 @@ def test_ipvlan_and_macvlan_pods_may_not_share_a_parent():
     spec = parse_spec(lab_spec(modes.names()))  # every mode, as on the VM backend: validates
     node1 = {p.name: p for p in spec.nodes[0].pods}
     assert node1["c-iv"].eni != node1["c-mv"].eni
+
+
+def test_release_picks_the_vms_debian_and_means_nothing_on_netns():
+    """``release`` (vagrant backend): bookworm or trixie, default none (the bookworm box); on netns,
+    which runs on this host's kernel, any release is refused naming the field."""
+    assert parse_spec(base()).release is None
+    spec = parse_spec(base(backend="vagrant", release="trixie"))
+    assert spec.release == "trixie" and load_spec(spec.to_yaml()).release == "trixie"
+    assert "release" not in parse_spec(base(backend="vagrant")).to_dict()
+    msg = problems(base(backend="vagrant", release="trixi"))["release"]
+    assert "unknown Debian release 'trixi'" in msg and "did you mean 'trixie'" in msg and "bookworm" in msg
+    for value in ("trixie", "bookworm"):
+        msg = problems(base(release=value))["release"]
+        assert "backend vagrant" in msg and "netns" in msg and "remove release" in msg
+    assert "expected a string" in problems(base(backend="vagrant", release=13))["release"]

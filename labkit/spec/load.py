@@ -154,7 +154,7 @@ def _parse(p: Problems, data: Any) -> Spec | None:
         p.add("", "a spec is a mapping with at least 'name' and 'nodes'")
         return None
     return _build(p, "", data, Spec, {
-        "name": s, "backend": s, "vpc_cidr": s, "pod_cidr": s, "service_cidr": s, "node_pod_prefix": i,
+        "name": s, "backend": s, "release": s, "vpc_cidr": s, "pod_cidr": s, "service_cidr": s, "node_pod_prefix": i,
         "datapath": s, "nodes": lambda q, x: items(q, x, node), "services": lambda q, x: items(q, x, svc),
         "policies": lambda q, x: items(q, x, policy), "policy_engine": s, "server": server,
         "kube_proxy": s})

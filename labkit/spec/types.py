@@ -224,6 +224,7 @@ class Spec:
     name: str
     nodes: tuple[Node, ...]
     backend: str = "netns"
+    release: str | None = None  # vagrant backend: the VMs' Debian release, bookworm (None: the default) or trixie
     vpc_cidr: str = "10.10.0.0/16"
     pod_cidr: str = "10.244.0.0/16"
     service_cidr: str = DEFAULT_SERVICE_CIDR

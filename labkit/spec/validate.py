@@ -78,6 +78,7 @@ def problems(spec: Spec) -> list[tuple[str, str]]:
     if problem:
         p.add("name", problem)
     _choice(p, "backend", spec.backend, BACKENDS.names(), "backend")
+    _check_release(p, spec)
     _choice(p, "datapath", spec.datapath, DATAPATHS.names(), "datapath")
     if spec.datapath in DATAPATHS:
         _check_kube_proxy(p, spec, DATAPATHS.get(spec.datapath))
@@ -181,6 +182,20 @@ def _check_slaves(p: Problems, npath: str, node: Node, known: dict) -> None:
                                             f"{pod.name} a shared ENI of its own with 'eni' (raise {npath}.enis if "
                                             "needed)")
         kinds.setdefault(kind, pod.name)
+
+
+def _check_release(p: Problems, spec: Spec) -> None:
+    """``release`` picks the Debian release of the vagrant backend's VMs (their box, hence their
+    kernel); a lab on another backend runs on this host's kernel, where it means nothing."""
+    if spec.release is None:
+        return
+    if spec.backend != "vagrant":
+        p.add("release", f"release {spec.release!r} picks the Debian release of backend vagrant's VMs; backend "
+                         f"{spec.backend} runs on this host's kernel: remove release (or use backend: vagrant)")
+        return
+    from ..backends.vagrant.box import RELEASES
+
+    _choice(p, "release", spec.release, RELEASES, "Debian release")
 
 
 def _check_kube_proxy(p: Problems, spec: Spec, datapath) -> None:

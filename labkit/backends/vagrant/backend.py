@@ -1,4 +1,7 @@
-"""The ``vagrant`` backend: one VM per node (Debian's 6.1 kernel: ipvlan, IPVS, BPF), labkit inside each.
+"""The ``vagrant`` backend: one VM per node (Debian's kernel: ipvlan, IPVS, BPF), labkit inside each.
+
+The spec's ``release`` picks the VMs' Debian release, hence their box (:mod:`.box`) and kernel:
+``bookworm`` (Debian 12, 6.1, the default) or ``trixie`` (Debian 13, 6.12: netkit, BIG TCP over IPv4).
 
 How a lab is realised (names in :mod:`.names`: ``P`` = ``lk-<lab>``, ``h`` a hash of the lab name):
 - **libvirtd / virtlogd**, started when nothing runs them and stopped by the last lab's ``down``
@@ -49,7 +52,7 @@ from pathlib import Path
 from ... import addressing, doctor, naming, nsexec, topology
 from ...datapath import NodeContext
 from ...datapath import get as get_datapath
-from ...errors import BackendError
+from ...errors import BackendError, MissingFeature
 from ...remote.node import RemoteNode, close_datapaths
 from ...remote.payload import build_payload
 from ...remote.ssh import Machine, SshTarget
@@ -67,9 +70,23 @@ TB_CACHE_MIB = 128
 
 
 def box_recipe(spec: Spec) -> box.BoxRecipe:
-    """The box every lab uses: one box with bcc and the kernel's headers, so that any datapath (the
-    spec's, or one an experiment programs later) runs in its VMs."""
-    return box.BoxRecipe()
+    """The box of the spec's release: one box with bcc and the kernel's headers, so that any datapath
+    (the spec's, or one an experiment programs later) runs in its VMs."""
+    return box.BoxRecipe(release=spec.release or box.DEFAULT_RELEASE)
+
+
+def check_box_features(spec: Spec, the_box: box.Box) -> None:
+    """Refuse, before any VM exists, a pod mode that needs a kernel feature the box's kernel lacks
+    (its features were read from its kernel's config when it was built)."""
+    from ... import modes
+
+    for mode in sorted(spec.modes()):
+        lacking = the_box.lacks(modes.get(mode).features)
+        if lacking:
+            have = [r for r in box.RELEASES if r != the_box.recipe.release]
+            raise MissingFeature(lacking[0], f"pod mode {mode}",
+                                 f"the {the_box.recipe.release} box's kernel ({the_box.info()['kernel']}) has no "
+                                 f"{lacking[0]}; set release: to another Debian release ({', '.join(have)})")
 
 
 @BACKENDS.register
@@ -112,6 +129,7 @@ class VagrantBackend(Backend):
         say = print if progress else (lambda *a, **k: None)
         recipe = box_recipe(spec)
         the_box = box.build(recipe, log=say) if not box.box_for(recipe).ready() else box.box_for(recipe)
+        check_box_features(spec, the_box)
         state = LabState(spec.name)
         state.create(spec)
         t0 = time.monotonic()
@@ -150,7 +168,7 @@ class VagrantBackend(Backend):
         shutil.copyfile(vagrantfile_source(), vdir / "Vagrantfile")
         self._write_ssh_config(spec.name, lab)
         pool = ThreadPoolExecutor(1 + len(spec.nodes), thread_name_prefix=f"lk-{spec.name}")
-        payload = pool.submit(build_payload, spec, vdir / "payload")
+        payload = pool.submit(build_payload, spec, vdir / "payload", box.release_of(the_box.recipe.release).python)
         say(f"vagrant up: {len(spec.nodes)} VM(s), driver {driver} …")
         state.record("vagrant", dir=str(vdir))
         up = VagrantUp(vdir, box.vagrant_env())
@@ -169,8 +187,9 @@ class VagrantBackend(Backend):
         times["vagrant_steps"] = up.steps()
         times["nodes"] = {r["node"]: r["host_seconds"] for r in results}
         times["total"] = round(time.monotonic() - t0, 1)
-        return {"driver": driver, "box": the_box.name, "management": mgmt, "times": times,
-                "kernels": {r["node"]: r["kernel"] for r in results}, "nodes": {r["node"]: r for r in results}}
+        return {"driver": driver, "box": the_box.name, "release": the_box.recipe.release, "management": mgmt,
+                "times": times, "kernels": {r["node"]: r["kernel"] for r in results},
+                "nodes": {r["node"]: r for r in results}}
 
     def _node_pipeline(self, spec: Spec, node, lab: dict, payload, up: VagrantUp, start_servers: bool,
                        t0: float) -> dict:
@@ -375,4 +394,4 @@ Host *
         return counts
 
 
-__all__ = ["VagrantBackend", "TB_CACHE_MIB", "box_recipe"]
+__all__ = ["VagrantBackend", "TB_CACHE_MIB", "box_recipe", "check_box_features"]
