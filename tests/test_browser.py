@@ -125,7 +125,9 @@ def test_service_scale_notebook_in_jupyterlab(jupyter, tmp_path):
             panel = page.locator(".labkit-panel")
             panel.wait_for(timeout=int(os.environ.get("LABKIT_BROWSER_TIMEOUT", "240")) * 1000)  # the last cell
             charts = page.locator(".jp-Notebook .js-plotly-plot")  # mime outputs and the panel's FigureWidget
-            expect(charts).to_have_count(7, timeout=60_000)  # six figures and the panel's live chart
+            # nine figures (latency p50/p99, requests/s, CPU per request, published, rules axis, CDF, load,
+            # update) and the panel's live chart
+            expect(charts).to_have_count(10, timeout=60_000)
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
             assert "Traceback" not in " ".join(errors.all_inner_texts())
             first = charts.first
@@ -134,7 +136,7 @@ def test_service_scale_notebook_in_jupyterlab(jupyter, tmp_path):
             assert any("ebpf" in t for t in legend), legend
             assert "services" in first.locator(".xtitle").text_content()
             _shot(first, "browser-service-scale-chart.png")
-            published = charts.nth(2)
+            published = charts.nth(4)
             assert any(t.startswith("Alibaba 2020") for t in published.locator(".legendtext").all_text_contents())
             _shot(published, "browser-service-scale-vs-published.png")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..errors import LabkitError
+from ..errors import LabkitError, UsageError
 from ..textfmt import table
 from . import command
 
@@ -188,7 +188,7 @@ def exec_(args) -> int:
     try:
         lb.pod_netns(args.pod)
     except KeyError as exc:
-        raise LabkitError(str(exc).strip('"')) from None
+        raise UsageError(str(exc).strip('"')) from None
     proc = lb.spawn(args.pod, argv, stdin=None, stdout=None, stderr=None)
     return proc.wait()
 
