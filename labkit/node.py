@@ -190,6 +190,17 @@ class NodeRuntime:
 
         return self.datapath(self.spec.datapath).sync(table_from_spec(self.spec, self.plan))
 
+    def sync_host_routing(self):
+        """eBPF host routing on this node (``host_routing: bpf``), after the Service datapath and the
+        policy engine attached (it must know what sits on the pods' veths)."""
+        if self.spec.host_routing != "bpf":
+            return None
+        from .hostrouting import sync_node
+
+        ctx = self.context()
+        ctx.state_dir.mkdir(parents=True, exist_ok=True)
+        return sync_node(ctx, self.spec.datapath, self.spec.policy_engine)
+
     def sync_policies(self):
         """Enforce the spec's NetworkPolicies on this node (after the Service datapath)."""
         if not self.spec.policies or self.spec.policy_engine == "none":

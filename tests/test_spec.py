@@ -206,3 +206,21 @@ def test_release_picks_the_vms_debian_and_means_nothing_on_netns():
         msg = problems(base(release=value))["release"]
         assert "backend vagrant" in msg and "netns" in msg and "remove release" in msg
     assert "expected a string" in problems(base(backend="vagrant", release=13))["release"]
+
+
+def test_host_routing_needs_an_ebpf_service_datapath_and_policy_engine():
+    """``host_routing: bpf`` forwards past the nodes' netfilter: a kube-proxy datapath or the iptables
+    policy engine would be bypassed, so the spec is refused naming the field and the fix."""
+    assert parse_spec(base()).host_routing == "kernel" and "host_routing" not in parse_spec(base()).to_dict()
+    spec = parse_spec(base(datapath="ebpf", host_routing="bpf"))
+    assert spec.host_routing == "bpf" and load_spec(spec.to_yaml()).host_routing == "bpf"
+    parse_spec(base(datapath="ebpf-tc", host_routing="bpf"))
+    assert "unknown host routing 'bfp'" in problems(base(datapath="ebpf", host_routing="bfp"))["host_routing"]
+    parse_spec(base(datapath="none", host_routing="bpf"))  # no Services: nothing to bypass
+    for dp in ("iptables-nft", "iptables-legacy", "nftables"):
+        msg = problems(base(datapath=dp, host_routing="bpf"))["host_routing"]
+        assert f"datapath {dp}" in msg and "ebpf or ebpf-tc" in msg and "host_routing: kernel" in msg
+    policy = {"name": "deny", "pod_selector": {"app": "web"}, "ingress": []}
+    msg = problems(base(datapath="ebpf", host_routing="bpf", policies=[policy]))["host_routing"]
+    assert "policy engine iptables" in msg and "policy_engine: ebpf" in msg
+    parse_spec(base(datapath="ebpf", host_routing="bpf", policies=[policy], policy_engine="ebpf"))

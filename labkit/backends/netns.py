@@ -63,6 +63,10 @@ class NetnsBackend(Backend):
             for feature in modes.get(mode).features:
                 doctor.require(feature, f"pod mode {mode}")
         get_datapath(spec.datapath).preflight()
+        if spec.host_routing == "bpf":
+            from ..hostrouting import BpfHostRouting
+
+            BpfHostRouting.preflight(spec.datapath, spec.policy_engine if spec.policies else "none")
         if spec.policies and spec.policy_engine != "none":
             from ..policy import get as get_policy_engine
 
@@ -126,6 +130,8 @@ class NetnsBackend(Backend):
             rt.sync_datapath()
         for rt in runtimes:
             rt.sync_policies()
+        for rt in runtimes:
+            rt.sync_host_routing()
         bar.close()
 
     # ------------------------------------------------------------ pods

@@ -142,6 +142,8 @@ def build_node(spec: Spec, node_name: str, nics: dict[str, str], servers: bool =
         runtime.start_servers(state, timeout=60)  # TCG: a first exec can take seconds
     t_servers = time.monotonic() - t0 - t_wire
     sync = _sync_result(runtime.sync_datapath())
+    runtime.sync_policies()
+    runtime.sync_host_routing()
     state.write_meta(status="ready", ready=time.time())
     state.close()
     return {"node": node_name, "kernel": platform.release(), "modules": modules, "cgroup": str(runtime.cgroup),

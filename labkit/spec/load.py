@@ -157,7 +157,7 @@ def _parse(p: Problems, data: Any) -> Spec | None:
         "name": s, "backend": s, "release": s, "vpc_cidr": s, "pod_cidr": s, "service_cidr": s, "node_pod_prefix": i,
         "datapath": s, "nodes": lambda q, x: items(q, x, node), "services": lambda q, x: items(q, x, svc),
         "policies": lambda q, x: items(q, x, policy), "policy_engine": s, "server": server,
-        "kube_proxy": s})
+        "kube_proxy": s, "host_routing": s})
 
 
 def _parse_server(p: Problems, path: str, data: Any) -> ServerSpec | None:

@@ -235,6 +235,7 @@ class Spec:
     policy_engine: str = "iptables"  # how policies are enforced: iptables, ebpf, none (not enforced)
     server: ServerSpec = ServerSpec()  # what serves in every pod that does not say
     kube_proxy: str = "current"  # the iptables datapaths' rule shape: current, or 1.18 (the study's time)
+    host_routing: str = "kernel"  # kernel, or bpf: eBPF host routing past the nodes' stacks (Cilium 1.9+)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(self.nodes))

@@ -82,6 +82,7 @@ def problems(spec: Spec) -> list[tuple[str, str]]:
     _choice(p, "datapath", spec.datapath, DATAPATHS.names(), "datapath")
     if spec.datapath in DATAPATHS:
         _check_kube_proxy(p, spec, DATAPATHS.get(spec.datapath))
+    _check_host_routing(p, spec)
     nets = {k: _network(p, k, getattr(spec, k)) for k in ("vpc_cidr", "pod_cidr", "service_cidr")}
     names = list(nets)
     for a in range(len(names)):
@@ -209,6 +210,24 @@ def _check_kube_proxy(p: Problems, spec: Spec, datapath) -> None:
         which = [n for n, cls in DATAPATHS.items() if "kube_proxy" in cls.options]
         p.add("kube_proxy", f"kube_proxy {spec.kube_proxy!r} shapes the rules of {', '.join(which)}; datapath "
                             f"{spec.datapath} has no such choice: remove kube_proxy or pick one of those datapaths")
+
+
+def _check_host_routing(p: Problems, spec: Spec) -> None:
+    """eBPF host routing forwards past the nodes' routing and netfilter: whatever works there (a
+    kube-proxy datapath, the iptables policy engine) would be bypassed, so it is refused, as Cilium
+    requires its kube-proxy replacement for it."""
+    from ..hostrouting import DATAPATHS as SERVES, POLICY_ENGINES
+
+    _choice(p, "host_routing", spec.host_routing, ("kernel", "bpf"), "host routing")
+    if spec.host_routing != "bpf":
+        return
+    if spec.datapath not in SERVES:
+        p.add("host_routing", f"bpf host routing bypasses the nodes' netfilter, where datapath {spec.datapath} "
+                              f"works; use datapath ebpf or ebpf-tc (as Cilium needs its kube-proxy replacement), or "
+                              "host_routing: kernel")
+    if spec.policies and spec.policy_engine not in POLICY_ENGINES:
+        p.add("host_routing", f"bpf host routing bypasses the nodes' netfilter, where policy engine "
+                              f"{spec.policy_engine} enforces; use policy_engine: ebpf, or host_routing: kernel")
 
 
 def _check_servers(p: Problems, spec: Spec) -> None:
