@@ -141,3 +141,27 @@ def test_completion_scripts_come_from_the_parser(tmp_path):
     assert out.stdout.split() == ["--concurrency"]
     zsh = subprocess.run(LABKIT + ["completion", "zsh"], capture_output=True, text=True).stdout
     assert zsh.startswith("#compdef labkit") and "complete -o default -F _labkit labkit" in zsh
+
+
+@pytest.mark.needs("root")
+def test_run_json_is_the_summary_as_data_and_results_reads_it_back(tmp_path):
+    """A small real run with ``--json``: stdout is one JSON document (progress and notes on stderr)
+    with the medians per datapath and N that points.csv holds; ``results RUN --json`` gives the same
+    run back."""
+    import pandas as pd
+
+    env = {**os.environ, "LABKIT_RESULTS": str(tmp_path / "r")}
+    proc = subprocess.run(LABKIT + ["run", "service-scale", "-q", "--no-report", "--json", "--datapaths", "ebpf,nftables",
+                                    "--services", "1,50", "--positions", "last", "--samples", "300", "--repeats", "1",
+                                    "--metrics", "crr", "--updates", "0"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(proc.stdout)
+    assert data["status"] == "complete" and data["experiment"] == "service-scale"
+    crr = data["metrics"]["crr"]
+    assert crr["stat"] == "p50_us" and crr["position"] == "last" and set(crr["median"]) == {"ebpf", "nftables"}
+    points = pd.read_csv(Path(data["path"]) / "points.csv")
+    row = points[(points.metric == "crr") & (points.datapath == "ebpf") & (points.services == 50)].iloc[0]
+    assert crr["median"]["ebpf"]["50"] == pytest.approx(row.p50_us)
+    shown = subprocess.run(LABKIT + ["results", data["run_id"], "--json"], capture_output=True, text=True, env=env)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["run_id"] == data["run_id"]
