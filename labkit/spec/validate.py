@@ -297,8 +297,8 @@ def _check_policies(p: Problems, spec: Spec, lab_nets: list[ipaddress.IPv4Networ
     from ..policy import ENGINES
 
     _choice(p, "policy_engine", spec.policy_engine, ["none", *ENGINES.names()], "policy engine")
-    if spec.policies and spec.backend != "netns":
-        p.add("policies", f"network policies are enforced on the netns backend only, not {spec.backend}")
+    if spec.policies and spec.backend not in ("netns", "vagrant"):
+        p.add("policies", f"network policies are enforced on the netns and vagrant backends, not {spec.backend}")
     seen: dict[str, str] = {}
     total = 0
     for k, pol in enumerate(spec.policies):
