@@ -188,3 +188,30 @@ def test_pod_modes_rates(store):
     from labkit import plots
 
     assert "modes-rr-rate" in plots.figures(run)
+
+
+@pytest.mark.needs("root", "bcc-compile", "tc-clsact")
+def test_pod_modes_variants(store):
+    """pod-modes' variants beside the modes: the host-network baseline (node namespace to node
+    namespace, no pod) and veth with eBPF host routing synced for its pods only, in the same lab as
+    veth with the node's kernel routing; every row names its variant, the bpf-hr pods' cross-node
+    traffic went through bpf_redirect_peer/neigh (counters), and nothing is left."""
+    from labkit.experiments import pod_modes
+
+    params = pod_modes.PodModesParams(modes=["host-network", "veth", "veth+bpf-hr"], metrics=["rr", "rr-rate"],
+                                      repeats=1, samples=200, warmup=20, rate_seconds=0.4, window_ms=200,
+                                      concurrency=4)
+    run = pod_modes.run(params, progress=False)
+    pts, m = run.points(), run.manifest()
+    assert set(zip(pts["mode"], pts["position"], pts["metric"])) == {
+        (v, w, metric) for v in params.modes for w in ("same-node", "cross-node") for metric in ("rr", "rr-rate")}
+    assert (pts.errors == 0).all(), pts
+    rr = pts[pts.metric == "rr"].set_index(["mode", "position"]).p50_us
+    # no pod in the way: the node-to-node baseline is the fastest path across nodes
+    assert rr["host-network", "cross-node"] < rr["veth", "cross-node"], rr
+    # only the bpf-hr variant's pods are host-routed: c- and s- on node1, r- on node2
+    assert m["host_routing"] == {"node1": {"endpoints": 2, "skipped": {}}, "node2": {"endpoints": 1, "skipped": {}}}
+    stats = m["host_routing_stats"]
+    assert stats["node2"]["redirect_peer"] > 0 and stats["node1"]["redirect_neigh"] > 0, stats
+    lab = m["labs"]["pod-modes"]
+    assert not [n for n in os.listdir("/run/netns") if lab in n]

@@ -7,6 +7,14 @@ point of every repeat is measured interleaved with all the others; then bandwidt
 (JSON output), modes in a fresh random order per repeat.
 Modes the kernel lacks (``eni-ipvlan`` here) are refused up front with the doctor's message.
 
+Besides the pod modes, two *variants* (the ``mode`` column of points.csv names each row's):
+``host-network``, the baseline with no pod at all (the client in node 1's own namespace, an
+``lkserver`` in node 1's and node 2's: node to node over the same VPC router), and
+``<mode>+bpf-hr`` for the routed-veth modes (``veth+bpf-hr``, ``eni-policy-route+bpf-hr``): pods of
+that mode whose node forwards them with eBPF host routing (:class:`labkit.hostrouting.BpfHostRouting`,
+synced for those pods only, so that ``veth`` beside it keeps the node's kernel routing in the same
+lab). Both are netns-only for now (on the VMs they are refused with the reason).
+
 ``backend="vagrant"`` runs the same lab on two VMs (Debian's kernel: every mode, IPVLAN included);
 clients and iperf3 run inside the VMs. Under QEMU TCG the figures are functional only (a TCG
 round trip is ~1 ms); with KVM (or VirtualBox on a laptop) they are a real comparison.
@@ -28,17 +36,61 @@ from .. import lab as labmod
 from ..backends import get_backend
 from ..errors import MeasurementError
 from .. import modes as podmodes
+from .. import naming
+from ..errors import UsageError
+from ..measure import loadgen
+from ..modes.base import RoutedVeth
+from ..node import lab_cgroup
 from ..spec import parse_spec
 from . import core
 from .params import Params, estimate, param
 
-def default_modes(backend: str = "netns") -> list[str]:
-    """Every mode the backend's kernel has: this machine's on netns, all of them in the VMs."""
-    return [m.name for m in podmodes.MODES if backend != "netns" or all(doctor.has(f) for f in m.features)]
+HOST_NETWORK = "host-network"  # the baseline variant: node to node, no pod
+BPF_HR = "+bpf-hr"  # suffix of a routed-veth mode's variant with eBPF host routing
+HOST_PORT = 9180  # the host-network baseline's lkserver in the nodes' own namespaces
+NETNS_ONLY = {HOST_NETWORK: "its client and servers run in the nodes' own namespaces on this machine",
+              BPF_HR: "host routing for some pods of a lab is synced from this machine"}
+
+
+def bpf_hr_modes() -> list[str]:
+    """The modes eBPF host routing serves (routed veths: :func:`labkit.hostrouting.why_not`)."""
+    return [m.name for m in podmodes.MODES if isinstance(m, RoutedVeth)]
+
+
+def variant_names() -> list[str]:
+    """What ``--modes`` takes: the host-network baseline, every pod mode, and ``<mode>+bpf-hr``."""
+    return [HOST_NETWORK, *podmodes.names(), *(m + BPF_HR for m in bpf_hr_modes())]
+
+
+def pod_mode(variant: str) -> str | None:
+    """The pod mode of a variant (None for the host-network baseline)."""
+    return None if variant == HOST_NETWORK else variant.removesuffix(BPF_HR)
+
+
+def _box_lacks(release: str | None, features) -> list[str]:
+    from ..backends.vagrant import box
+
+    return box.box_for(box.BoxRecipe(release=release or box.DEFAULT_RELEASE)).lacks(features)
+
+
+def default_modes(backend: str = "netns", release: str | None = None) -> list[str]:
+    """Every mode the backend's kernel has (this machine's on netns; on the VMs, what the release's
+    box kernel has: netkit with trixie), plus the variants the backend runs: on netns the
+    host-network baseline and ``veth+bpf-hr`` (when this kernel can host-route)."""
+    if backend == "netns":
+        modes = [m.name for m in podmodes.MODES if all(doctor.has(f) for f in m.features)]
+        from ..hostrouting import BpfHostRouting
+
+        hr = ["veth" + BPF_HR] if "veth" in modes and all(doctor.has(f) for f in BpfHostRouting.features) else []
+        return [HOST_NETWORK, *modes, *hr]
+    return [m.name for m in podmodes.MODES if not _box_lacks(release, m.features)]
 
 
 def short(mode: str) -> str:
-    return podmodes.get(mode).short
+    """Two or three letters naming a variant's pods (``c-<short>``): the mode's, ``h`` added for bpf-hr."""
+    if mode == HOST_NETWORK:
+        return "hn"  # no pod: its points name nodes
+    return podmodes.get(pod_mode(mode)).short + ("h" if mode.endswith(BPF_HR) else "")
 
 
 LATENCY = ("crr", "rr", "udp_rr")
@@ -55,8 +107,10 @@ def _backend_names() -> list[str]:
 @dataclass
 class PodModesParams(Params):
     experiment = "pod-modes"
-    modes: list[str] = param(default_factory=default_modes, choices=podmodes.names,
-                             help="the pod network modes to compare (default: every mode this kernel has)")
+    modes: list[str] = param(default_factory=default_modes, choices=variant_names,
+                             help="the pod network modes to compare, and the variants host-network (node to "
+                                  "node, no pod) and <mode>+bpf-hr (eBPF host routing; veth, eni-policy-route) "
+                                  "(default: every mode this kernel has, with host-network and veth+bpf-hr)")
     metrics: list[str] = param(default_factory=lambda: ["crr", "rr", "udp_rr", "bandwidth"], choices=METRICS,
                                help="latency (crr, rr, udp_rr), rates under load (crr-rate, rr-rate, "
                                     "udp-rr-rate) and iperf3 bandwidth")
@@ -72,10 +126,18 @@ class PodModesParams(Params):
     rate_seconds: float = param(3.0, min=0.2, max=600, help="measured time per rate point, in windows "
                                                            "interleaved with the other points")
     window_ms: int = param(100, min=20, max=10000, help="a rate point's window per turn")
+    release: str | None = param(None, choices=("bookworm", "trixie"),
+                                help="vagrant backend: the VMs' Debian release (trixie for netkit)")
 
     @classmethod
-    def quick(cls) -> PodModesParams:
-        return cls(repeats=3, samples=1000, warmup=100, bandwidth_seconds=1.0)
+    def quick(cls, backend: str = "netns") -> PodModesParams:
+        """The short variant. On the VMs (QEMU TCG: every round trip ~1 ms, a connection ~2.5 ms)
+        TCP_CRR and TCP_RR only, 400 samples a point, no bandwidth: what took 4.5 of 6.4 min there
+        (latency), cut to fit 5 min with every mode, keeping the study's cross-node order."""
+        if backend == "netns":
+            return cls(repeats=3, samples=1000, warmup=100, bandwidth_seconds=1.0)
+        return cls(repeats=3, samples=400, warmup=30, metrics=["crr", "rr"], backend=backend,
+                   modes=default_modes(backend))
 
     def estimate(self) -> dict:
         grid = len(self.modes) * 2 * self.repeats
@@ -92,15 +154,28 @@ class PodModesParams(Params):
             problems.append(f"burst: must be at most samples ({self.samples}); 20 is a good value")
         if self.window_ms / 1000 > self.rate_seconds:
             problems.append(f"window_ms: {self.window_ms} ms is longer than rate_seconds ({self.rate_seconds} s)")
+        for mode in self.modes:
+            if mode.endswith(BPF_HR) and pod_mode(mode) not in bpf_hr_modes():
+                problems.append(f"modes: {mode}: eBPF host routing serves routed-veth pods only; use one of "
+                                f"{', '.join(m + BPF_HR for m in bpf_hr_modes())}")
+            why = NETNS_ONLY.get(HOST_NETWORK if mode == HOST_NETWORK else BPF_HR if mode.endswith(BPF_HR) else "")
+            if why and self.backend != "netns":
+                problems.append(f"modes: {mode} runs on the netns backend only ({why}); leave it out of "
+                                f"--modes with --backend {self.backend}")
+        if self.release is not None and self.backend == "netns":
+            problems.append("release: the netns backend runs on this machine's kernel; give --release with "
+                            "--backend vagrant only")
         return problems
 
 
-def lab_spec(modes: list[str], name: str = "podmodes", backend: str = "netns") -> dict:
-    """Node 1: a client and a server per mode; node 2: a server per mode. Each node has the ENIs its
-    pods need, and pods whose slave devices may not share a parent (ipvlan, macvlan) get shared
-    ENIs of their own (:func:`labkit.modes.plan_enis`)."""
-    n1 = [{"name": f"{r}-{short(m)}", "mode": m} for m in modes for r in ("c", "s")]
-    n2 = [{"name": f"r-{short(m)}", "mode": m} for m in modes]
+def lab_spec(modes: list[str], name: str = "podmodes", backend: str = "netns", release: str | None = None) -> dict:
+    """Node 1: a client and a server per mode; node 2: a server per mode (a ``+bpf-hr`` variant's
+    pods are of its mode; the host-network baseline has none). Each node has the ENIs its pods
+    need, and pods whose slave devices may not share a parent (ipvlan, macvlan) get shared ENIs of
+    their own (:func:`labkit.modes.plan_enis`)."""
+    modes = [m for m in modes if m != HOST_NETWORK]
+    n1 = [{"name": f"{r}-{short(m)}", "mode": pod_mode(m)} for m in modes for r in ("c", "s")]
+    n2 = [{"name": f"r-{short(m)}", "mode": pod_mode(m)} for m in modes]
     nodes = []
     for node, pods in (("node1", n1), ("node2", n2)):
         enis, picks = podmodes.plan_enis([pod["mode"] for pod in pods])
@@ -109,7 +184,21 @@ def lab_spec(modes: list[str], name: str = "podmodes", backend: str = "netns") -
             if eni is not None and shared_choice:  # else every sharing pod takes the first shared ENI anyway
                 pod["eni"] = eni
         nodes.append({"name": node, "enis": enis, "pods": pods})
-    return {"name": name, "backend": backend, "datapath": "none", "nodes": nodes}
+    spec = {"name": name, "backend": backend, "datapath": "none", "nodes": nodes}
+    if release is not None:
+        spec["release"] = release
+    return spec
+
+
+class _NodeClients:
+    """Load clients in a node's own namespace (the host-network baseline), as a lab gives them in a
+    pod (``client_session``)."""
+
+    def __init__(self, lab: str):
+        self.lab = lab
+
+    def client_session(self, node: str, cpus=None) -> loadgen.ClientSession:
+        return loadgen.ClientSession(naming.netns_name(self.lab, node), None, cpus)
 
 
 class PodModes:
@@ -119,13 +208,59 @@ class PodModes:
         p: PodModesParams = ctx.params
         p.validate()
         name = f"pm{ctx.run.run_id[-4:]}"  # unique per run; a resumed run finds its own
-        spec = parse_spec(lab_spec(p.modes, name, p.backend))
+        spec = parse_spec(lab_spec(p.modes, name, p.backend, p.release))
         get_backend(p.backend).preflight(spec)  # a missing kernel feature or tool: before anything exists
+        hr = [m for m in p.modes if m.endswith(BPF_HR)]
+        if hr:
+            from ..hostrouting import BpfHostRouting
+
+            BpfHostRouting.preflight(spec.datapath)
         labmod.down(name)
         self.lab = labmod.up(spec, progress=False)
-        ctx.run.update_manifest(labs={"pod-modes": name}, backend=p.backend, node_kernels=self.lab.kernels())
+        self.host_routing = {}
+        self.host_servers = []
+        try:
+            if hr:
+                self._host_route({f"{r}-{short(m)}" for m in hr for r in ("c", "s", "r")})
+            if HOST_NETWORK in p.modes:
+                cpus = ctx.cpus.load_cpus if ctx.cpus.pinned else None
+                for node in ("node1", "node2"):
+                    cgroup = lab_cgroup(name) / node / "host-network"  # under the lab's: `down` kills it
+                    cgroup.mkdir(parents=True, exist_ok=True)
+                    self.host_servers.append(loadgen.start_server(
+                        naming.netns_name(name, node), f"host-{node}", HOST_PORT, cgroup=cgroup, cpus=cpus))
+        except BaseException:
+            self.teardown(ctx)
+            raise
+        ctx.run.update_manifest(labs={"pod-modes": name}, backend=p.backend, node_kernels=self.lab.kernels(),
+                                host_routing={node: {"endpoints": s.endpoints, "skipped": s.skipped}
+                                              for node, s in self.synced.items()} if hr else {})
+
+    def _host_route(self, pods: set[str]) -> None:
+        """eBPF host routing on both nodes for ``pods`` only (the ``+bpf-hr`` variants'); the other
+        pods keep the node's kernel routing (their traffic passes the programs on ``eth0``)."""
+        from ..hostrouting import BpfHostRouting
+
+        self.synced = {}
+        for node in ("node1", "node2"):
+            nctx = self.lab.backend.node_context(self.lab.spec, node, self.lab.plan)
+            hr = self.host_routing[node] = BpfHostRouting(nctx)
+            mine = [pod for pod in nctx.pods if pod.pod in pods]
+            self.synced[node] = hr.sync(mine)
+            if set(self.synced[node].skipped) & pods:
+                raise UsageError(f"eBPF host routing could not take pods {self.synced[node].skipped} on {node}")
 
     def teardown(self, ctx: core.RunContext) -> None:
+        for srv in getattr(self, "host_servers", []):
+            loadgen.stop_server(srv)
+        if getattr(self, "host_routing", None):
+            try:
+                ctx.run.update_manifest(host_routing_stats={n: hr.stats() for n, hr in self.host_routing.items()})
+            except Exception:  # counters are a nicety; the cleanup below is not
+                pass
+            for hr in self.host_routing.values():
+                hr.cleanup()
+            self.host_routing = {}
         if getattr(self, "lab", None):
             labmod.down(self.lab.name)
 
@@ -145,7 +280,7 @@ class PodModes:
         rate_points = [self._rate_point(mode, w, f"{server}-{short(mode)}", rep, metric) for rep, mode in order
                        for w, server in where for metric in rates]
         todo = [pt for pt in points if core.point_key(pt.full) not in ctx.done]
-        bw = len(order) * 2 if "bandwidth" in p.metrics else 0
+        bw = sum(m != HOST_NETWORK for _, m in order) * 2 if "bandwidth" in p.metrics else 0
         total = (len(points) + bw) * p.samples + len(rate_points) * p.rate_seconds * 10000
         with tqdm(total=total, desc="pod-modes", unit="sample", unit_scale=True, disable=not ctx.progress) as bar:
             bar.update((len(points) - len(todo)) * p.samples)
@@ -160,7 +295,7 @@ class PodModes:
                                                    on_window=lambda k: bar.update(k * p.window_ms * 10))
             with ctx.phase("bandwidth") if bw else contextlib.nullcontext():
                 for rep, mode in order if bw else ():
-                    for w, server in where:
+                    for w, server in where if mode != HOST_NETWORK else ():  # iperf3 runs in pods
                         self._bandwidth(ctx, mode, w, f"{server}-{short(mode)}", rep)
                         bar.update(p.samples)
 
@@ -168,11 +303,20 @@ class PodModes:
         return {"experiment": self.name, "datapath": "none", "mode": mode, "services": 0, "position": where,
                 "repeat": rep}
 
+    def _host_target(self, where: str) -> str:
+        return str(self.lab.plan.nodes["node1" if where == "same-node" else "node2"].primary.ip)
+
     def _rate_point(self, mode, where, server, rep, metric) -> core.RatePoint:
+        if mode == HOST_NETWORK:
+            return core.RatePoint(self._row(mode, where, rep), metric, RATES[metric], self._host_target(where),
+                                  HOST_PORT, _NodeClients(self.lab.name), "node1")
         return core.RatePoint(self._row(mode, where, rep), metric, RATES[metric], str(self.lab.plan.pods[server].ip),
                               8080, self.lab, f"c-{short(mode)}")
 
     def _point(self, mode, where, server, rep, metric) -> core.LatencyPoint:
+        if mode == HOST_NETWORK:
+            return core.LatencyPoint(self._row(mode, where, rep), metric, naming.netns_name(self.lab.name, "node1"),
+                                     None, self._host_target(where), HOST_PORT, _NodeClients(self.lab.name), "node1")
         client = f"c-{short(mode)}"
         return core.LatencyPoint(self._row(mode, where, rep), metric, self.lab.pod_netns(client),
                                  self.lab.backend.pod_cgroup(self.lab.spec, client),
