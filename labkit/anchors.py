@@ -35,7 +35,7 @@ class Anchor:
     source: str
     unit: str
     series: dict[str, dict]
-    x: str = "services"  # what the x values count: services, rules, mode
+    x: str = "services"  # what the x values count: services, rules, mode, variant (of pod-modes)
     throughput: bool = False
     caveats: str = ""
     # which labkit datapath or pod mode each series corresponds to
@@ -126,6 +126,51 @@ ALIBABA_BANDWIDTH = _modes("alibaba-modes-bandwidth", "bandwidth", "Gbit/s", (29
                            "relative to exclusive ENI")
 
 
+# ------------------------------------------------------------------ past the study: host routing, netkit
+
+KERNEL_REDIRECT_PEER = ("Linux kernel commit 'bpf: Add redirect_peer helper' (merged for "
+                        "Linux 5.10, 2020-10), the commit message's netperf figures")
+CILIUM_CNI_BENCH = ("Cilium documentation, 'CNI Performance Benchmark' (docs.cilium.io, operations/performance/"
+                    "benchmark): netperf, 2 bare-metal nodes, 100G NIC, 1 process")
+NETKIT_BLOG = "Isovalent blog 'Cilium netkit' (Cilium 1.16), citing ByteDance's proof of concept"
+
+# which pod-modes variant each published configuration corresponds to; the baseline is veth with the
+# node's kernel routing (labkit's ``veth``), and every overlay is drawn relative to it
+VARIANT_BASELINE = "veth"
+
+
+def _variants(key: str, title: str, short: str, source: str, unit: str, values: dict, metric: str,
+              throughput: bool, caveat: str) -> Anchor:
+    return _add(Anchor(key=key, title=title, short=short, source=source, unit=unit, series={"published": values},
+                       x="variant", throughput=throughput, metric=metric, caveats=caveat))
+
+
+REDIRECT_PEER_RR = _variants(
+    "kernel-redirect-peer-rr", "pod to remote pod TCP_RR latency", "Linux 5.10 redirect_peer TCP_RR",
+    KERNEL_REDIRECT_PEER, "µs", {"veth": 118.5, "veth+bpf-hr": 44.4}, "rr", False,
+    "4 CPUs; the 'before' is bpf_redirect() into the pod's veth through the CPU backlog (not the node's "
+    "routing), p50; the 'after' with bpf_redirect_peer() is a mean; relative to the before")
+CILIUM_HOST_ROUTING_RR = _variants(
+    "cilium-host-routing-rr", "TCP_RR across nodes", "Cilium CNI benchmark TCP_RR", CILIUM_CNI_BENCH,
+    "transactions/s", {"veth": 34.0e3, "veth+bpf-hr": 45.3e3, "host-network": 47.9e3}, "rr", True,
+    "read off a chart (≈); legacy host routing (the node's stack, iptables) as veth, eBPF host routing as "
+    "veth+bpf-hr, node to node as host-network; drawn as 1/rate relative to legacy host routing")
+CILIUM_HOST_ROUTING_CRR = _variants(
+    "cilium-host-routing-crr", "TCP_CRR across nodes", "Cilium CNI benchmark TCP_CRR", CILIUM_CNI_BENCH,
+    "connections/s", {"veth": 9.8e3, "veth+bpf-hr": 12.5e3, "host-network": 13.0e3}, "crr", True,
+    "read off a chart (≈); as the TCP_RR figure; drawn as 1/rate relative to legacy host routing")
+NETKIT_CPS = _variants(
+    "netkit-bytedance-cps", "connections per second, netkit over veth", "ByteDance netkit CPS", NETKIT_BLOG,
+    "connections/s relative to veth", {"veth": 1.0, "netkit": 1.12}, "crr", True,
+    "one relative figure (+12 %), no absolute values or setup published; drawn as 1/rate relative to veth")
+
+
+def for_variants(metric: str) -> list[Anchor]:
+    """Published figures for the pod-modes variants (host routing, netkit, host network) next to a
+    labkit metric (``rr``, ``crr``), each relative to veth with kernel routing."""
+    return [a for a in ANCHORS.values() if a.x == "variant" and a.metric == metric]
+
+
 def relative(anchor: Anchor, series: str, base=None, invert: bool = True) -> dict:
     """``series`` relative to its value at ``base`` (default: its first x). A throughput of requests
     (``throughput=True``) is inverted first unless ``invert`` is false, so that 2.0 means "twice as
@@ -139,7 +184,7 @@ def relative(anchor: Anchor, series: str, base=None, invert: bool = True) -> dic
     return {x: v / ref for x, v in values.items()}
 
 
-RATE_OF = {"rr-rate": "rr", "udp-rr-rate": "udp_rr"}  # a labkit rate metric -> the latency metric beside it
+RATE_OF = {"crr-rate": "crr", "rr-rate": "rr", "udp-rr-rate": "udp_rr"}  # a labkit rate metric -> the latency metric beside it
 
 
 def for_metric(metric: str) -> list[Anchor]:

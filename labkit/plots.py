@@ -357,7 +357,8 @@ def mode_bars(source, metric: str = "crr", relative: bool = False, anchors: bool
     fig = go.Figure()
     from .modes import names as mode_names
 
-    order = mode_names()
+    # pod-modes' variants beside their modes: the host-network baseline first, <mode>+bpf-hr after <mode>
+    order = ["host-network", *(v for m in mode_names() for v in (m, m + "+bpf-hr"))]
     present = sorted(dict.fromkeys(df["mode"]), key=lambda m: order.index(m) if m in order else len(order))
     if relative and baseline not in present:
         raise ValueError(f"mode_bars(relative=True): baseline mode {baseline!r} was not measured "
@@ -493,6 +494,33 @@ def topology(lab_or_spec, plan=None, title: str | None = None) -> go.Figure:
 
 # ---------------------------------------------------------------- all figures of a run, export
 
+def variant_bars(source, metric: str = "rr", baseline: str = anchormod.VARIANT_BASELINE) -> go.Figure:
+    """:func:`mode_bars` relative to ``baseline`` (veth with the node's kernel routing) with the
+    published figures for host routing, netkit and the host network drawn over it
+    (:func:`labkit.anchors.for_variants`: the redirect_peer kernel commit, Cilium's CNI benchmark,
+    ByteDance's netkit), each marked as a published overlay naming its source. The published
+    figures are all pod to remote pod (or node to node): compare them with the cross-node bars."""
+    fig = mode_bars(source, metric, relative=True, baseline=baseline)
+    is_rate = metric.endswith("-rate")
+    for a in anchormod.for_variants(anchormod.RATE_OF.get(metric, metric)):
+        rel = anchormod.relative(a, "published", base=baseline, invert=not is_rate)
+        how = "1/rate" if a.throughput and not is_rate else "as published"
+        label = f"published: {a.short} ({how}, rel. to {baseline})"
+        fig.add_trace(go.Scatter(
+            x=list(rel), y=list(rel.values()), name=label, mode="markers", legendgroup="published",
+            marker={**PUBLISHED["marker"], "size": 14, "line": {"width": 2}},
+            customdata=[[v, a.unit] for v in a.series["published"].values()],
+            hovertemplate=f"<b>published</b>: {label}<br>%{{x}}: %{{y:.2f}}× (as published: %{{customdata[0]:.4g}} "
+                          f"%{{customdata[1]}})<br>source: {_wrap(a.source)}<br>caveats: {_wrap(a.caveats)}<extra></extra>"))
+    shown = list(fig.layout.xaxis.categoryarray or [])
+    extra = [x for a in anchormod.for_variants(anchormod.RATE_OF.get(metric, metric)) for x in a.series["published"]
+             if x not in shown]
+    fig.update_xaxes(categoryarray=shown + list(dict.fromkeys(extra)))
+    fig.update_layout(title=f"{metric.upper()} relative to {baseline}, with published host-routing and netkit "
+                            "figures (cross-node)", legend_title="position / published")
+    return fig
+
+
 def figures(source, anchors: bool = True, log_x: bool = False) -> dict[str, go.Figure]:
     """Every figure of a run, by a file-friendly name (what the report shows and :func:`export` writes)."""
     points = points_of(source)
@@ -504,6 +532,9 @@ def figures(source, anchors: bool = True, log_x: bool = False) -> dict[str, go.F
                 figs[f"modes-{metric}"] = mode_bars(points, metric)
                 if anchors and anchormod.for_metric(metric) and (points["mode"] == anchormod.ALIBABA_BASELINE).any():
                     figs[f"modes-{metric}-vs-published"] = mode_bars(points, metric, anchors=True)
+                if (anchors and anchormod.for_variants(anchormod.RATE_OF.get(metric, metric))
+                        and (points["mode"] == anchormod.VARIANT_BASELINE).any()):
+                    figs[f"modes-{metric}-vs-published-host-routing"] = variant_bars(points, metric)
         return figs
     present = set(points["position"].dropna())
     order = [p for p in ("first", "middle", "last", "kube-proxy-order") if p in present]
@@ -576,8 +607,8 @@ def trace_names(fig: go.Figure) -> list[str]:
     return [t.name for t in fig.data]
 
 
-__all__ = ["latency_vs_services", "latency_cdf", "cost_vs_services", "mode_bars", "topology", "figures", "export",
-           "latency_summary", "service_anchor_traces", "points_of", "runs_of", "trace_names", "COLORS"]
+__all__ = ["latency_vs_services", "latency_cdf", "cost_vs_services", "mode_bars", "variant_bars", "topology", "figures",
+           "export", "latency_summary", "service_anchor_traces", "points_of", "runs_of", "trace_names", "COLORS"]
 
 
 

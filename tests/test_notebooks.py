@@ -123,6 +123,11 @@ def test_02_pod_network_modes(tmp_path):
     published = [n for f in figs for n in names(f) if n and n.startswith("Alibaba 2020")]
     assert {"Alibaba 2020 TCP_RR (1/rate, rel. to exclusive ENI)",
             "Alibaba 2020 bandwidth (as published, rel. to exclusive ENI)"} <= set(published)
+    # past the study: the host-routing and netkit figures, relative to veth, marked as published overlays
+    overlays = {n for f in figs for n in names(f) if n and n.startswith("published: ")}
+    assert {"published: Linux 5.10 redirect_peer TCP_RR (as published, rel. to veth)",
+            "published: Cilium CNI benchmark TCP_RR (1/rate, rel. to veth)",
+            "published: ByteDance netkit CPS (1/rate, rel. to veth)"} <= overlays, overlays
     assert set(run.points()["mode"]) == {"eni-exclusive", "veth", "overlay"}
     assert (run.path / "report.html").exists()
 

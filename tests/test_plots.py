@@ -197,3 +197,33 @@ def test_panel_form_sets_parameters():
     live = p.live_figure(pd.DataFrame([{"datapath": "ebpf", "services": 1, "position": "last", "repeat": 1,
                                         "metric": "crr", "p50_us": 10.0, "p99_us": 20.0}]))
     assert plots.trace_names(live) == ["ebpf"]
+
+
+def test_variant_bars_mark_published_host_routing_figures(store):
+    """pod-modes' variants in the modes' order (host-network first, <mode>+bpf-hr after <mode>), drawn
+    relative to veth, with the published host-routing and netkit figures as overlays naming their
+    source: the redirect_peer commit's 118.5 -> 44.4 µs, Cilium's CNI benchmark (1/rate), ByteDance's
+    +12 % connections per second (1/1.12 beside CRR)."""
+    run = Run.create("pod-modes", {})
+    for mode, base in (("veth+bpf-hr", 90), ("overlay", 130), ("veth", 100), ("host-network", 80)):
+        for where in ("same-node", "cross-node"):
+            for metric in ("crr", "rr"):
+                run.append({"experiment": "pod-modes", "datapath": "none", "mode": mode, "services": 0,
+                            "position": where, "repeat": 1, "metric": metric, "p50_us": base})
+    run.finish()
+    figs = plots.figures(run)
+    assert {"modes-rr-vs-published-host-routing", "modes-crr-vs-published-host-routing"} <= set(figs)
+    rr = figs["modes-rr-vs-published-host-routing"]
+    assert list(rr.layout.xaxis.categoryarray) == ["host-network", "veth", "veth+bpf-hr", "overlay"]
+    cross = next(t for t in rr.data if t.name == "cross-node")
+    assert dict(zip(cross.x, cross.y)) == {"host-network": 0.8, "overlay": 1.3, "veth": 1.0, "veth+bpf-hr": 0.9}
+    published = {t.name: dict(zip(t.x, t.y)) for t in rr.data if t.name.startswith("published: ")}
+    peer = published["published: Linux 5.10 redirect_peer TCP_RR (as published, rel. to veth)"]
+    assert peer["veth+bpf-hr"] == pytest.approx(44.4 / 118.5)
+    cilium = published["published: Cilium CNI benchmark TCP_RR (1/rate, rel. to veth)"]
+    assert cilium == {"veth": 1.0, "veth+bpf-hr": pytest.approx(34.0 / 45.3), "host-network": pytest.approx(34 / 47.9)}
+    assert all("source: " in t.hovertemplate for t in rr.data if t.name.startswith("published: "))
+    crr = figs["modes-crr-vs-published-host-routing"]
+    netkit = next(t for t in crr.data if t.name.startswith("published: ByteDance netkit CPS"))
+    assert dict(zip(netkit.x, netkit.y))["netkit"] == pytest.approx(1 / 1.12)
+    assert "netkit" in crr.layout.xaxis.categoryarray  # a published point with no bar yet
