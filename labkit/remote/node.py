@@ -26,7 +26,7 @@ from ..measure import loadgen
 from ..spec import Spec
 from ..state import LabState
 from . import payload
-from .ssh import Machine
+from .ssh import Machine, detached
 from .wire import changes_to_json, table_to_json
 
 
@@ -45,25 +45,40 @@ class RemoteNode:
     # ------------------------------------------------------------ build
     def build(self, tar: Path, nics: dict[str, str], start_servers: bool = True, vm: bool = False,
               timeout: float = 900) -> dict:
-        """Unpack labkit on the machine and build the node with the agent: one ssh round trip.
-        ``nics``: lab name -> MAC of each VPC NIC. Returns the agent's report."""
+        """Unpack labkit on the machine and build the node with the agent. ``nics``: lab name -> MAC
+        of each VPC NIC. Returns the agent's report.
+
+        The agent runs detached from the ssh connection that starts it (:func:`~.ssh.detached`), and
+        a second command waits for its report: a connection that drops meanwhile (ssh's exit 255: a
+        TCG guest too busy to answer keepalives, a network hiccup) is opened again and the wait goes
+        on, instead of the build being lost with it. Usually both commands share one connection."""
         args = ["--spec", payload.REMOTE_SPEC, "--node", self.node, "--nics",
                 ",".join(f"{n}={m}" for n, m in nics.items())]
         args += [] if start_servers else ["--no-servers"]
         args += ["--vm"] if vm else []
-        cmd = payload.install_command(payload.agent_command("build-node", *args))
-        with open(tar, "rb") as f:
-            proc = subprocess.run(self.machine.argv(cmd), stdin=f, capture_output=True, text=True, timeout=timeout)
-        log = self._keep_log(proc.stderr)
+        folder = f"{payload.RUN_DIR}/build-{self.node}"
+        start = payload.install_command(detached(payload.agent_command("build-node", *args), folder))
+        proc = self.machine.run_detached(start, folder, stdin=tar, timeout=timeout)
+        log = self._keep_log(proc.stderr + "".join(f"[labkit] the ssh connection dropped ({d}); opened again\n"
+                                                   for d in proc.drops))
+        if proc.returncode != 0:
+            how = {3: f"it did not finish within {timeout:.0f} s",
+                   255: "the ssh connection to the machine failed and did not come back"}.get(
+                       proc.returncode, f"unpacking labkit there exited {proc.returncode}")
+            tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+            raise BackendError(f"building node {self.node} ({self.machine.label}) failed: {how}; its log is in "
+                               f"{log}" + (f", ending:\n{tail}" if tail else ""))
         try:
             out = json.loads(proc.stdout.strip().splitlines()[-1])
         except (json.JSONDecodeError, IndexError):
-            raise BackendError(f"building node {self.node} failed (exit {proc.returncode}); its output is in "
-                               f"{log}") from None
+            tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
+            raise BackendError(f"building node {self.node} ({self.machine.label}) failed: the agent ended without "
+                               f"a report; its output is in {log}" + (f", ending:\n{tail}" if tail else "")) from None
         if "error" in out:
             raise BackendError(f"node {self.node} ({self.machine.label}): {out['error']} (full trace: {log}, "
                                f"and {out.get('log') or 'the agent log'} on the machine)")
         self.cgroup = Path(out["cgroup"])
+        out["ssh_drops"] = len(proc.drops)
         return out
 
     def _keep_log(self, text: str) -> Path:

@@ -27,6 +27,7 @@ REMOTE_ROOT = "/opt/labkit"
 REMOTE_ENV = f"PYTHONPATH={REMOTE_ROOT}/lib LABKIT_CACHE={REMOTE_ROOT}/cache"
 AGENT = f"env {REMOTE_ENV} python3 -m labkit.remote.agent"
 REMOTE_SPEC = f"{REMOTE_ROOT}/spec.yaml"
+RUN_DIR = "/run/labkit-agent"  # outside REMOTE_ROOT (replaced by each install): detached commands' output
 
 
 def build_payload(spec: Spec, dest: Path, python: tuple[int, int] = (3, 11)) -> Path:
@@ -88,5 +89,5 @@ def agent_command(verb: str, *args: str) -> str:
     return " ".join([AGENT, verb, *(shlex.quote(a) for a in args)])
 
 
-__all__ = ["REMOTE_ROOT", "REMOTE_ENV", "AGENT", "REMOTE_SPEC", "build_payload", "install_command", "remote_argv",
-           "agent_command"]
+__all__ = ["REMOTE_ROOT", "REMOTE_ENV", "AGENT", "REMOTE_SPEC", "RUN_DIR", "build_payload", "install_command",
+           "remote_argv", "agent_command"]

@@ -9,8 +9,11 @@ stays connected here (``popen``: an agent serving requests, a load client), and 
 from __future__ import annotations
 
 import io
+import os
+import shlex
 import subprocess
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +68,53 @@ class Machine:
                                f"{(err or out).strip()[-1500:]}")
         return proc
 
+    def run_detached(self, start: str, folder: str, stdin: Path | None = None,
+                     timeout: float = 900) -> subprocess.CompletedProcess:
+        """Run ``start`` (whose last step is a :func:`detached` command writing to ``folder``), then
+        wait for that command's report, opening the connection again while it drops (ssh's exit 255:
+        a TCG guest too busy to answer keepalives, a network hiccup): the command goes on without it.
+        Returns its stdout and stderr; ``returncode`` 0 once it ended (whatever its own status),
+        3 if it did not end within ``timeout``, 255 if the machine stayed unreachable, another code if
+        ``start`` failed. ``drops``: what each dropped connection said."""
+        deadline = time.monotonic() + timeout
+        drops: list[str] = []
+
+        def done(proc, stdout: str = "", stderr: str = "") -> subprocess.CompletedProcess:
+            out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr or proc.stderr)
+            out.drops = drops  # type: ignore[attr-defined]
+            return out
+
+        for attempt in (1, 2):
+            with open(stdin, "rb") if stdin else open(os.devnull, "rb") as f:
+                proc = self._bounded(start, deadline, stdin=f)
+            if proc.returncode == 0:
+                break
+            if proc.returncode != 255:
+                return done(proc)
+            drops.append(f"start: {proc.stderr.strip()[-200:]}")
+            if self._bounded(f"test -e {folder}/started", deadline).returncode == 0:
+                break  # it started before the connection went
+            if attempt == 2:
+                return done(proc)
+        while True:
+            proc = self._bounded(_wait_report(folder, max(1.0, deadline - time.monotonic())), deadline)
+            if proc.returncode != 255 or time.monotonic() > deadline:
+                break
+            drops.append(f"wait: {proc.stderr.strip()[-200:]}")
+            time.sleep(2)
+        if proc.returncode != 0:
+            return done(proc)
+        report, _, err = proc.stdout.partition(f"\n{REPORT_END}\n")
+        return done(proc, report, err)
+
+    def _bounded(self, command: str, deadline: float, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
+        """``command`` bounded by ``deadline`` (a connection that hangs past it counts as dropped: 255)."""
+        try:
+            return subprocess.run(self.argv(command), capture_output=True, stdin=stdin, text=True,
+                                  timeout=max(5.0, deadline - time.monotonic() + 30))
+        except subprocess.TimeoutExpired as exc:
+            return subprocess.CompletedProcess(exc.cmd, 255, "", "timed out")
+
     def popen(self, command: str, tty: bool = False, **popen) -> subprocess.Popen:
         """``command`` started on the machine, its stdio connected as ``popen`` says."""
         return subprocess.Popen(self.argv(command, tty), **popen)
@@ -100,4 +150,26 @@ class Machine:
         return proc.returncode == 0
 
 
-__all__ = ["SshTarget", "Machine"]
+def detached(command: str, folder: str) -> str:
+    """A shell command starting ``command`` detached from the ssh session that runs it (a session of
+    its own, stdin from /dev/null), so that a dropped connection does not end it: its stdout goes to
+    ``folder/out``, its stderr to ``folder/err``, and ``folder/report`` appears (``out`` renamed) when
+    it has ended; ``folder/started`` says it was started. :meth:`Machine.run_detached` waits for it."""
+    inner = f"{command} > {folder}/out 2> {folder}/err; mv {folder}/out {folder}/report"
+    script = (f"mkdir -p {folder} && rm -f {folder}/started {folder}/out {folder}/err {folder}/report && "
+              f": > {folder}/started && setsid sh -c {shlex.quote(inner)} < /dev/null > /dev/null 2>&1 &")
+    return f"sh -c {shlex.quote(script)}"
+
+
+REPORT_END = "@@labkit: stderr follows@@"
+
+
+def _wait_report(folder: str, seconds: float) -> str:
+    """A shell command waiting (at most ``seconds``) for a :func:`detached` command to end, then
+    printing its stdout, the line :data:`REPORT_END` and its stderr; exit 3 if it did not end in time."""
+    loops = max(1, int(seconds / 0.2))
+    return (f"i=0; while [ ! -e {folder}/report ] && [ $i -lt {loops} ]; do sleep 0.2; i=$((i+1)); done; "
+            f"[ -e {folder}/report ] || exit 3; cat {folder}/report; echo '{REPORT_END}'; cat {folder}/err")
+
+
+__all__ = ["SshTarget", "Machine", "detached", "REPORT_END"]

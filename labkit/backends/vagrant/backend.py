@@ -313,6 +313,7 @@ Host *
   ControlPath {vdir}/cm-%n
   ControlPersist 600
   ServerAliveInterval 15
+  ServerAliveCountMax 8
   ConnectTimeout 30
 """)
         return cfg
