@@ -12,7 +12,8 @@ feature (results are cached per process) and raises :class:`~labkit.errors.Missi
 the fix line. ``warn`` rows (e.g. BPF JIT off) do not make :func:`require` fail.
 
 The netns backend is ready when the :data:`NETNS_CORE` features are ok; ipvlan, ip_vs and the VM
-rows never block it: what this kernel lacks runs on the VM backend (Debian 6.1 kernel under QEMU).
+rows never block it: what this kernel lacks runs on the VM backend (Debian's kernels under QEMU: 6.1,
+or 6.12 with ``release: trixie`` for netkit).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ T = TypeVar("T")
 OK, MISSING, WARN = "ok", "missing", "warn"
 PROBE_PREFIX = "lkdoc-"
 NETNS_CORE = ("root", "netns", "veth", "bridge", "vxlan", "macvlan")
-VM_BACKEND = "use the VM backend (`backend: vagrant`, Debian 6.1 kernel) — see `labkit doctor` VM rows"
+VM_BACKEND = ("use the VM backend (`backend: vagrant`: Debian 12's 6.1 kernel, or Debian 13's 6.12 with "
+              "`release: trixie`) — see `labkit doctor` VM rows")
 SETUP = "run ./setup.sh"
 DEBIAN_BCC = Path("/usr/lib/python3/dist-packages/bcc")
 
@@ -229,6 +231,20 @@ def _macvlan(p: _Probe) -> _Result:
 @_check("ipvlan", "links")
 def _ipvlan(p: _Probe) -> _Result:
     return _try_link(p, "ipvlan", link=p.lower(), ipvlan_mode=0)  # 0: l2
+
+
+@_check("netkit", "links")
+def _netkit(p: _Probe) -> _Result:
+    from labkit.modes.netkit import link_add_args
+
+    try:
+        p.netlink(lambda ipr: ipr.link("add", **link_add_args("lkdoc-nk0", "lkdoc-nk1")))
+    except NetlinkError as exc:
+        reason = ("kernel has no netkit (added in 6.7)" if exc.code == 95
+                  else f"kernel refused a netkit link: {os.strerror(exc.code)}")
+        return _missing(reason, f"{reason}: use the VM backend with Debian 13's kernel "
+                                "(`backend: vagrant` and `release: trixie`: 6.12, netkit built in)")
+    return _ok("created a netkit pair in the probe netns")
 
 
 @_check("vxlan", "links")
@@ -637,7 +653,7 @@ def summary(results: list[Capability]) -> str:
     """One line: is the netns backend ready, what moves to the VM backend, is the VM backend ready."""
     missing = [c for c in results if c.status == MISSING]
     core = [c.name for c in missing if c.name in NETNS_CORE]
-    to_vm = [c for c in missing if c.name not in NETNS_CORE and c.group != "vm" and VM_BACKEND in c.fix]
+    to_vm = [c for c in missing if c.name not in NETNS_CORE and c.group != "vm" and "use the VM backend" in c.fix]
     other = [c.name for c in missing if c.name not in core and c not in to_vm and c.group != "vm"]
     vm_missing = [c.name for c in missing if c.group == "vm"]
     parts = ["netns backend: " + ("ready" if not core else f"NOT ready ({', '.join(core)} missing)")]

@@ -178,6 +178,15 @@ class NodeWiring:
                          peer={"ifname": pod_ifname, "net_ns_fd": pns.name, "mtu": mtu})
         return host
 
+    def netkit(self, pod: str, pns: Netns, pod_ifname: str, mtu: int) -> str:
+        """An L3 netkit pair: the primary ``lx-<pod>`` here (down), its peer ``pod_ifname`` in the pod.
+        Returns the node side."""
+        from .modes.netkit import link_add_args
+
+        host = naming.node_iface(pod)
+        self.ns.ipr.link("add", **link_add_args(host, pod_ifname, pns.name, mtu))
+        return host
+
     def routed_host(self, host: str, pp: PodPlan) -> int:
         """The node side of a routed veth: up, 169.254.1.1/32, a /32 route to the pod through it."""
         idx = self.ns.up(host)

@@ -21,13 +21,13 @@ from labkit.errors import MissingFeature
 pytestmark = pytest.mark.timeout(120)
 
 CONTRACT = {
-    "root", "netns", "veth", "macvlan", "ipvlan", "vxlan", "bridge", "br_netfilter", "ip_vs",
+    "root", "netns", "veth", "macvlan", "ipvlan", "netkit", "vxlan", "bridge", "br_netfilter", "ip_vs",
     "iptables-legacy", "iptables-nft", "nftables", "ipset", "bpf", "bpf-jit", "cgroup2", "btf", "bcc",
     "bcc-compile", "kernel-headers", "tc-clsact", "ipvsadm", "iperf3", "sockperf", "gcc", "nginx", "wrk", "vagrant",
     "vagrant-libvirt", "libvirtd", "qemu", "kvm", "box",
 }
 PROBE_LINKS = {"lkdoc-low0", "lkdoc-low1", "lkdoc-veth", "lkdoc-vethp", "lkdoc-macvlan",
-               "lkdoc-ipvlan", "lkdoc-vxlan", "lkdoc-bridge"}
+               "lkdoc-ipvlan", "lkdoc-nk0", "lkdoc-nk1", "lkdoc-vxlan", "lkdoc-bridge"}
 
 
 def test_feature_names_are_the_contract():
@@ -108,6 +108,33 @@ def test_ipvlan_row_matches_the_kernel(results, oracle_netns):
         assert "VM backend" in row.fix and "no ipvlan" in row.fix
         with pytest.raises(MissingFeature, match="VM backend"):
             doctor.require("ipvlan", "pod mode eni-ipvlan")
+
+
+def kernel_has_netkit() -> bool | None:
+    """From the running kernel's own config (iproute2 here predates netkit): None if it has none."""
+    import gzip
+
+    try:
+        text = gzip.open("/proc/config.gz", "rt").read()
+    except OSError:
+        return None
+    return "CONFIG_NETKIT=y" in text
+
+
+@pytest.mark.needs("root")
+def test_netkit_row_matches_the_kernel(results):
+    """The probe makes a netkit pair with labkit's own netlink attributes (pyroute2 has no netkit); the
+    VM test builds netkit pods on Debian 13's kernel with the same attributes."""
+    row, has = results["netkit"], kernel_has_netkit()
+    if has is None:
+        pytest.skip("no /proc/config.gz to compare with")
+    if has:
+        assert row.status == "ok", row
+    else:
+        assert row.status == "missing", row
+        assert "no netkit" in row.fix and "release: trixie" in row.fix
+        with pytest.raises(MissingFeature, match="trixie"):
+            doctor.require("netkit", "pod mode netkit")
 
 
 @pytest.mark.needs("root")

@@ -137,6 +137,17 @@ def test_pod_wiring_is_what_the_mode_says(make_lab, lab_name):
     assert nsexec.read_sysctl(f"lk-{lab_name}.n1", "net.ipv4.ip_forward") == "1"
 
 
+@pytest.mark.skipif(doctor.has("netkit"), reason="this kernel has netkit: the fail-fast path cannot be shown")
+def test_netkit_fails_fast_naming_the_trixie_vms(lab_name):
+    data = modes_spec(lab_name)
+    data["nodes"][0]["pods"].append({"name": "nk", "mode": "netkit"})
+    with pytest.raises(MissingFeature) as exc:
+        lab.up(parse_spec(data), progress=False)
+    assert exc.value.feature == "netkit" and exc.value.needed_by == "pod mode netkit"
+    assert "release: trixie" in exc.value.fix
+    assert leftovers(lab_name) == []  # nothing was created
+
+
 @pytest.mark.skipif(doctor.has("ipvlan"), reason="this kernel has ipvlan: the fail-fast path cannot be shown")
 def test_ipvlan_fails_fast_with_doctor_message(lab_name):
     data = modes_spec(lab_name)
