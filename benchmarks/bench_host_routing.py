@@ -22,6 +22,13 @@ lower, bpf TCP_RR within 10 % of the host network). Differences under ~3 µs are
 Both labs are torn down at the end, also on failure; raw samples go to a temporary results folder
 (``--results`` keeps them).
 
+Where the packets went (the why of the ratios): the host-routing counters of each node
+(``redirect_peer``: delivered into a pod past the node's stack, on the receive side too;
+``redirect_neigh``: sent out of the node past its stack; ``pass``: left to the stack) and, per lab,
+the IP datagrams each namespace's own stack forwarded during the measurement (``Ip: ForwDatagrams``
+of ``n1``, ``n2`` and the VPC router ``vpc``): with eBPF host routing the nodes forward (almost)
+nothing, while the VPC router's stack still forwards every cross-node packet in both labs.
+
     .venv/bin/python benchmarks/bench_host_routing.py [--samples 2000] [--repeat 3] [--datapath ebpf]
                                                       [--kernel-datapath iptables-nft]
 """
@@ -39,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from labkit import lab as labmod
-from labkit import naming
+from labkit import naming, nsexec
 from labkit.experiments import core
 from labkit.hostrouting import BpfHostRouting
 from labkit.measure import loadgen
@@ -79,6 +86,16 @@ def points(labs: dict, metrics: list[str], repeats: int) -> list[core.LatencyPoi
             out.append(core.LatencyPoint(row("host", "cross-node", rep, bpf.spec.datapath), metric,
                                          naming.netns_name(bpf.name, "n1"), None,
                                          str(bpf.plan.nodes["n2"].primary.ip), HOST_PORT))
+    return out
+
+
+def forwarded(lab: str) -> dict[str, int]:
+    """``Ip: ForwDatagrams`` of each namespace of ``lab`` that forwards (nodes and the VPC router)."""
+    out = {}
+    for ns in ("n1", "n2", "vpc"):
+        text = nsexec.run(["cat", "/proc/net/snmp"], naming.netns_name(lab, ns)).stdout
+        head, values = [ln.split() for ln in text.splitlines() if ln.startswith("Ip:")][:2]
+        out[ns] = int(values[head.index("ForwDatagrams")])
     return out
 
 
@@ -164,12 +181,18 @@ def main() -> int:
         pin_current_thread(cpus.orchestration_cpus)
         pts = points(labs, metrics, args.repeat)
         print(f"{len(pts)} points x {args.samples} samples, interleaved (run {run.path})", flush=True)
+        before = {config: forwarded(lb.name) for config, lb in labs.items()}
         core.measure_interleaved(ctx, pts, args.samples, args.warmup, burst=args.burst,
                                  rng=random.Random(args.seed))
         run.finish("complete")
+        forwards = {config: {ns: n - before[config][ns] for ns, n in forwarded(lb.name).items()}
+                    for config, lb in labs.items()}
         stats = {f"{bpf.name}/{hr.ctx.node}": hr.stats() for hr in hrs}
         report(summarise(run, metrics))
         print("host routing counters:", stats)
+        print("datagrams forwarded by each namespace's IP stack during the measurement:",
+              "; ".join(f"{config} lab: " + ", ".join(f"{ns} {n}" for ns, n in f.items())
+                        for config, f in forwards.items()))
     finally:
         if host_server is not None:
             loadgen.stop_server(host_server)

@@ -10,7 +10,7 @@ iptables chain that labkit started.
 
 The same lab with ``datapath: ebpf`` runs too (the box has bcc and its kernel's headers, so the
 socket-LB programs are compiled inside the VMs), a small ``labkit run service-scale --backend
-vagrant`` and a small ``labkit run pod-modes --backend vagrant`` (IPVLAN and veth pods). With the box
+vagrant`` and ``labkit run pod-modes --backend vagrant --quick`` (every mode of the box, IPVLAN included). With the box
 cached, about 8 min on this 2-core machine (TCG): four labs, 1-2 VMs each. The Debian 13 box
 (``release: trixie``) gets its own test: box, the acceptance lab on it, check, bcc (~100 s with the
 box cached, ~3 min building it).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import tarfile
 import time
@@ -545,7 +546,10 @@ def test_trixie_box_and_a_two_node_lab_on_it():
     assert info["features"] == {"netkit": "y", "ipvlan": "m", "ip_vs": "m", "btf": "y", "big_tcp": "ipv4,ipv6"}
     assert f"{built.name}: kernel {info['kernel']}" in box.doctor_row()[1]
 
-    spec = load_spec({**load_spec(VMDEMO).to_dict(), "name": "tvmtrixie", "release": "trixie"})
+    d = load_spec(VMDEMO).to_dict()
+    d["nodes"][0]["pods"].append({"name": "nk-0", "mode": "netkit", "labels": {"app": "web"}})
+    d["nodes"][1]["pods"].append({"name": "nk-1", "mode": "netkit"})
+    spec = load_spec({**d, "name": "tvmtrixie", "release": "trixie"})
     labmod.down(spec.name) if LabState(spec.name).exists else None
     try:
         t0 = time.monotonic()
@@ -557,16 +561,93 @@ def test_trixie_box_and_a_two_node_lab_on_it():
         results = lb.check()
         failed = [r for r in results if not r.ok]
         assert not failed, failed
-        assert {r.observed for r in results if r.kind == "service"} == {"web-0", "web-1", "web-2"}
-        python = lb.backend.node_context(lb.spec, "node1").run(["python3", "-c", "import sys; print(sys.version)"])
+        assert {r.observed for r in results if r.kind == "service"} == {"web-0", "web-1", "web-2", "nk-0"}
+        assert {(r.src, r.dst) for r in results if r.kind == "pod" and r.ok} >= {("nk-1", "nk-0"), ("nk-0", "nk-1")}
+        node1 = lb.backend.node_context(lb.spec, "node1")
+        python = node1.run(["python3", "-c", "import sys; print(sys.version)"])
         assert python.stdout.startswith("3.13"), python.stdout
+        # the netkit pod's node side is a netkit primary in L3 mode: no ARP (Ethernet framing all the same)
+        link = node1.run(["env", "PYTHONPATH=/opt/labkit/lib", "python3", "-c",
+                          "from labkit.modes.netkit import register_netlink; register_netlink()\n"
+                          "from pyroute2 import IPRoute\n"
+                          "l = IPRoute().link('get', ifname='lx-nk-0')[0]\n"
+                          "info = l.get_attr('IFLA_LINKINFO')\n"
+                          "print(info.get_attr('IFLA_INFO_KIND'), info.get_attr('IFLA_INFO_DATA')"
+                          ".get_attr('IFLA_NETKIT_MODE'), l['ifi_type'], l['flags'] & 0x80)"])
+        assert link.stdout.split() == ["netkit", "1", "1", str(0x80)], link  # netkit, NETKIT_L3, ARPHRD_ETHER, NOARP
         path = lb.datapath("node1", "ebpf")
         try:
             assert path.sync(lb.services()).services == 1
             described = path.describe()
-            assert described["attached"] and described["map_backends"] == 3, described
+            assert described["attached"] and described["map_backends"] == 4, described
         finally:
             path.close()
+    finally:
+        labmod.down(spec.name)
+    assert not _host_leftovers(spec.name)
+
+
+NETKIT_LAB = """
+name: tvmnk
+backend: vagrant
+release: trixie
+vpc_cidr: 10.20.0.0/16
+pod_cidr: 10.245.0.0/16
+datapath: ebpf-tc
+host_routing: bpf
+policy_engine: ebpf
+nodes:
+  - name: node1
+    pods:
+      - {name: nk-0, mode: netkit, labels: {app: web}}
+      - {name: cli, mode: netkit, labels: {app: cli}}
+      - {name: ve-0, mode: veth, labels: {app: cli}}
+  - name: node2
+    pods:
+      - {name: nk-1, mode: netkit, labels: {app: web}}
+      - {name: ve-1, mode: veth, labels: {app: web}}
+      - {name: other, mode: veth}
+services:
+  - {name: web, port: 80, target_port: 8080, selector: {app: web}}
+policies:
+  - {name: only-cli, pod_selector: {app: web}, ingress: [{from: [{pod_selector: {app: cli}}]}]}
+"""
+
+
+@VM
+def test_netkit_pods_with_cilium_s_ebpf_on_trixie(tmp_path):
+    """netkit pods (Debian 13's 6.12) with everything Cilium puts on them: the ebpf-tc Service
+    datapath, eBPF host routing and the eBPF policy engine, all attached on the netkit primaries, beside
+    veth pods across two VMs: ``labkit check`` passes (pods, the Service to netkit and veth backends,
+    the policy's allows and denies), and TCP_RR across nodes netkit to netkit against veth to veth in
+    the same VMs is reported (TCG: functional only). ~2.5 min here."""
+    from labkit import lab as labmod
+
+    spec = load_spec(NETKIT_LAB)
+    labmod.down(spec.name) if LabState(spec.name).exists else None
+    try:
+        lb = labmod.up(spec, progress=False)
+        results = lb.check()
+        failed = [r for r in results if not r.ok]
+        assert not failed, failed
+        assert {r.observed for r in results if r.kind == "service"} >= {"nk-0", "nk-1", "ve-1"}
+        policy = {(r.src, r.dst): r.observed for r in results if r.kind == "policy"}
+        assert policy[("cli", "nk-1")] == "allow" and policy[("other", "nk-0")] == "deny", policy
+        node1 = lb.backend.node_context(lb.spec, "node1")
+        tc = {hook: node1.run(["tc", "filter", "show", "dev", "lx-nk-0", hook]).stdout for hook in ("ingress", "egress")}
+        for prog in ("lk_pol_from_pod", "lk_from_container", "lk_host_from_container"):  # policy, Service LB, host routing
+            assert prog in tc["ingress"], tc
+        plan = lb.plan
+        p50 = {"netkit": [], "veth": []}
+        for _ in range(3):  # interleaved
+            for mode, src, dst in (("netkit", "cli", "nk-1"), ("veth", "ve-0", "ve-1")):
+                res = lb.run_client(src, "rr", str(plan.pods[dst].ip), 8080, samples=300, warmup=30)
+                assert res["errors"] == 0, res
+                p50[mode].append(res["p50_us"])
+        ratio = statistics.median(p50["netkit"]) / statistics.median(p50["veth"])
+        print(f"TCP_RR p50 across VMs (TCG, functional only): netkit {p50['netkit']} us, veth {p50['veth']} us: "
+              f"netkit/veth {ratio:.2f}")
+        assert 0.3 < ratio < 3, p50  # both work, neither stalls (a figure, not a performance claim)
     finally:
         labmod.down(spec.name)
     assert not _host_leftovers(spec.name)
@@ -612,22 +693,23 @@ def test_tiny_service_scale_runs_on_vms(tmp_path):
 
 
 @VM
-def test_pod_modes_with_ipvlan_run_on_vms(tmp_path):
-    """`labkit run pod-modes --backend vagrant`: the Terway comparison this host's kernel cannot make
-    (no ipvlan here), on two VMs: shared-ENI IPVLAN pods next to veth pods, same node and across
-    nodes, lkclient and iperf3 inside the VMs, the VMs' kernel in the manifest, the lab gone after."""
-    _, run = _labkit_run(tmp_path, ["pod-modes", "--quick", "--backend", "vagrant", "--modes", "eni-ipvlan,veth",
-                                    "--metrics", "crr,udp_rr,bandwidth", "--repeats", "1", "--samples", "60",
-                                    "--warmup", "6", "--burst", "30"])
+def test_pod_modes_quick_runs_every_mode_on_vms(tmp_path):
+    """`labkit run pod-modes --backend vagrant --quick`, as a user runs it (default modes: every mode
+    of the box's kernel, IPVLAN included, which this host lacks): every mode got its TCP_CRR and
+    TCP_RR points same node and across nodes without errors, lkclient in the VMs, the VMs' kernel in
+    the manifest, the run's phases logged, within the issue's 5 min, and the lab gone after."""
+    t0 = time.monotonic()
+    _, run = _labkit_run(tmp_path, ["pod-modes", "--quick", "--backend", "vagrant"])
+    took = time.monotonic() - t0
     m, pts = run.manifest(), run.points()
     assert m["status"] == "complete" and m["backend"] == "vagrant"
     assert set(m["node_kernels"]) == {"node1", "node2"}
     assert set(m["node_kernels"].values()) == {box.status()["kernel"]} != {m["machine"]["kernel"]}
-    lat = pts[pts.metric.isin(["crr", "udp_rr"])]
-    assert set(zip(lat["mode"], lat["position"], lat["metric"])) == {
-        (mode, where, metric) for mode in ("eni-ipvlan", "veth") for where in ("same-node", "cross-node")
-        for metric in ("crr", "udp_rr")}
-    assert (lat.samples == 60).all() and (lat.errors <= 6).all(), lat  # TCG: a few counted timeouts
-    bw = pts[pts.metric == "bandwidth"]
-    assert len(bw) == 4 and (bw.value > 0).all(), bw
+    modes = m["params"]["modes"]
+    assert "eni-ipvlan" in modes and "host-network" not in modes  # the box's kernel's modes, pods only
+    assert set(zip(pts["mode"], pts["position"], pts["metric"])) == {
+        (mode, where, metric) for mode in modes for where in ("same-node", "cross-node") for metric in ("crr", "rr")}
+    assert (pts.samples == 400).all() and (pts.errors == 0).all(), pts[pts.errors > 0]
+    assert set(m["phases"]) >= {"setup", "latency", "teardown"} and (run.path / "run.log").exists()
+    assert took < 300 * 1.3, f"{took:.0f} s (the issue's goal: 5 min; this machine's load varies)"
     assert not _host_leftovers(m["labs"]["pod-modes"])
