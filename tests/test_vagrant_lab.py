@@ -12,8 +12,9 @@ The same lab with ``datapath: ebpf`` runs too (the box has bcc and its kernel's 
 socket-LB programs are compiled inside the VMs), a small ``labkit run service-scale --backend
 vagrant`` and ``labkit run pod-modes --backend vagrant --quick`` (every mode of the box, IPVLAN included). With the box
 cached, about 8 min on this 2-core machine (TCG): four labs, 1-2 VMs each. The Debian 13 box
-(``release: trixie``) gets its own test: box, the acceptance lab on it, check, bcc (~100 s with the
-box cached, ~3 min building it).
+(``release: trixie``) gets its own test: box, a lab of netkit and veth pods with ebpf-tc, eBPF host
+routing and the eBPF policy engine on it, check, netkit vs veth TCP_RR (~2.5 min with the box cached,
+~4 min building it).
 """
 
 from __future__ import annotations
@@ -529,64 +530,6 @@ def test_ebpf_service_inside_a_vm():
     assert not _host_leftovers(spec.name)
 
 
-@VM
-def test_trixie_box_and_a_two_node_lab_on_it():
-    """Debian 13: its box builds offline (or is reused) with kernel 6.12 and the features bookworm's 6.1
-    lacks recorded (netkit, BIG TCP over IPv4), doctor lists it beside bookworm's; the acceptance lab
-    with ``release: trixie`` comes up on it (the agent on python3.13, pyroute2, IPVLAN, an exclusive
-    ENI, IPVS), passes ``labkit check``, and trixie's bcc compiles the socket-LB for a node; ``down``
-    leaves nothing. 98 s here with the box cached (up 63 s); a fresh box adds its build (87 s here)."""
-    from labkit import lab as labmod
-
-    t0 = time.monotonic()
-    built = box.build(box.BoxRecipe(release="trixie"), log=print)
-    print(f"trixie box ready in {time.monotonic() - t0:.0f} s ({built.name})")
-    info = built.info()
-    assert built.ready() and built.name.startswith("labkit/debian13-") and info["kernel"].startswith("6.12.")
-    assert info["features"] == {"netkit": "y", "ipvlan": "m", "ip_vs": "m", "btf": "y", "big_tcp": "ipv4,ipv6"}
-    assert f"{built.name}: kernel {info['kernel']}" in box.doctor_row()[1]
-
-    d = load_spec(VMDEMO).to_dict()
-    d["nodes"][0]["pods"].append({"name": "nk-0", "mode": "netkit", "labels": {"app": "web"}})
-    d["nodes"][1]["pods"].append({"name": "nk-1", "mode": "netkit"})
-    spec = load_spec({**d, "name": "tvmtrixie", "release": "trixie"})
-    labmod.down(spec.name) if LabState(spec.name).exists else None
-    try:
-        t0 = time.monotonic()
-        lb = labmod.up(spec, progress=False)
-        meta = LabState(spec.name).meta()
-        print(f"{spec.name} up in {time.monotonic() - t0:.0f} s: {meta['times']['nodes']}")
-        assert meta["release"] == "trixie" and meta["box"] == built.name
-        assert set(meta["kernels"].values()) == {info["kernel"]}
-        results = lb.check()
-        failed = [r for r in results if not r.ok]
-        assert not failed, failed
-        assert {r.observed for r in results if r.kind == "service"} == {"web-0", "web-1", "web-2", "nk-0"}
-        assert {(r.src, r.dst) for r in results if r.kind == "pod" and r.ok} >= {("nk-1", "nk-0"), ("nk-0", "nk-1")}
-        node1 = lb.backend.node_context(lb.spec, "node1")
-        python = node1.run(["python3", "-c", "import sys; print(sys.version)"])
-        assert python.stdout.startswith("3.13"), python.stdout
-        # the netkit pod's node side is a netkit primary in L3 mode: no ARP (Ethernet framing all the same)
-        link = node1.run(["env", "PYTHONPATH=/opt/labkit/lib", "python3", "-c",
-                          "from labkit.modes.netkit import register_netlink; register_netlink()\n"
-                          "from pyroute2 import IPRoute\n"
-                          "l = IPRoute().link('get', ifname='lx-nk-0')[0]\n"
-                          "info = l.get_attr('IFLA_LINKINFO')\n"
-                          "print(info.get_attr('IFLA_INFO_KIND'), info.get_attr('IFLA_INFO_DATA')"
-                          ".get_attr('IFLA_NETKIT_MODE'), l['ifi_type'], l['flags'] & 0x80)"])
-        assert link.stdout.split() == ["netkit", "1", "1", str(0x80)], link  # netkit, NETKIT_L3, ARPHRD_ETHER, NOARP
-        path = lb.datapath("node1", "ebpf")
-        try:
-            assert path.sync(lb.services()).services == 1
-            described = path.describe()
-            assert described["attached"] and described["map_backends"] == 4, described
-        finally:
-            path.close()
-    finally:
-        labmod.down(spec.name)
-    assert not _host_leftovers(spec.name)
-
-
 NETKIT_LAB = """
 name: tvmnk
 backend: vagrant
@@ -615,33 +558,61 @@ policies:
 
 
 @VM
-def test_netkit_pods_with_cilium_s_ebpf_on_trixie(tmp_path):
-    """netkit pods (Debian 13's 6.12) with everything Cilium puts on them: the ebpf-tc Service
+def test_trixie_box_and_netkit_pods_with_cilium_s_ebpf_on_it():
+    """Debian 13: its box builds offline (or is reused) with kernel 6.12 and the features bookworm's 6.1
+    lacks recorded (netkit, BIG TCP over IPv4), doctor lists it beside bookworm's. A lab with
+    ``release: trixie`` comes up on it (the agent on python3.13, pyroute2, trixie's bcc with LLVM 19
+    compiling the tc programs) with netkit pods and everything Cilium puts on them: the ebpf-tc Service
     datapath, eBPF host routing and the eBPF policy engine, all attached on the netkit primaries, beside
-    veth pods across two VMs: ``labkit check`` passes (pods, the Service to netkit and veth backends,
-    the policy's allows and denies), and TCP_RR across nodes netkit to netkit against veth to veth in
-    the same VMs is reported (TCG: functional only). ~2.5 min here."""
+    veth pods across two VMs. ``labkit check`` passes (pods, the Service to netkit and veth backends, the
+    policy's allows and denies); TCP_RR across nodes, netkit to netkit against veth to veth in the same
+    VMs, is reported (TCG: functional only); ``down`` leaves nothing. ~2.5 min here with the box cached;
+    a fresh box adds its build (87 s here). IPVLAN and IPVS run on the bookworm labs above."""
     from labkit import lab as labmod
+
+    t0 = time.monotonic()
+    built = box.build(box.BoxRecipe(release="trixie"), log=print)
+    print(f"trixie box ready in {time.monotonic() - t0:.0f} s ({built.name})")
+    info = built.info()
+    assert built.ready() and built.name.startswith("labkit/debian13-") and info["kernel"].startswith("6.12.")
+    assert info["features"] == {"netkit": "y", "ipvlan": "m", "ip_vs": "m", "btf": "y", "big_tcp": "ipv4,ipv6"}
+    assert f"{built.name}: kernel {info['kernel']}" in box.doctor_row()[1]
 
     spec = load_spec(NETKIT_LAB)
     labmod.down(spec.name) if LabState(spec.name).exists else None
     try:
+        t0 = time.monotonic()
         lb = labmod.up(spec, progress=False)
+        meta = LabState(spec.name).meta()
+        print(f"{spec.name} up in {time.monotonic() - t0:.0f} s: {meta['times']['nodes']}")
+        assert meta["release"] == "trixie" and meta["box"] == built.name
+        assert set(meta["kernels"].values()) == {info["kernel"]}
         results = lb.check()
         failed = [r for r in results if not r.ok]
         assert not failed, failed
         assert {r.observed for r in results if r.kind == "service"} >= {"nk-0", "nk-1", "ve-1"}
-        policy = {(r.src, r.dst): r.observed for r in results if r.kind == "policy"}
-        assert policy[("cli", "nk-1")] == "allow" and policy[("other", "nk-0")] == "deny", policy
+        policy = {(r.src, r.dst): r.observed for r in results if r.kind == "policy"}  # pod to pod, judged
+        assert policy[("cli", "nk-1")] == "allow" and policy[("nk-1", "cli")] == "allow", policy  # netkit across VMs
+        assert policy[("other", "nk-0")] == "deny" and policy[("nk-0", "nk-1")] == "deny", policy
         node1 = lb.backend.node_context(lb.spec, "node1")
-        tc = {hook: node1.run(["tc", "filter", "show", "dev", "lx-nk-0", hook]).stdout for hook in ("ingress", "egress")}
+        python = node1.run(["python3", "-c", "import sys; print(sys.version)"])
+        assert python.stdout.startswith("3.13"), python.stdout
+        # the netkit pod's node side is a netkit primary in L3 mode: no ARP (Ethernet framing all the same)
+        link = node1.run(["env", "PYTHONPATH=/opt/labkit/lib", "python3", "-c",
+                          "from labkit.modes.netkit import register_netlink; register_netlink()\n"
+                          "from pyroute2 import IPRoute\n"
+                          "l = IPRoute().link('get', ifname='lx-nk-0')[0]\n"
+                          "info = l.get_attr('IFLA_LINKINFO')\n"
+                          "print(info.get_attr('IFLA_INFO_KIND'), info.get_attr('IFLA_INFO_DATA')"
+                          ".get_attr('IFLA_NETKIT_MODE'), l['ifi_type'], l['flags'] & 0x80)"])
+        assert link.stdout.split() == ["netkit", "1", "1", str(0x80)], link  # netkit, NETKIT_L3, ARPHRD_ETHER, NOARP
+        tc = node1.run(["tc", "filter", "show", "dev", "lx-nk-0", "ingress"]).stdout
         for prog in ("lk_pol_from_pod", "lk_from_container", "lk_host_from_container"):  # policy, Service LB, host routing
-            assert prog in tc["ingress"], tc
-        plan = lb.plan
+            assert prog in tc, tc
         p50 = {"netkit": [], "veth": []}
         for _ in range(3):  # interleaved
             for mode, src, dst in (("netkit", "cli", "nk-1"), ("veth", "ve-0", "ve-1")):
-                res = lb.run_client(src, "rr", str(plan.pods[dst].ip), 8080, samples=300, warmup=30)
+                res = lb.run_client(src, "rr", str(lb.plan.pods[dst].ip), 8080, samples=300, warmup=30)
                 assert res["errors"] == 0, res
                 p50[mode].append(res["p50_us"])
         ratio = statistics.median(p50["netkit"]) / statistics.median(p50["veth"])
