@@ -300,8 +300,16 @@ def test_payload_holds_labkit_pyroute2_natives_and_spec(tmp_path):
 
 
 def test_mgmt_subnet_avoids_host_routes():
-    net = vg.names.pick_mgmt_subnet("vmdemo")
-    assert net.prefixlen == 24 and str(net).startswith("192.168.")
+    import ipaddress
+
+    first = vg.names.pick_mgmt_subnet("vmdemo", used=[])
+    assert first.prefixlen == 24 and str(first).startswith("192.168.")
+    taken = [ipaddress.IPv4Network(f"{first.network_address + 256 * k}/24") for k in range(3)
+             if int(first.network_address + 256 * k) < int(ipaddress.IPv4Address("192.168.200.0"))]
+    other = vg.names.pick_mgmt_subnet("vmdemo", used=taken + [ipaddress.IPv4Network("0.0.0.0/0")])
+    assert other.prefixlen == 24 and not any(other.overlaps(t) for t in taken), other
+    assert vg.names.pick_mgmt_subnet("vmdemo") not in [n for n in vg.names.host_routes() if n.prefixlen]
+    assert ipaddress.IPv4Network("127.0.0.0/8") in vg.names.host_routes()  # every table, local included
 
 
 # ------------------------------------------------------------------ real VMs

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import subprocess
+import socket
 from pathlib import Path
 
 from ... import naming
@@ -62,16 +62,19 @@ def mgmt_ip(mgmt: ipaddress.IPv4Network, node_index: int) -> ipaddress.IPv4Addre
     return mgmt.network_address + 10 + node_index
 
 
-def pick_mgmt_subnet(lab: str) -> ipaddress.IPv4Network:
-    """A free /24 in 192.168.100-199.0 for a lab's management network (the hash of its name first)."""
-    used = []
-    proc = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        tok = line.split()[0] if line.split() else ""
-        try:
-            used.append(ipaddress.IPv4Network(tok if "/" in tok else f"{tok}/32", strict=False))
-        except ValueError:
-            pass
+def host_routes() -> list[ipaddress.IPv4Network]:
+    """The destinations of this host's IPv4 routes, every table (netlink, as ``ip route show table all``)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return [ipaddress.IPv4Network(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}", strict=False)
+                for r in ipr.route("dump", family=socket.AF_INET)]
+
+
+def pick_mgmt_subnet(lab: str, used: list[ipaddress.IPv4Network] | None = None) -> ipaddress.IPv4Network:
+    """A /24 in 192.168.100-199.0 for a lab's management network (the hash of its name first) that no
+    route of this host (``used``, default :func:`host_routes`; default routes aside) overlaps."""
+    used = host_routes() if used is None else used
     start = int(hashlib.sha1(lab.encode()).hexdigest(), 16) % 100
     for k in range(100):
         net = ipaddress.IPv4Network(f"192.168.{100 + (start + k) % 100}.0/24")
