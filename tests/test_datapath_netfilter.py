@@ -43,6 +43,8 @@ PORT, TARGET = 80, 8080
 BACKENDS = ("be0", "be1", "be2")
 CLUSTER_CIDR, SERVICE_CIDR = "10.244.0.0/16", "10.96.0.0/12"
 DATAPATHS = ("iptables-legacy", "iptables-nft", "nftables", "nftables-vmap")
+IPTABLES = DATAPATHS[:2]  # kube-proxy versions and Go map order are options of these
+ON_IPTABLES = pytest.mark.parametrize("topo", IPTABLES, indirect=True)
 SHORT = {"iptables-legacy": "ipl", "iptables-nft": "ipn", "nftables": "nft", "nftables-vmap": "nfv"}
 
 
@@ -293,9 +295,7 @@ OUTSIDE = "192.0.2.1"  # TEST-NET-1: a node address outside the cluster CIDR, on
 
 @contextlib.contextmanager
 def iptables_datapath(topo, **options):
-    """The topology's iptables datapath with ``options`` (skips the nftables ones), cleaned up after."""
-    if not topo.datapath.startswith("iptables"):
-        pytest.skip("kube-proxy versions and Go map order are options of the iptables datapaths")
+    """The topology's iptables datapath with ``options``, cleaned up after."""
     datapath = get(topo.datapath)(topo.ctx(), **options)
     datapath.preflight()
     try:
@@ -337,6 +337,7 @@ def ask_from(topo, src: str, ip: str, port: int = PORT) -> str:
 
 
 @pytest.mark.parametrize("version", ["current", "1.18"])
+@ON_IPTABLES
 def test_kube_proxy_version_reaches_backends_and_masquerades_outside_sources(topo, version):
     """Both versions' tables load as rendered and work: a ClusterIP reaches its backends, a pod
     (inside the cluster CIDR) is not masqueraded, a source outside it is (the MASQUERADE rule counts
@@ -376,6 +377,7 @@ def test_kube_proxy_version_reaches_backends_and_masquerades_outside_sources(top
 
 
 @pytest.mark.parametrize("version", ["current", "1.18"])
+@ON_IPTABLES
 def test_go_map_order_moves_services_and_place_names_the_kernels_rule(topo, version):
     """With Go's map order every full sync puts a service elsewhere in KUBE-SERVICES, and the place
     the datapath reports is the index of the service's jump among the chain's rules in
@@ -406,12 +408,11 @@ def test_go_map_order_moves_services_and_place_names_the_kernels_rule(topo, vers
         assert topo.who(vip(20), 2).counts == {"be2": 2}
 
 
+@ON_IPTABLES
 def test_switching_kube_proxy_versions_leaves_only_the_new_versions_rules(topo):
     """A full sync of one version over the other's rules leaves exactly its own KUBE rules and jump
     rules: v1.18 removes the firewall and health-check jumps and chains, current removes v1.18's
     INPUT -> KUBE-SERVICES jump; the service keeps working throughout."""
-    if not topo.datapath.startswith("iptables"):
-        pytest.skip("kube-proxy versions are options of the iptables datapaths")
     table = ServiceTable.of([svc("web", vip(0), topo.endpoints("be0", "be1")), svc("none", vip(1), ())])
     with iptables_datapath(topo) as dp:
         for version in ("current", "1.18", "current"):
