@@ -14,13 +14,15 @@ are made of (:meth:`NodeWiring.veth`, :meth:`NodeWiring.routed_host`, :meth:`Nod
 :meth:`NodeWiring.add_bridge`).
 
 Sysctls are written only inside the lab's namespaces: in a node ``net.ipv4.ip_forward=1``,
-``rp_filter=0``, what a mode sets on its own objects (``proxy_arp`` on a bridge), and
+``rp_filter=0``, what a mode sets on its own objects (``proxy_arp`` on a bridge), in a pod the
+kernel's default ARP settings (:data:`POD_SYSCTLS`, not the machine's), and
 ``net.bridge.bridge-nf-call-iptables=1`` where pods sit on a bridge (kube-proxy needs it for traffic
 between two pods on one bridge).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -36,6 +38,12 @@ from .spec import Node, Pod, Spec
 IFA_F_NOPREFIXROUTE = 0x200
 RTNH_F_ONLINK = 4
 RTN_THROW = 9
+# a pod's ARP behaviour is the kernel's default, whatever the machine's: a new namespace copies its
+# IPv4 settings from the machine's own (net.core.devconf_inherit_init_net=0), and a VM node sets
+# arp_ignore=1 there (its NICs share one segment), with which an exclusive-ENI pod never answers its
+# node's ARP on veth1 (the address is on the ENI): the node then could not reach it
+POD_SYSCTLS = {"net.ipv4.conf.all.arp_ignore": 0, "net.ipv4.conf.default.arp_ignore": 0,
+               "net.ipv4.conf.all.arp_announce": 0, "net.ipv4.conf.default.arp_announce": 0}
 
 
 @dataclass
@@ -81,6 +89,14 @@ class Netns:
         self.ipr.close()
 
 
+def device_mac(lab: str, node: str, ifname: str) -> str:
+    """The fixed, locally administered MAC of a device a node creates (bridges, the node side of veths),
+    given at creation: a new device's random MAC is what udev's MACAddressPolicy=persistent replaces,
+    some time after creation, racing with whatever labkit does next; a MAC set at creation is left alone."""
+    digest = hashlib.sha1(f"{lab}/{node}/{ifname}".encode()).digest()
+    return "0a:" + ":".join(f"{b:02x}" for b in digest[:5])
+
+
 def open_netns(name: str | None) -> Netns:
     return Netns(name, nsexec.iproute(name))
 
@@ -111,6 +127,9 @@ class NodeWiring:
     @property
     def me(self) -> NodePlan:
         return self.plan.nodes[self.node.name]
+
+    def mac(self, ifname: str) -> str:
+        return device_mac(self.spec.name, self.node.name, ifname)
 
     # ------------------------------------------------------------ node
     def setup_node(self) -> None:
@@ -147,7 +166,7 @@ class NodeWiring:
 
     def add_bridge(self, name: str, ip: IPv4Address, prefixlen: int, mtu: int) -> None:
         """A node bridge with an address (a mode's, e.g. kubenet's cbr0)."""
-        self.ns.ipr.link("add", ifname=name, kind="bridge")
+        self.ns.ipr.link("add", ifname=name, kind="bridge", address=self.mac(name))
         self.ns.up(name, mtu=mtu)
         self.ns.addr(name, ip, prefixlen)
 
@@ -163,6 +182,7 @@ class NodeWiring:
         name = self.pod_ns(pod.name)
         pns = create_netns(name, self.record)
         try:
+            pns.sysctl(POD_SYSCTLS)
             host = modes.get(pod.mode).wire(self, pod, pp, pns)
         finally:
             pns.close()
@@ -174,7 +194,7 @@ class NodeWiring:
     def veth(self, pod: str, pns: Netns, pod_ifname: str, mtu: int) -> str:
         """A veth pair: ``lx-<pod>`` here (down), ``pod_ifname`` in the pod. Returns the node side."""
         host = naming.node_iface(pod)
-        self.ns.ipr.link("add", ifname=host, kind="veth", mtu=mtu,
+        self.ns.ipr.link("add", ifname=host, kind="veth", mtu=mtu, address=self.mac(host),
                          peer={"ifname": pod_ifname, "net_ns_fd": pns.name, "mtu": mtu})
         return host
 
@@ -233,4 +253,4 @@ def vpc_routes(plan: AddressPlan) -> list[tuple[str, dict]]:
     return routes
 
 
-__all__ = ["Netns", "NodeWiring", "create_netns", "open_netns", "vpc_routes"]
+__all__ = ["Netns", "NodeWiring", "POD_SYSCTLS", "create_netns", "device_mac", "open_netns", "vpc_routes"]

@@ -135,6 +135,18 @@ def test_pod_wiring_is_what_the_mode_says(make_lab, lab_name):
     with nsexec.iproute(lb.pod_netns("a-overla")) as ipr:
         assert ipr.get_links(ipr.link_lookup(ifname="eth0")[0])[0].get_attr("IFLA_MTU") == 1450
     assert nsexec.read_sysctl(f"lk-{lab_name}.n1", "net.ipv4.ip_forward") == "1"
+    # devices labkit makes in a node have the MACs it gave them when making them (udev's
+    # MACAddressPolicy=persistent replaces a new device's random MAC some time later: on a VM node it
+    # replaced vxlan0's, which the other nodes' FDB names); pods keep the kernel's ARP defaults
+    from labkit.topology import POD_SYSCTLS, device_mac
+
+    with nsexec.iproute(f"lk-{lab_name}.n1") as ipr:
+        macs = {l.get_attr("IFLA_IFNAME"): l.get_attr("IFLA_ADDRESS") for l in ipr.get_links()}
+    made = [n for n in macs if n.startswith("lx-") or n in ("cbr0", "cni0")]
+    assert len(made) >= 4 and all(macs[n] == device_mac(lab_name, "n1", n) for n in made), macs
+    assert macs["vxlan0"] == lb.plan.nodes["n1"].vxlan_mac
+    for pod in ("a-eni-ex", "a-veth"):
+        assert {k: nsexec.read_sysctl(lb.pod_netns(pod), k) for k in POD_SYSCTLS} == {k: "0" for k in POD_SYSCTLS}
 
 
 @pytest.mark.skipif(doctor.has("netkit"), reason="this kernel has netkit: the fail-fast path cannot be shown")

@@ -386,6 +386,9 @@ def test_vmdemo_check_passes_across_vms(vmdemo):
     assert {"pod", "service"} <= kinds
     # the IPVLAN pod on node1 answered a pod on node2, and the service reached all three backends
     assert any(r.src == "web-1" and r.dst == "web-0" and r.ok for r in results if r.kind == "pod")
+    # a veth pod reaches the exclusive-ENI pod of its node through the node, over the pod's veth1: the
+    # pod must answer its node's ARP there (it did not when it inherited the VM's arp_ignore=1)
+    assert any(r.src == "cli-2" and r.dst == "web-2" and r.ok for r in results if r.kind == "pod")
     seen = {r.observed for r in results if r.kind == "service"}
     assert seen == {"web-0", "web-1", "web-2"}
 

@@ -42,9 +42,12 @@ class Overlay(BridgedVeth):
     @staticmethod
     def _vxlan(w) -> None:
         ns, me = w.ns, w.me
+        # the MAC the other nodes' FDB and ARP entries name, given at creation: a MAC set afterwards loses
+        # a race with udev (systemd's MACAddressPolicy=persistent replaces a new device's random MAC,
+        # as it did to Flannel's flannel.1; seen in the VM lab: cross-node overlay traffic black-holed)
         ns.ipr.link("add", ifname="vxlan0", kind="vxlan", vxlan_id=VXLAN_VNI, vxlan_local=str(me.primary.ip),
-                    vxlan_port=VXLAN_PORT, vxlan_learning=0, vxlan_link=ns.index("eth0"))
-        ns.up("vxlan0", mtu=VPC_MTU - VXLAN_OVERHEAD, address=me.vxlan_mac)
+                    vxlan_port=VXLAN_PORT, vxlan_learning=0, vxlan_link=ns.index("eth0"), address=me.vxlan_mac)
+        ns.up("vxlan0", mtu=VPC_MTU - VXLAN_OVERHEAD)
         ns.addr("vxlan0", me.overlay_subnet.network_address, 32)
         vx = ns.index("vxlan0")
         for other in w.plan.nodes.values():
