@@ -55,6 +55,7 @@ ENVIRONMENT = {
     "LABKIT_CACHE": "compiled helpers and VM boxes (default ~/.cache/labkit)",
     "LABKIT_VM_DRIVER": "kvm or qemu: force the VM backend's driver (default: probed)",
     "LABKIT_KEEP_FAILED": "keep a VM lab whose up failed, for inspection",
+    "LABKIT_SOCKET": "the labkit daemon's socket, used when not root (default /run/labkit/labkit.sock)",
 }
 
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except PermissionError as exc:
         if os.geteuid() != 0:
-            print(f"labkit: {exc}; labkit needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN)", file=sys.stderr)
+            print(f"labkit: {exc}; labs need root (CAP_NET_ADMIN, CAP_SYS_ADMIN), or a labkit daemon that root "
+                  f"started (`sudo labkit serve`), which the CLI then uses", file=sys.stderr)
             return 2
         raise
 

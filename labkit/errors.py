@@ -11,7 +11,8 @@ LabkitError                  exit 5 unless a subclass says otherwise
 ├── BackendError         5   a backend failed to realise or tear down a lab
 ├── DatapathError        5   a datapath failed to render or apply rules (previous state left intact)
 ├── MeasurementError     1   a load generator failed; raw samples already saved are kept
-└── ResultsStoreError    6   the results store could not be written (full, read-only)
+├── ResultsStoreError    6   the results store could not be written (full, read-only)
+└── Refused              7   the labkit daemon refused a participant's request (a quota, a limit)
 """
 
 
@@ -25,6 +26,7 @@ EXIT_CODES = {
     4: "the lab or run does not exist",
     5: "building, changing or removing a lab failed (the message says what and where; the lab's log has more)",
     6: "the results store could not be written (full or read-only); what was written before is kept",
+    7: "the labkit daemon refused the request: a quota or a limit of the classroom (the message names it)",
     130: "interrupted (Ctrl-C)",
 }
 
@@ -99,3 +101,10 @@ class ResultsStoreError(LabkitError):
     """The results store could not be written (full, read-only). Points written before are kept."""
 
     exit_code = 6
+
+
+class Refused(LabkitError):
+    """The labkit daemon refused a participant's request: over a quota, past a limit, or something it
+    does not do on anyone's behalf. Nothing was created."""
+
+    exit_code = 7

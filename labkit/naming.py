@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 PREFIX = "lk-"
+MAX_LAB_NAME = 20
 LAB_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
 LAB_NAME_RULE = "a lab name starts with a letter and has at most 20 lower-case letters, digits and '-'"
 
@@ -58,5 +59,5 @@ def node_iface(pod: str) -> str:
     return f"lx-{pod}"
 
 
-__all__ = ["PREFIX", "LAB_NAME", "lab_name_problem", "check_lab_name", "lab_prefix", "netns_name", "lab_of_netns",
+__all__ = ["PREFIX", "MAX_LAB_NAME", "LAB_NAME", "lab_name_problem", "check_lab_name", "lab_prefix", "netns_name", "lab_of_netns",
            "node_iface"]

@@ -51,8 +51,11 @@ def _services_args(p) -> None:
 @command("up", "build a lab from a spec file", _up_args, order=10)
 def up(args) -> int:
     from .. import lab
+    from ..serve.client import use_daemon
     from ..spec import load_spec
 
+    if use_daemon():
+        return _daemon_up(args)
     spec = load_spec(args.spec)
     if args.datapath:
         spec = spec.replace(datapath=args.datapath)  # lab.up validates it
@@ -73,6 +76,10 @@ def down(args) -> int:
         raise UsageError("--everyone goes with --all (every lab on this machine); to remove one lab, name it")
     if args.all and args.names:
         raise UsageError("name labs or give --all, not both")
+    from ..serve.client import use_daemon
+
+    if use_daemon():
+        return _daemon_down(args)
     if args.all:
         mine = [r for r in lab.labs() if args.everyone or r["owner"] == os.getuid()]
         names = [r["name"] for r in mine]
@@ -98,7 +105,15 @@ def down(args) -> int:
 @command("ls", "list labs", _ls_args, order=30)
 def ls(args) -> int:
     from .. import lab
+    from ..serve.client import Client, use_daemon
 
+    if use_daemon():
+        rows = Client().ls()
+        if args.json:
+            print(json.dumps(rows, indent=1))
+            return 0
+        print(table(rows, ["name", "user", "backend", "status", "nodes", "pods", "datapath"]) if rows else "no labs")
+        return 0
     rows = lab.labs()
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -113,8 +128,12 @@ def ls(args) -> int:
 @command("check", "real connections between all pods and to every service", _check_args, order=40)
 def check(args) -> int:
     from .. import lab
+    from ..serve.client import Client, use_daemon
 
-    results = lab.open_lab(args.name).check(services=not args.no_services)
+    if use_daemon():
+        results = [lab.CheckResult(**r) for r in Client().check(args.name, args.no_services)["results"]]
+    else:
+        results = lab.open_lab(args.name).check(services=not args.no_services)
     failed = [r for r in results if not r.ok]
     if args.json:
         print(json.dumps({"lab": args.name, "ok": not failed, "results": lab.results_json(results)}, indent=1))
@@ -184,6 +203,10 @@ def exec_(args) -> int:
     if not argv:
         print("labkit exec: give a command after --, e.g. labkit exec demo web-0 -- ip addr", file=sys.stderr)
         return 2
+    from ..serve.client import Client, use_daemon
+
+    if use_daemon():
+        return Client().exec(args.name, args.pod, argv)
     lb = lab.open_lab(args.name)
     try:
         lb.pod_netns(args.pod)
@@ -196,11 +219,14 @@ def exec_(args) -> int:
 @command("services", "every service: ClusterIP, port, protocol, endpoints", _services_args, order=60)
 def services(args) -> int:
     from .. import lab
+    from ..serve.client import Client, use_daemon
 
-    table = lab.open_lab(args.name).services()
-    rows = [{"name": sp.key, "cluster_ip": sp.cluster_ip, "port": sp.port, "protocol": sp.protocol,
-             "endpoints": [f"{e.ip}:{e.port}" + (f" ({e.pod})" if e.pod else "") for e in sp.endpoints]}
-            for sp in table]
+    if use_daemon():
+        rows = Client().services(args.name)
+    else:
+        rows = [{"name": sp.key, "cluster_ip": sp.cluster_ip, "port": sp.port, "protocol": sp.protocol,
+                 "endpoints": [f"{e.ip}:{e.port}" + (f" ({e.pod})" if e.pod else "") for e in sp.endpoints]}
+                for sp in lab.open_lab(args.name).services()]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -222,7 +248,9 @@ def _inspect_args(p) -> None:
 def inspect(args) -> int:
     from .. import lab
 
-    info = lab.open_lab(args.name).inspect()
+    from ..serve.client import Client, use_daemon
+
+    info = Client().inspect(args.name) if use_daemon() else lab.open_lab(args.name).inspect()
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return 0
@@ -261,4 +289,54 @@ def graph(args) -> int:
         written = plots.export({out.stem: fig}, out.parent, formats=(out.suffix[1:],))
         out = written[0]
     print(out)
+    return 0
+
+
+# ---------------------------------------------------------------- through the daemon (not root)
+
+def _daemon_up(args) -> int:
+    import yaml
+
+    from ..errors import SpecError
+    from ..serve.client import Client
+
+    try:
+        with open(args.spec) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SpecError([("", f"spec file {args.spec} does not exist")]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([("", f"not valid YAML: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise SpecError([("", "a lab spec is a mapping (name:, nodes:, ...)")])
+    if args.datapath:
+        data = {**data, "datapath": args.datapath}
+    say = None if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    res = Client(progress=say).up(data)
+    print(f"lab {res['lab']} is up: {res['nodes']} nodes, {res['pods']} pods, datapath {res['datapath']} "
+          f"(through the labkit daemon; on this machine {res['machine_name']}). Next: labkit check {res['lab']}")
+    return 0
+
+
+def _daemon_down(args) -> int:
+    from ..errors import NoSuchLab
+    from ..serve.client import Client, DaemonError
+
+    client = Client()
+    names = [r["name"] for r in client.ls() if r["machine_name"].rpartition("-u")[0] == r["name"]] if args.all \
+        else args.names
+    if args.all and not names:
+        print("no lab of yours to remove")
+        return 0
+    if not names:
+        raise UsageError("name the lab to remove (labkit ls lists them), or give --all for every lab of yours")
+    for name in names:
+        try:
+            counts = client.down(name)["removed"]
+        except DaemonError as exc:
+            if exc.exit_code == NoSuchLab.exit_code and args.missing_ok:
+                print(f"lab {name}: not here, nothing to remove")
+                continue
+            raise
+        print(f"lab {name} removed: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return 0
