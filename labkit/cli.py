@@ -59,9 +59,16 @@ ENVIRONMENT = {
 }
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, systemd, the daemon ending a run) unwinds like Ctrl-C: labs torn down
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `labkit … | head` ends quietly
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     args = build_parser().parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)  # what a daemon's run is given again
     try:
         return args.fn(args) or 0
     except LabkitError as exc:

@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -158,6 +159,7 @@ class _Probe:
 
 _CHECKS: dict[str, tuple[str, Callable[[_Probe], _Result]]] = {}
 _CACHE: dict[str, Capability] = {}
+_PROBE_LOCK = threading.Lock()
 
 
 def _check(name: str, group: str):
@@ -589,7 +591,14 @@ def _known(feature: str) -> None:
 
 
 def _probe(names: Iterable[str]) -> None:
-    """Run the probes of ``names`` not yet cached, sharing one probe namespace, removed at the end."""
+    """Run the probes of ``names`` not yet cached, sharing one probe namespace, removed at the end.
+    One thread at a time (the namespace is the process's: the daemon builds labs for several users
+    at once, and two threads' probes removed each other's namespace, caching 'netns missing')."""
+    with _PROBE_LOCK:
+        _probe_locked(list(names))
+
+
+def _probe_locked(names: list[str]) -> None:
     todo = [n for n in names if n not in _CACHE]
     if not todo:
         return

@@ -43,7 +43,7 @@ def daemon():
     folder = Path(tempfile.mkdtemp(prefix="lktest-serve-", dir="/tmp"))  # pytest's tmp_path is root's alone
     folder.chmod(0o755)
     d = Daemon(folder / "labkit.sock", TEACHERS, Quota(labs=2, pods=6), max_clients=8, request_seconds=1.0,
-               log=lambda text: None)
+               log=lambda text: None, results=folder / "results")
     d.bind()
     t = threading.Thread(target=d.serve_forever, daemon=True)
     t.start()
@@ -325,3 +325,80 @@ def test_the_cli_goes_through_the_daemon_when_it_is_not_root(daemon):
     down = labkit("down", "--all")
     assert down.returncode == 0 and "lab demo removed" in down.stdout, down
     assert machine_name("demo", ALICE) not in machine_labs()
+
+
+TINY_RUN = ["-q", "--no-report", "--datapaths", "ebpf", "--services", "1", "--positions", "last", "--samples", "300",
+            "--repeats", "1", "--updates", "0"]
+
+
+def test_measurement_runs_take_the_cpus_in_turn_and_write_only_to_the_daemons_folders(daemon):
+    """Two participants ask for a run at the same moment: the second waits its turn (told so), the two
+    never measure at once, each run's results are in the caller's folder of the daemon's store (root's
+    folders, readable by the participant); a params file, a resume and VM runs are refused."""
+    code = """
+        import time
+        events = []
+        c.progress = events.append
+        t0 = time.time()
+        code = c.run("service-scale", json.loads(sys.argv[2]))
+        print(json.dumps({"exit": code, "events": events, "t0": t0, "t1": time.time()}))
+        """
+    procs = {uid: subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={GID[uid]}", "--clear-groups", PY, "-c",
+                                    "import json, sys\nfrom labkit.serve.client import Client\nc = Client(sys.argv[1])\n"
+                                    + textwrap.dedent(code), str(daemon.path), json.dumps(TINY_RUN)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+             for uid in (ALICE, BOB)}
+    out = {}
+    for uid, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+        out[uid] = json.loads(stdout.splitlines()[-1])
+        assert out[uid]["exit"] == 0, out[uid]
+    waited = [uid for uid in out if any("1 run(s) ahead of yours" in e for e in out[uid]["events"])]
+    assert len(waited) == 1, out
+    from labkit.results import Run
+
+    spans = []
+    for uid in (ALICE, BOB):
+        folder = daemon.results / str(uid)
+        st = folder.stat()
+        assert st.st_uid == 0 and oct(st.st_mode & 0o777) == "0o755"
+        (run_dir,) = [p for p in folder.iterdir() if p.is_dir()]
+        points = Run(run_dir).points()
+        assert (points[points.metric == "crr"].samples == 300).all()
+        m = json.loads((run_dir / "manifest.json").read_text())
+        spans.append((m["started"], m["ended"]))
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert a1 <= b0, spans  # one after the other, never together
+    for argv, message in ((["--params", "/etc/shadow"], "no --params file"), (["--par=/etc/shadow"], "no --params"),
+                          (["--resume", "../../x"], "no --resume"), (["--backend", "vagrant"], "VM runs")):
+        reply = call(daemon, ALICE, "run", experiment="service-scale", argv=argv)
+        assert reply["exit"] == 7 and message in reply["error"], reply
+    assert call(daemon, ALICE, "run", experiment="rm -rf", argv=[])["exit"] == 2
+
+
+def test_an_exec_ends_when_its_caller_goes_away(daemon):
+    assert call(daemon, ALICE, "up", spec=SPEC)["exit"] == 0
+    lb = labmod.open_lab(machine_name("demo", ALICE))
+    cgroup = lb.backend.pod_cgroup(lb.spec, "a")
+
+    def sleepers() -> list[int]:
+        pids = [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]
+        return [p for p in pids if Path(f"/proc/{p}/comm").exists() and Path(f"/proc/{p}/comm").read_text().strip() == "sleep"]
+
+    proc = subprocess.Popen(["setpriv", f"--reuid={ALICE}", f"--regid={ALICE}", "--clear-groups", PY, "-c",
+                             "import sys\nfrom labkit.serve.client import Client\n"
+                             "Client(sys.argv[1]).exec('demo', 'a', ['sleep', '300'])", str(daemon.path)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+    deadline = time.monotonic() + 20
+    while not sleepers():
+        assert time.monotonic() < deadline and proc.poll() is None, "the command never started in the pod"
+        time.sleep(0.1)
+    (pid,) = sleepers()
+    assert os.stat(f"/proc/{pid}").st_uid == ALICE
+    proc.kill()  # the caller goes away (its descriptors too)
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while sleepers():
+        assert time.monotonic() < deadline, "the command outlived its caller"
+        time.sleep(0.1)

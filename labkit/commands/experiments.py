@@ -39,6 +39,13 @@ def run(args) -> int:
     from ..experiments import EXPERIMENTS, pod_modes
     from ..experiments.params import given
 
+    from ..serve.client import Client, use_daemon
+
+    if use_daemon():  # not root: the daemon runs it, when the measurement CPUs are free
+        raw = list(getattr(args, "raw_argv", None) or sys.argv[1:])
+        tail = raw[raw.index(args.experiment) + 1:] if args.experiment in raw else []
+        say = None if args.quiet else (lambda text: print(f"labkit: {text}", file=sys.stderr, flush=True))
+        return Client(progress=say).run(args.experiment, tail)
     cls, run_fn = EXPERIMENTS[args.experiment]
     chosen = {**_params_file(args.params, cls), **given(args, cls)}
     if args.experiment == "pod-modes" and args.quick:  # the VMs' short variant measures less (TCG)

@@ -71,11 +71,20 @@ class Client:
                     if self.progress:
                         self.progress(str(reply.get("text", "")))
                     continue
+                if reply.get("event") == "output":  # a run's own output, as it prints it
+                    sys.stdout.write(str(reply.get("text", "")))
+                    sys.stdout.flush()
+                    continue
                 return reply
         finally:
             sock.close()
 
     # ------------------------------------------------------------ the requests
+    def run(self, experiment: str, argv: list[str]) -> int:
+        """``labkit run EXPERIMENT ARGV`` by the daemon, when the measurement CPUs are free (its output
+        on this process's stdout, the queue's progress to ``progress``); its exit status."""
+        return int(self.call("run", experiment=experiment, argv=list(argv))["exit"])
+
     def whoami(self) -> dict:
         return self.call("whoami")
 

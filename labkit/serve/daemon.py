@@ -21,6 +21,10 @@ says who asks). Identity is the socket's peer credentials (``SO_PEERCRED``: uid 
   run as root.
 - **Validation first**: names, sizes, the spec (every problem, with its path) and the quotas are
   checked before anything is created; a refused request changes nothing.
+- **Measurement seats**: ``run`` requests measure one at a time, in the order they came (the
+  position is sent while waiting): two participants never measure on the same CPUs at once. A run
+  writes into the caller's folder of :data:`RESULTS` (root's folders, readable by all: nothing is
+  written through a path the caller controls); ``--params`` and ``--resume`` are refused.
 - **Robustness**: a request must arrive whole within :data:`REQUEST_SECONDS` and be at most
   :data:`~labkit.serve.protocol.MAX_REQUEST` bytes; at most :data:`MAX_CLIENTS` are served at once
   (the next ones are told the daemon is busy); whatever a handler raises is one error reply, and a
@@ -33,14 +37,17 @@ interfaces to another namespace it can name; run a classroom on a machine given 
 
 from __future__ import annotations
 
+import codecs
 import grp
 import os
 import pwd
 import select
+import signal
 import socket
 import stat
 import struct
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -51,6 +58,7 @@ from ..errors import LabkitError, NoSuchLab, Refused, SpecError, UsageError
 from . import protocol
 
 SOCKET = Path(os.environ.get("LABKIT_SOCKET", "/run/labkit/labkit.sock"))
+RESULTS = Path("/var/lib/labkit/results")  # <uid>/ per participant: root's folders, readable by all
 REQUEST_SECONDS = 10.0
 MAX_CLIENTS = 32
 MAX_ARGS, MAX_ARG_BYTES = 256, 4096
@@ -148,15 +156,20 @@ def owner_of(machine: str) -> int | None:
 
 class Daemon:
     def __init__(self, path: Path = SOCKET, instructors: str = "instructor", quota: Quota = Quota(),
-                 max_clients: int = MAX_CLIENTS, request_seconds: float = REQUEST_SECONDS, log=print):
+                 max_clients: int = MAX_CLIENTS, request_seconds: float = REQUEST_SECONDS, log=print,
+                 results: Path = RESULTS):
         self.path = Path(path)
+        self.results = Path(results)
+        self._seats = threading.Condition()
+        self._queue: list[object] = []  # runs waiting for the measurement CPUs, the one measuring first
         self.instructors = instructors
         self.quota = quota
         self.request_seconds = request_seconds
         self.log = log
         self._slots = threading.BoundedSemaphore(max_clients)
         self._lab_locks = [threading.Lock() for _ in range(64)]
-        self._user_guard = threading.Lock()  # quota check and the lab's creation, one participant at a time
+        self._user_locks: dict[int, threading.Lock] = {}  # per uid (the kernel's: not a name a client can invent)
+        self._user_locks_guard = threading.Lock()
         self._stop = threading.Event()
         self.sock: socket.socket | None = None
 
@@ -286,6 +299,12 @@ class Daemon:
             pass  # the caller went away: its lab (if any) stays, named as its own
 
     # ------------------------------------------------------------ helpers for handlers
+    def user_lock(self, uid: int) -> threading.Lock:
+        """A participant's quota check and lab creation happen one at a time (two ups at once cannot
+        both pass the quota); different participants build at once."""
+        with self._user_locks_guard:
+            return self._user_locks.setdefault(uid, threading.Lock())
+
     def lab_lock(self, machine: str) -> threading.Lock:
         """One of a fixed set of locks (a flood of names cannot grow it): ``up`` and ``down`` of one lab
         never run at once."""
@@ -338,7 +357,7 @@ def _up(d: Daemon, who: Caller, args, conn, fds) -> dict:
     spec = parse_spec({**spec_data, "name": machine})  # SpecError: every problem, with its path
     _check_quota(d, who, spec)
     with d.lab_lock(machine):
-        with d._user_guard:
+        with d.user_lock(who.uid):
             if lab.exists(machine):
                 raise UsageError(f"you have a lab named {name!r} already; `labkit down {name}` first")
             if not who.instructor and len(d.own_labs(who)) >= d.quota.labs:
@@ -393,9 +412,9 @@ def _check_quota(d: Daemon, who: Caller, spec) -> None:
         raise Refused("quota: " + "; ".join(problems))
 
 
-def _progress(conn: socket.socket, text: str) -> None:
+def _progress(conn: socket.socket, text: str, raw: bool = False) -> None:
     try:
-        protocol.send(conn, {"event": "progress", "text": text})
+        protocol.send(conn, {"event": "output" if raw else "progress", "text": text})
     except OSError:
         pass
 
@@ -481,14 +500,97 @@ def _exec(d: Daemon, who: Caller, args, conn, fds) -> dict:
             return {"exit": proc.wait(timeout=0.2)}
         except subprocess.TimeoutExpired:
             pass
-        ready, _, _ = select.select([conn], [], [], 0)
-        if ready and not conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+        if _gone(conn):
             proc.kill()
             proc.wait()
             return {"exit": 130}
 
 
-OPS = {"whoami": _whoami, "up": _up, "ls": _ls, "check": _check, "services": _services, "inspect": _inspect,
+FORBIDDEN_FLAGS = ("--params", "--resume")  # a file read as root; another run's folder
+
+
+def _run(d: Daemon, who: Caller, args, conn, fds) -> dict:
+    """``labkit run EXPERIMENT ARGV`` for the caller: validated, then queued for the measurement CPUs
+    (one run measures at a time: the position is sent while waiting), run with its results in the
+    caller's folder of the daemon's results store; its output streamed back as it comes."""
+    from ..experiments import EXPERIMENTS
+
+    exp, argv = args.get("experiment"), args.get("argv", [])
+    if not isinstance(exp, str) or exp not in EXPERIMENTS:
+        raise UsageError(f"unknown experiment {str(exp)[:40]!r}; known: {', '.join(EXPERIMENTS)}")
+    if (not isinstance(argv, list) or len(argv) > MAX_ARGS
+            or not all(isinstance(a, str) and "\0" not in a and len(a.encode()) <= MAX_ARG_BYTES for a in argv)):
+        raise UsageError(f"run takes at most {MAX_ARGS} arguments, each a string of at most {MAX_ARG_BYTES} bytes "
+                         "without NUL")
+    for a in argv:
+        flag = a.split("=", 1)[0]
+        if flag.startswith("--") and len(flag) > 2 and any(f.startswith(flag) for f in FORBIDDEN_FLAGS):
+            raise Refused(f"{flag}: through the labkit daemon a run takes its parameters as flags (no --params "
+                          "file, no --resume)")
+        if "vagrant" in a and not (d.quota.vms or who.instructor):
+            raise Refused("backend: VM runs are not allowed in this classroom")
+    folder = d.results / str(who.uid)
+    for p in (d.results, folder):  # root's, 0755, made here: nothing of the caller's is written through
+        p.mkdir(mode=0o755, parents=True, exist_ok=True)
+        st = p.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+            raise Refused(f"results folder {p} is not root's own folder; the daemon writes nowhere else")
+    ticket = object()
+    with d._seats:
+        d._queue.append(ticket)
+    try:
+        with d._seats:
+            shown = None
+            while d._queue[0] is not ticket:
+                ahead = d._queue.index(ticket)
+                if ahead != shown:
+                    _progress(conn, f"waiting for the measurement CPUs: {ahead} run(s) ahead of yours")
+                    shown = ahead
+                d._seats.wait(0.5)
+                if _gone(conn):
+                    return {"exit": 130}
+        _progress(conn, f"measuring: labkit run {exp} (results in {folder})")
+        env = {**os.environ, "LABKIT_RESULTS": str(folder), "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "run", exp, *argv], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd="/",
+                                start_new_session=True)
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while True:
+            ready, _, _ = select.select([proc.stdout, conn], [], [], 1.0)
+            if conn in ready and _gone(conn):
+                os.killpg(proc.pid, signal.SIGTERM)  # the run ends its labs on SIGTERM
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                return {"exit": 130}
+            if proc.stdout in ready:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                _progress(conn, decode.decode(chunk), raw=True)
+        return {"exit": proc.wait(), "results": str(folder)}
+    finally:
+        with d._seats:
+            d._queue.remove(ticket)
+            d._seats.notify_all()
+
+
+def _gone(conn: socket.socket) -> bool:
+    """Whether the caller closed its end (it sends nothing after its request)."""
+    ready, _, _ = select.select([conn], [], [], 0)
+    if not ready:
+        return False
+    try:
+        return not conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
+OPS = {"run": _run, "whoami": _whoami, "up": _up, "ls": _ls, "check": _check, "services": _services, "inspect": _inspect,
        "down": _down, "exec": _exec}
 
 UNIT = """[Unit]
