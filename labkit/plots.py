@@ -602,6 +602,50 @@ def export(figs: dict[str, go.Figure] | go.Figure, outdir: str | Path, formats: 
     return paths
 
 
+STATIC_RENDERER = "labkit"  # plotly's interactive output and a static SVG of it, in one output
+
+
+def static_figures(width: int = 1000, height: int = 560) -> bool:
+    """From now on, every figure a notebook shows carries a static SVG beside plotly's interactive
+    output (one display bundle, two mimetypes): JupyterLab shows the interactive one, while
+    ``jupyter nbconvert --to html``, a course site and a plain file viewer, which have no plotly.js,
+    show the SVG, offline. The SVG is drawn by kaleido in one Chromium kept for the kernel's life.
+    Returns False (and figures stay interactive only) where kaleido cannot start a browser."""
+    import atexit
+
+    import kaleido
+    import plotly.io as pio
+    from plotly.io._base_renderers import MimetypeRenderer
+
+    class InteractiveAndStatic(MimetypeRenderer):
+        def to_mimebundle(self, fig_dict):
+            import warnings
+
+            bundle = pio.renderers["plotly_mimetype"].to_mimebundle(fig_dict)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "kopts is ignored if using a server"
+                svg = pio.to_image(fig_dict, format="svg", width=width, height=height)
+            return {**bundle, "image/svg+xml": svg.decode() if isinstance(svg, bytes) else svg}
+
+    try:
+        kaleido.start_sync_server(silence_warnings=True)
+        atexit.register(kaleido.stop_sync_server, silence_warnings=True)
+    except Exception:  # already running in this kernel: fine
+        pass
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pio.to_image(go.Figure(), format="svg", width=100, height=100)  # the browser answers
+    except Exception as exc:
+        print(f"labkit: figures stay interactive only (no static copy): kaleido could not draw ({exc})")
+        return False
+    pio.renderers[STATIC_RENDERER] = InteractiveAndStatic()
+    pio.renderers.default = STATIC_RENDERER
+    return True
+
+
 def trace_names(fig: go.Figure) -> list[str]:
     """Legend names of a figure's traces (tests and notebooks' self-checks use it)."""
     return [t.name for t in fig.data]

@@ -69,6 +69,29 @@ def names(fig: dict) -> list[str]:
     return [t.get("name") for t in fig["data"]]
 
 
+def shown_offline(nb, html: Path, count: int) -> None:
+    """The executed notebook as `jupyter nbconvert --to html` writes it, opened in headless Chromium
+    offline and with JavaScript off: every figure is on the page as a decoded SVG of real size (each
+    output keeps a static SVG beside plotly's interactive one, which needs plotly.js)."""
+    from nbconvert import HTMLExporter
+    from playwright.sync_api import sync_playwright
+
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if PLOTLY in o.get("data", {})]
+    assert len(outputs) == count and all("image/svg+xml" in o["data"] for o in outputs)
+    html.write_text(HTMLExporter().from_notebook_node(nb)[0])
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_context(java_script_enabled=False, offline=True).new_page()
+            page.goto(html.as_uri())
+            charts = page.locator(".jp-RenderedSVG img")  # nbconvert's rendering of an image/svg+xml output
+            boxes = [charts.nth(i).bounding_box() for i in range(charts.count())]
+            # a decoded chart is laid out at its drawn size (a broken image would be its alt text's line)
+            assert len(boxes) == count and all(b and b["width"] > 300 and b["height"] > 200 for b in boxes), boxes
+        finally:
+            browser.close()
+
+
 def glued_run(nb, tmp_path: Path):
     from labkit.results import Run
     from labkit.sweep import read_glue
@@ -154,6 +177,7 @@ def test_03_service_scale_and_sweep(tmp_path):
     assert len(cdf["data"]) == 2 * len(dps) and cdf["layout"]["xaxis"]["type"] == "log"
     assert names(load) == names(update)[:len(dps)] and load["layout"]["yaxis"]["type"] == "log"
     assert len(list((tmp_path / "img" / run.run_id).glob("*.png"))) == len(plots.figures(run))  # every figure of the run
+    shown_offline(nb, tmp_path / "03.html", len(figs))
 
     # the sweep: re-render that run twice (log-x off and on) -> two notebooks, index, metadata
     env = {**os.environ, "LABKIT_RESULTS": str(tmp_path / "results")}
