@@ -332,7 +332,7 @@ TINY_RUN = ["-q", "--no-report", "--datapaths", "ebpf", "--services", "1", "--po
 
 
 def test_measurement_runs_take_the_cpus_in_turn_and_write_only_to_the_daemons_folders(daemon):
-    """Two participants ask for a run at the same moment: the second waits its turn (told so), the two
+    """A participant asks for a run while another's measures: the second waits its turn (told so), the two
     never measure at once, each run's results are in the caller's folder of the daemon's store (root's
     folders, readable by the participant); a params file, a resume and VM runs are refused."""
     code = """
@@ -343,11 +343,18 @@ def test_measurement_runs_take_the_cpus_in_turn_and_write_only_to_the_daemons_fo
         code = c.run("service-scale", json.loads(sys.argv[2]))
         print(json.dumps({"exit": code, "events": events, "t0": t0, "t1": time.time()}))
         """
-    procs = {uid: subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={GID[uid]}", "--clear-groups", PY, "-c",
-                                    "import json, sys\nfrom labkit.serve.client import Client\nc = Client(sys.argv[1])\n"
-                                    + textwrap.dedent(code), str(daemon.path), json.dumps(TINY_RUN)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
-             for uid in (ALICE, BOB)}
+    def start(uid: int) -> subprocess.Popen:
+        return subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={GID[uid]}", "--clear-groups", PY, "-c",
+                                 "import json, sys\nfrom labkit.serve.client import Client\nc = Client(sys.argv[1])\n"
+                                 + textwrap.dedent(code), str(daemon.path), json.dumps(TINY_RUN)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+
+    procs = {ALICE: start(ALICE)}
+    deadline = time.monotonic() + 30
+    while not daemon._queue:  # alice's run has its seat: bob asks while it measures
+        assert time.monotonic() < deadline and procs[ALICE].poll() is None, procs[ALICE].stderr.read()
+        time.sleep(0.05)
+    procs[BOB] = start(BOB)
     out = {}
     for uid, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
@@ -355,7 +362,7 @@ def test_measurement_runs_take_the_cpus_in_turn_and_write_only_to_the_daemons_fo
         out[uid] = json.loads(stdout.splitlines()[-1])
         assert out[uid]["exit"] == 0, out[uid]
     waited = [uid for uid in out if any("1 run(s) ahead of yours" in e for e in out[uid]["events"])]
-    assert len(waited) == 1, out
+    assert waited == [BOB], out
     from labkit.results import Run
 
     spans = []
