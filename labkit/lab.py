@@ -298,6 +298,13 @@ def results_json(results: list[CheckResult]) -> list[dict]:
     return [asdict(r) for r in results]
 
 
+def services_json(table) -> list[dict]:
+    """A service table as `labkit services` lists it: name, ClusterIP, port, protocol, endpoints."""
+    return [{"name": sp.key, "cluster_ip": sp.cluster_ip, "port": sp.port, "protocol": sp.protocol,
+             "endpoints": [f"{e.ip}:{e.port}" + (f" ({e.pod})" if e.pod else "") for e in sp.endpoints]}
+            for sp in table]
+
+
 # ---------------------------------------------------------------- module functions
 
 @nsexec.outside_event_loop

@@ -15,8 +15,8 @@ import re
 
 PREFIX = "lk-"
 MAX_LAB_NAME = 20
-LAB_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
-LAB_NAME_RULE = "a lab name starts with a letter and has at most 20 lower-case letters, digits and '-'"
+LAB_NAME = re.compile(rf"^[a-z][a-z0-9-]{{0,{MAX_LAB_NAME - 1}}}$")
+LAB_NAME_RULE = f"a lab name starts with a letter and has at most {MAX_LAB_NAME} lower-case letters, digits and '-'"
 
 
 def lab_name_problem(name: object) -> str | None:
@@ -59,5 +59,5 @@ def node_iface(pod: str) -> str:
     return f"lx-{pod}"
 
 
-__all__ = ["PREFIX", "MAX_LAB_NAME", "LAB_NAME", "lab_name_problem", "check_lab_name", "lab_prefix", "netns_name", "lab_of_netns",
-           "node_iface"]
+__all__ = ["PREFIX", "MAX_LAB_NAME", "LAB_NAME", "lab_name_problem", "check_lab_name", "lab_prefix", "netns_name",
+           "lab_of_netns", "node_iface"]

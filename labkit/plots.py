@@ -612,6 +612,7 @@ def static_figures(width: int = 1000, height: int = 560) -> bool:
     show the SVG, offline. The SVG is drawn by kaleido in one Chromium kept for the kernel's life.
     Returns False (and figures stay interactive only) where kaleido cannot start a browser."""
     import atexit
+    import warnings
 
     import kaleido
     import plotly.io as pio
@@ -619,8 +620,6 @@ def static_figures(width: int = 1000, height: int = 560) -> bool:
 
     class InteractiveAndStatic(MimetypeRenderer):
         def to_mimebundle(self, fig_dict):
-            import warnings
-
             bundle = pio.renderers["plotly_mimetype"].to_mimebundle(fig_dict)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "kopts is ignored if using a server"
@@ -633,8 +632,6 @@ def static_figures(width: int = 1000, height: int = 560) -> bool:
     except Exception:  # already running in this kernel: fine
         pass
     try:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pio.to_image(go.Figure(), format="svg", width=100, height=100)  # the browser answers

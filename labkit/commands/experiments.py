@@ -38,7 +38,6 @@ def run(args) -> int:
     from ..errors import UsageError
     from ..experiments import EXPERIMENTS, pod_modes
     from ..experiments.params import given
-
     from ..serve.client import Client, use_daemon
 
     if use_daemon():  # not root: the daemon runs it, when the measurement CPUs are free

@@ -221,12 +221,7 @@ def services(args) -> int:
     from .. import lab
     from ..serve.client import Client, use_daemon
 
-    if use_daemon():
-        rows = Client().services(args.name)
-    else:
-        rows = [{"name": sp.key, "cluster_ip": sp.cluster_ip, "port": sp.port, "protocol": sp.protocol,
-                 "endpoints": [f"{e.ip}:{e.port}" + (f" ({e.pod})" if e.pod else "") for e in sp.endpoints]}
-                for sp in lab.open_lab(args.name).services()]
+    rows = Client().services(args.name) if use_daemon() else lab.services_json(lab.open_lab(args.name).services())
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -247,7 +242,6 @@ def _inspect_args(p) -> None:
          _inspect_args, order=65)
 def inspect(args) -> int:
     from .. import lab
-
     from ..serve.client import Client, use_daemon
 
     info = Client().inspect(args.name) if use_daemon() else lab.open_lab(args.name).inspect()
@@ -295,18 +289,13 @@ def graph(args) -> int:
 # ---------------------------------------------------------------- through the daemon (not root)
 
 def _daemon_up(args) -> int:
-    import yaml
+    from pathlib import Path
 
     from ..errors import SpecError
     from ..serve.client import Client
+    from ..spec.load import read_spec_data
 
-    try:
-        with open(args.spec) as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise SpecError([("", f"spec file {args.spec} does not exist")]) from None
-    except yaml.YAMLError as exc:
-        raise SpecError([("", f"not valid YAML: {exc}")]) from None
+    data = read_spec_data(Path(args.spec))
     if not isinstance(data, dict):
         raise SpecError([("", "a lab spec is a mapping (name:, nodes:, ...)")])
     if args.datapath:
@@ -319,12 +308,14 @@ def _daemon_up(args) -> int:
 
 
 def _daemon_down(args) -> int:
+    import os
+
     from ..errors import NoSuchLab
     from ..serve.client import Client, DaemonError
+    from ..serve.daemon import owner_of
 
     client = Client()
-    names = [r["name"] for r in client.ls() if r["machine_name"].rpartition("-u")[0] == r["name"]] if args.all \
-        else args.names
+    names = [r["name"] for r in client.ls() if owner_of(r["machine_name"]) == os.getuid()] if args.all else args.names
     if args.all and not names:
         print("no lab of yours to remove")
         return 0

@@ -111,10 +111,7 @@ class Caller:
 
     @property
     def user(self) -> str:
-        try:
-            return pwd.getpwuid(self.uid).pw_name
-        except KeyError:
-            return f"uid {self.uid}"
+        return user_name(self.uid)
 
 
 # ---------------------------------------------------------------- names and owners
@@ -146,10 +143,19 @@ def owner_of(machine: str) -> int | None:
     base, sep, tag = machine.rpartition("-u")
     if not sep or not base or not tag or not all(c in "0123456789abcdefghijklmnopqrstuvwxyz" for c in tag):
         return None
+    return int(tag, 36)
+
+
+def shown_name(machine: str) -> str:
+    """The name a participant gave their lab (``demo-urs`` → ``demo``); other labs keep theirs."""
+    return machine.rpartition("-u")[0] if owner_of(machine) is not None else machine
+
+
+def user_name(uid: int) -> str:
     try:
-        return int(tag, 36)
-    except ValueError:
-        return None
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 # ---------------------------------------------------------------- the daemon
@@ -427,11 +433,8 @@ def _ls(d: Daemon, who: Caller, args, conn, fds) -> dict:
         owner = owner_of(r["name"])
         if owner != who.uid and not who.instructor:
             continue
-        shown = r["name"].rpartition("-u")[0] if owner == who.uid else r["name"]
-        try:
-            user = pwd.getpwuid(owner if owner is not None else r.get("owner", 0)).pw_name
-        except KeyError:
-            user = f"uid {owner}"
+        shown = shown_name(r["name"]) if owner == who.uid else r["name"]
+        user = user_name(owner if owner is not None else r.get("owner", 0))
         rows.append({**r, "name": shown, "machine_name": r["name"], "user": user})
     return {"labs": rows}
 
@@ -448,10 +451,7 @@ def _check(d: Daemon, who: Caller, args, conn, fds) -> dict:
 def _services(d: Daemon, who: Caller, args, conn, fds) -> dict:
     from .. import lab
 
-    table = lab.open_lab(d.resolve(who, args.get("name"))).services()
-    return {"services": [{"name": sp.key, "cluster_ip": sp.cluster_ip, "port": sp.port, "protocol": sp.protocol,
-                          "endpoints": [f"{e.ip}:{e.port}" + (f" ({e.pod})" if e.pod else "") for e in sp.endpoints]}
-                         for sp in table]}
+    return {"services": lab.services_json(lab.open_lab(d.resolve(who, args.get("name"))).services())}
 
 
 def _inspect(d: Daemon, who: Caller, args, conn, fds) -> dict:

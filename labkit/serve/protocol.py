@@ -57,7 +57,7 @@ def recv(sock: socket.socket, limit: int, deadline: float | None = None, max_fds
                 if flags & socket.MSG_CTRUNC:
                     raise ProtocolError(f"more than {max_fds} file descriptors sent")
             else:
-                chunk = sock.recv(min(65536, need - len(buf)) if length is not None else need - len(buf))
+                chunk = sock.recv(min(65536, need - len(buf)))
             if not chunk:
                 if not buf and length is None:
                     return None, fds

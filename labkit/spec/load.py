@@ -28,7 +28,11 @@ def load_spec(source: str | Path | Mapping[str, Any], validate: bool = True) -> 
     only for a spec labkit wrote itself after validating it, such as a lab's saved spec)."""
     if isinstance(source, Mapping):
         return parse_spec(source, validate)
-    text = None
+    return parse_spec(read_spec_data(source), validate)
+
+
+def read_spec_data(source: str | Path) -> Any:
+    """The YAML of a spec file path or text, as plain data (not yet a spec: :func:`parse_spec` checks it)."""
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
         path = Path(source)
         if not path.exists():
@@ -37,10 +41,9 @@ def load_spec(source: str | Path | Mapping[str, Any], validate: bool = True) -> 
     else:
         text = str(source)
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError([("", f"not valid YAML: {exc}")]) from None
-    return parse_spec(data, validate)
 
 
 def _unknown(p: Problems, path: str, data: Mapping, cls: type) -> None:
