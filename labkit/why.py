@@ -1,0 +1,407 @@
+"""Why a kube-proxy iptables datapath grows with the number of Services and eBPF socket-LB does not,
+shown on one new connection and read from the kernel (notebook ``05-why-linear``).
+
+iptables (:func:`iptables_walk`): the node's nat table is read with ``iptables-<backend>-save -c``
+before and after one connection from a pod; the rules whose packet counters went up are the path
+of its first packet (a rule's counter counts packets that *matched* it: the rules compared and
+passed over before a match keep their counters). The matched rule's line in ``KUBE-SERVICES`` is
+how many rules that packet was compared with there. :func:`trace_first_packet` adds the kernel's
+own trace of that packet (``xtables-monitor --trace``, iptables-nft only; why not on legacy:
+:data:`LEGACY_TRACE_WHY`).
+
+eBPF socket-LB (:func:`socket_lb_connect`): the service map's size, the one hash lookup of the
+service's key (read back from user space with the same key the program builds) and its backends,
+the connect() program's run count and run time (the kernel's BPF statistics, switched on only for
+the connection), and where the socket points after connect(): a backend, before any packet exists.
+
+:func:`path_diagram` draws the path per datapath, annotated with what was observed;
+:func:`lookups_figure` sets the rules walked beside the lookups made, per place of the service.
+
+The client side is this module run inside a pod (``python -m labkit.why HOST PORT``): it connects,
+says whom the socket is connected to (``getpeername``) and which pod answered. Every kernel object
+this module adds (the TRACE rule) is removed before its function returns, whatever happens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+CHAIN_ORDER = ("PREROUTING", "OUTPUT", "KUBE-SERVICES", "KUBE-SVC-", "KUBE-SEP-", "KUBE-MARK-MASQ",
+               "POSTROUTING", "KUBE-POSTROUTING")  # nat chains in the order a new connection meets them
+NF_LOG_ALL_NETNS = "/proc/sys/net/netfilter/nf_log_all_netns"
+LEGACY_TRACE_WHY = (
+    "iptables-legacy's TRACE target writes its trace to the kernel log through nf_log, which the kernel "
+    "switches off in every network namespace but the host's unless net.netfilter.nf_log_all_netns is 1 "
+    "(here: {value}); that is a host-wide setting that would send other labs' logged packets to the kernel "
+    "log too, so labkit leaves it alone. iptables-nft traces through nftables' netlink events instead, per "
+    "namespace: run with datapath='iptables-nft' to see one.")
+_SAVE_LINE = re.compile(r"\[(\d+):(\d+)\] -A (\S+) (.*)")
+BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 32, 0
+
+
+# ---------------------------------------------------------------- the client, inside a pod
+
+def connect_once(host: str, port: int, timeout: float = 3.0) -> dict:
+    """One new TCP connection: the socket's peer right after connect() and the pod that answered
+    (the in-pod server replies to ``GET /`` with its name)."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        peer = "%s:%d" % s.getpeername()
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return {"dialed": f"{host}:{port}", "peer": peer, "backend": data.partition(b"\r\n\r\n")[2].decode().strip()}
+
+
+def connect_from(lab, pod: str, host: str, port: int) -> dict:
+    """:func:`connect_once` run in ``pod`` (its namespace and cgroup: socket-LB hooks apply)."""
+    out = lab.exec(pod, [sys.executable, "-m", "labkit.why", host, str(port)], timeout=30)
+    return json.loads(out.stdout)
+
+
+# ---------------------------------------------------------------- iptables: counters
+
+@dataclass(frozen=True)
+class NatRule:
+    """One rule of the nat table with its counters, as ``iptables-save -c`` prints it."""
+
+    chain: str
+    line: int  # 1-based position in its chain (``iptables -L --line-numbers``)
+    packets: int
+    bytes: int
+    rule: str  # the rule without "-A <chain>"
+
+
+def nat_rules(ctx, backend: str) -> list[NatRule]:
+    """Every rule of the node's nat table with its counters (``backend``: "legacy" or "nft")."""
+    text = ctx.run([f"iptables-{backend}-save", "-c", "-t", "nat"]).stdout
+    seen: dict[str, int] = {}
+    out = []
+    for m in map(_SAVE_LINE.match, text.splitlines()):
+        if m:
+            chain = m.group(3)
+            seen[chain] = seen.get(chain, 0) + 1
+            out.append(NatRule(chain, seen[chain], int(m.group(1)), int(m.group(2)), m.group(4)))
+    return out
+
+
+def _chain_rank(chain: str) -> int:
+    return next((i for i, c in enumerate(CHAIN_ORDER) if chain == c or (c.endswith("-") and chain.startswith(c))),
+                len(CHAIN_ORDER))
+
+
+@dataclass
+class Walk:
+    """What one new connection to a service did in the node's nat table."""
+
+    service: str  # service port key, e.g. "default/svc-199"
+    cluster_ip: str
+    connection: dict  # connect_once's answer
+    hits: list[dict]  # the rules whose counters went up, in path order: chain, line, packets, rule
+    position: int  # line of the KUBE-SERVICES rule that matched = rules compared there
+    services_rules: int  # rules in KUBE-SERVICES (the services', then the NodePorts jump)
+    nat_rules: int  # rules in the whole nat table
+    first_packet_only: bool  # every counter went up by exactly one packet
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def iptables_walk(lab, node: str, pod: str, sp, backend: str) -> Walk:
+    """Open one new connection from ``pod`` to service port ``sp`` and read which nat rules of
+    ``node`` it incremented. Fails if anything else touched those counters meanwhile (two rules
+    of KUBE-SERVICES, or a counter up by more than the connection's first packet)."""
+    ctx = lab.backend.node_context(lab.spec, node, lab.plan)
+    before = {(r.chain, r.line): r for r in nat_rules(ctx, backend)}
+    conn = connect_from(lab, pod, sp.cluster_ip, sp.port)
+    after = nat_rules(ctx, backend)
+    hits = [(r, r.packets - before[(r.chain, r.line)].packets) for r in after
+            if (r.chain, r.line) in before and r.packets != before[(r.chain, r.line)].packets]
+    hits.sort(key=lambda h: (_chain_rank(h[0].chain), h[0].chain, h[0].line))
+    matched = [r for r, _ in hits if r.chain == "KUBE-SERVICES"]
+    if len(matched) != 1:
+        raise RuntimeError(f"expected one KUBE-SERVICES rule to count the connection, found {len(matched)}: "
+                           f"{[r.rule for r in matched]}")
+    if f"{sp.key} cluster IP" not in matched[0].rule:
+        raise RuntimeError(f"the rule that matched is not {sp.key}'s: {matched[0].rule}")
+    return Walk(sp.key, sp.cluster_ip, conn,
+                [{"chain": r.chain, "line": r.line, "packets": d, "rule": r.rule} for r, d in hits],
+                matched[0].line, sum(r.chain == "KUBE-SERVICES" for r in after), len(after),
+                all(d == 1 for _, d in hits))
+
+
+# ---------------------------------------------------------------- iptables: a trace
+
+class TraceUnavailable(Exception):
+    """A packet trace cannot be taken here; the message says why."""
+
+
+@dataclass
+class Trace:
+    """The kernel's trace of one packet: every rule it matched, with its nftables handle."""
+
+    service: str
+    lines: list[str]  # xtables-monitor's lines for the packet (PACKET and TRACE)
+    steps: list[dict] = field(default_factory=list)  # table, chain, handle, verdict, rule, line
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_TRACE = re.compile(r"TRACE: \d+ (\w+) (\w+):([^:]+):(rule|policy|return):?(0x[0-9a-f]+)?:?(\S*)\s*(.*)")
+
+
+def trace_first_packet(lab, node: str, pod: str, sp, datapath: str, settle: float = 0.5) -> Trace:
+    """Trace the first packet of one new connection to ``sp`` through the node's tables: a
+    ``-j TRACE`` rule in raw PREROUTING for SYNs to the ClusterIP (iptables-nft makes it
+    ``meta nftrace set 1``) and ``xtables-monitor --trace`` listening in the node's namespace.
+    Each rule the packet matched is placed in its chain (``nft -a`` lists handles in chain order).
+    :class:`TraceUnavailable` where it cannot be done (iptables-legacy: :data:`LEGACY_TRACE_WHY`)."""
+    from . import nsexec
+
+    if datapath == "iptables-legacy":
+        try:
+            value = open(NF_LOG_ALL_NETNS).read().strip()
+        except OSError:
+            value = "not readable"
+        raise TraceUnavailable(LEGACY_TRACE_WHY.format(value=value))
+    if datapath != "iptables-nft":
+        raise TraceUnavailable(f"datapath {datapath} writes no iptables rules to trace")
+    ctx = lab.backend.node_context(lab.spec, node, lab.plan)
+    match = ["-d", f"{sp.cluster_ip}/32", "-p", "tcp", "--syn", "-j", "TRACE"]
+    ctx.run(["iptables-nft", "-w", "-t", "raw", "-I", "PREROUTING", "1", *match])
+    try:
+        mon = nsexec.spawn(["stdbuf", "-oL", "xtables-monitor", "--trace"], ctx.netns,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            time.sleep(settle)  # subscribed to the trace group before the packet comes
+            if mon.poll() is not None:
+                raise TraceUnavailable(f"xtables-monitor stopped at once: {mon.stdout.read().strip()}")
+            connect_from(lab, pod, sp.cluster_ip, sp.port)
+            time.sleep(settle)
+            lines_of = _handle_lines(ctx)  # with the TRACE rule still in place
+        finally:
+            mon.terminate()
+            text = mon.communicate(timeout=10)[0]
+    finally:
+        ctx.run(["iptables-nft", "-w", "-t", "raw", "-D", "PREROUTING", *match], check=False)
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip().startswith(("PACKET:", "TRACE:"))]
+    if not any("TRACE:" in ln for ln in lines):
+        raise TraceUnavailable(f"no trace event arrived (xtables-monitor said: {text.strip()[-300:]!r})")
+    trace = Trace(sp.key, lines)
+    for ln in lines:
+        m = _TRACE.search(ln)
+        if m:
+            _, table, chain, kind, handle, verdict, rule = m.groups()
+            h = int(handle, 16) if handle else None
+            trace.steps.append({"table": table, "chain": chain, "kind": kind, "handle": h, "verdict": verdict,
+                                "line": lines_of.get((table, chain), {}).get(h), "rule": rule.strip()})
+    return trace
+
+
+def _handle_lines(ctx) -> dict[tuple[str, str], dict[int, int]]:
+    """(table, chain) -> nftables rule handle -> 1-based line, for the ip family's tables."""
+    listing = json.loads(ctx.run(["nft", "-j", "list", "ruleset", "ip"]).stdout or '{"nftables": []}')
+    out: dict[tuple[str, str], dict[int, int]] = {}
+    for item in listing["nftables"]:
+        rule = item.get("rule")
+        if rule:
+            chain = out.setdefault((rule["table"], rule["chain"]), {})
+            chain[rule["handle"]] = len(chain) + 1
+    return out
+
+
+# ---------------------------------------------------------------- eBPF socket-LB
+
+@contextmanager
+def bpf_run_stats():
+    """The kernel counts run time and runs of every BPF program while this is open
+    (``BPF_ENABLE_STATS``; machine-wide, two clock reads per program run, off again on exit)."""
+    from .ebpf.libbpf import lib, syscall_error
+
+    fd = lib().bpf_enable_stats(ctypes.c_int(BPF_STATS_RUN_TIME))
+    if fd < 0:
+        raise syscall_error("bpf_enable_stats")
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def prog_stats(prog_id: int) -> dict:
+    """run_cnt, run_time_ns, xlated size and map ids of a program (``bpftool prog show``)."""
+    info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True,
+                                     text=True, check=True).stdout)
+    return {"name": info["name"], "id": prog_id, "run_cnt": info.get("run_cnt", 0),
+            "run_time_ns": info.get("run_time_ns", 0), "instructions": info["bytes_xlated"] // 8,
+            "maps": len(info.get("map_ids", []))}
+
+
+def connect_program(ctx) -> int:
+    """Id of the socket-LB connect4 program on the node's pod cgroup."""
+    from .ebpf.libbpf import ATTACH_CGROUP_INET4_CONNECT, KERNEL_NAME_LEN, cgroup_programs
+
+    fd = os.open(ctx.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        progs = cgroup_programs(fd, ATTACH_CGROUP_INET4_CONNECT)
+    finally:
+        os.close(fd)
+    found = [pid for pid, name in progs if name == "lk_sock4_connect"[:KERNEL_NAME_LEN]]
+    if not found:
+        raise RuntimeError(f"no lk_sock4_connect on {ctx.cgroup}: {progs}")
+    return found[0]
+
+
+@dataclass
+class Lookup:
+    """One new connection under socket-LB, and the map lookup behind it."""
+
+    service: str
+    cluster_ip: str
+    connection: dict  # connect_once's answer: peer is the backend
+    key: str  # the packed lb4_key, hex
+    found: bool
+    rev_nat_index: int  # the service's id in the maps
+    backends: list[str]  # lk_be_v4 slots of the service, ip:port
+    map_entries: int  # lk_svc_v4 entries (one per service port)
+    backend_entries: int  # lk_be_v4 entries
+    max_entries: int  # lk_svc_v4's capacity
+    runs: int  # lk_sock4_connect runs during the connection
+    run_ns: int  # and their run time
+    instructions: int  # the program's size: the same for any number of services
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def socket_lb_connect(lab, node: str, pod: str, sp) -> Lookup:
+    """Open one new connection from ``pod`` to ``sp`` under the ``ebpf`` datapath, counting the
+    connect() program's runs, and look the service's key up in the pinned service map."""
+    from .datapath import ebpf_structs as S
+    from .datapath.ebpf import ServiceMaps, service_key
+
+    dp = lab.datapath(node, "ebpf")
+    ctx = dp.ctx
+    prog = connect_program(ctx)
+    with bpf_run_stats():
+        before = prog_stats(prog)
+        conn = connect_from(lab, pod, sp.cluster_ip, sp.port)
+        after = prog_stats(prog)
+    maps = ServiceMaps(dp.fs.maps)
+    try:
+        key = service_key(sp)
+        raw = maps.svc.get(key)
+        sid, count, _ = S.LB4_SERVICE.unpack(raw) if raw else (0, 0, 0)
+        backends = []
+        for slot in range(count):
+            ip, port, _, _ = S.LB4_BACKEND.unpack(maps.be.get(S.LB4_BACKEND_KEY.pack(sid, slot)))
+            backends.append(f"{socket.inet_ntoa(ip)}:{port}")
+        return Lookup(sp.key, sp.cluster_ip, conn, key.hex(), raw is not None, sid, backends, len(maps.svc),
+                      len(maps.be), maps.svc.spec.max_entries, after["run_cnt"] - before["run_cnt"],
+                      after["run_time_ns"] - before["run_time_ns"], after["instructions"])
+    finally:
+        maps.close()
+
+
+# ---------------------------------------------------------------- the path, drawn
+
+def path_diagram(datapath: str, observed: dict | None = None, services: int | None = None):
+    """A new connection's path through one datapath as boxes and arrows (plotly shapes), marking
+    where it is translated; ``observed`` (a :class:`Walk` or :class:`Lookup` as a dict) writes
+    what the kernel counted into the boxes."""
+    import plotly.graph_objects as go
+
+    from .plots import COLORS, TEMPLATE
+
+    n = services if services is not None else "N"
+    color = COLORS.get(datapath, "#444")
+    if datapath.startswith("iptables"):
+        pos = observed["position"] if observed else "k"
+        svc = observed["service"] if observed else "the service"
+        steps = [("client pod", "connect(ClusterIP:port):<br>the SYN leaves the pod<br>to the ClusterIP", False),
+                 ("nat PREROUTING", "in the node:<br>rule 1 jumps to<br>KUBE-SERVICES", False),
+                 ("KUBE-SERVICES", f"{n} rules, one per<br>service, compared<br>in order, then<br>"
+                                   f"<b>match at rule {pos}</b><br>({svc})", True),
+                 ("KUBE-SVC-…", "pick an endpoint<br>(-m statistic random)", False),
+                 ("KUBE-SEP-…", "<b>DNAT</b> to pod:8080<br>(conntrack remembers it)", True),
+                 ("backend pod", "the rest of the<br>connection: conntrack,<br>no rule walk", False)]
+        title = (f"{datapath}: where a new connection is translated — first packet only, "
+                 f"in the node's nat table (walk: linear in the number of services)")
+    else:
+        runs = f"{observed['runs']} run, {observed['run_ns']} ns" if observed else "one run"
+        entries = observed["map_entries"] if observed else n
+        peer = observed["connection"]["peer"] if observed else "backend"
+        steps = [("client pod", "connect(ClusterIP:port)", False),
+                 ("connect4 hook", f"lk_sock4_connect<br>on the pods' cgroup<br>({runs})", False),
+                 ("lk_svc_v4 (hash)", f"<b>one lookup</b> of<br>(ClusterIP, port, proto)<br>among {entries} entries",
+                  True),
+                 ("lk_be_v4", "backend slot<br>(random)", False),
+                 ("socket rewritten", f"<b>destination =<br>{peer}</b><br>before any packet", True),
+                 ("backend pod", "packets go straight<br>to the pod: no NAT,<br>no rules on the node", False)]
+        title = f"{datapath}: where a new connection is translated — at connect(), one hash lookup whatever N"
+    fig = go.Figure()
+    w, gap = 1.2, 0.25
+    for i, (head, body, key) in enumerate(steps):
+        x0 = i * (w + gap)
+        fig.add_shape(type="rect", x0=x0, x1=x0 + w, y0=0, y1=1, line={"color": color, "width": 3 if key else 1},
+                      fillcolor=color if key else "#f2f2f2", opacity=0.25 if key else 1, layer="below")
+        fig.add_annotation(x=x0 + w / 2, y=0.82, text=f"<b>{head}</b>", showarrow=False, font={"size": 12})
+        fig.add_annotation(x=x0 + w / 2, y=0.42, text=body, showarrow=False, font={"size": 10.5})
+        if i:
+            fig.add_annotation(x=x0, y=0.5, ax=x0 - gap, ay=0.5, xref="x", yref="y", axref="x", ayref="y",
+                               showarrow=True, arrowhead=3, arrowsize=1.2, arrowcolor="#444", text="")
+    total = len(steps) * (w + gap) - gap
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", marker={"symbol": "square", "color": color},
+                             name=f"{datapath}: translation"))
+    fig.update_layout(title={"text": title, "font": {"size": 14}}, template=TEMPLATE, height=300, showlegend=False,
+                      margin={"l": 10, "r": 10, "t": 60, "b": 10},
+                      xaxis={"visible": False, "range": [-0.1, total + 0.1]},
+                      yaxis={"visible": False, "range": [-0.1, 1.1]})
+    return fig
+
+
+def lookups_figure(walks: dict[str, dict], lookups: dict[str, dict], datapaths: tuple[str, str]):
+    """Per place of the service (first, middle, last): the KUBE-SERVICES rules the first packet was
+    compared with (the matched rule's line, read from the counters) beside the hash lookups of
+    socket-LB's connect() (its program's runs, from the kernel's BPF statistics: one lookup each)."""
+    import plotly.graph_objects as go
+
+    from .plots import COLORS, TEMPLATE
+
+    places = list(walks)
+    n = next(iter(walks.values()))["services_rules"] - 1
+    fig = go.Figure([
+        go.Bar(name=f"{datapaths[0]}: KUBE-SERVICES rules compared", x=places,
+               y=[walks[p]["position"] for p in places], marker_color=COLORS.get(datapaths[0]),
+               text=[walks[p]["position"] for p in places], textposition="outside",
+               hovertext=[f"{walks[p]['service']}: matched rule {walks[p]['position']} of "
+                          f"{walks[p]['services_rules']}" for p in places], hoverinfo="text"),
+        go.Bar(name=f"{datapaths[1]}: lk_svc_v4 hash lookups", x=places,
+               y=[lookups[p]["runs"] for p in places], marker_color=COLORS.get(datapaths[1]),
+               text=[lookups[p]["runs"] for p in places], textposition="outside",
+               hovertext=[f"{lookups[p]['service']}: {lookups[p]['runs']} run of lk_sock4_connect, "
+                          f"{lookups[p]['run_ns']} ns, {lookups[p]['map_entries']} entries in the map"
+                          for p in places], hoverinfo="text")])
+    fig.update_layout(title=f"One new connection to the first, middle and last of {n} services: work done to find it "
+                            "(read from the kernel)", template=TEMPLATE, barmode="group", height=420,
+                      xaxis_title="the service's place in the table", yaxis_title="rules compared / map lookups",
+                      legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def main() -> None:
+    host, port = sys.argv[1], int(sys.argv[2])
+    json.dump(connect_once(host, port), sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
