@@ -16,6 +16,9 @@ the connection), and where the socket points after connect(): a backend, before 
 
 :func:`path_diagram` draws the path per datapath, annotated with what was observed;
 :func:`lookups_figure` sets the rules walked beside the lookups made, per place of the service.
+kube-proxy's nftables mode is the third case: netfilter, but its ``services`` chain is one
+verdict-map lookup (:func:`trace_first_packet` shows the packet matching its rule 1 for every
+service; :func:`vmap_elements` counts the map).
 
 The client side is this module run inside a pod (``python -m labkit.why HOST PORT``): it connects,
 says whom the socket is connected to (``getpeername``) and which pod answered. Every kernel object
@@ -157,55 +160,109 @@ class Trace:
         return asdict(self)
 
 
-_TRACE = re.compile(r"TRACE: \d+ (\w+) (\w+):([^:]+):(rule|policy|return):?(0x[0-9a-f]+)?:?(\S*)\s*(.*)")
+_XT_TRACE = re.compile(r"TRACE: \d+ (\w+) (\w+):([^:]+):(rule|policy|return):?(0x[0-9a-f]+)?:?(\S*)\s*(.*)")
+_NFT_TRACE = re.compile(r"trace id (\w+) ip (\S+) (\S+) (rule|policy) (.*?)"
+                        r"(?: # handle (\d+))?(?: \(verdict (.+)\))?\s*$")
+TRACE_TABLE = "lk_why_trace"  # the nftables table holding the marking rule (nftables datapaths)
 
 
 def trace_first_packet(lab, node: str, pod: str, sp, datapath: str, settle: float = 0.5) -> Trace:
-    """Trace the first packet of one new connection to ``sp`` through the node's tables: a
-    ``-j TRACE`` rule in raw PREROUTING for SYNs to the ClusterIP (iptables-nft makes it
-    ``meta nftrace set 1``) and ``xtables-monitor --trace`` listening in the node's namespace.
-    Each rule the packet matched is placed in its chain (``nft -a`` lists handles in chain order).
-    :class:`TraceUnavailable` where it cannot be done (iptables-legacy: :data:`LEGACY_TRACE_WHY`)."""
-    from . import nsexec
-
+    """Trace the first packet of one new connection to ``sp`` through the node's tables: a rule
+    marks the SYNs to the ClusterIP for tracing, a monitor listens in the node's namespace, and
+    each rule the packet matched is placed in its chain (``nft -j`` lists handles in chain order).
+    iptables-nft: ``-j TRACE`` in raw PREROUTING (which iptables-nft makes ``meta nftrace set 1``)
+    and ``xtables-monitor --trace``; nftables: ``meta nftrace set 1`` in a table of its own
+    (:data:`TRACE_TABLE`, before kube-proxy's chains) and ``nft -a monitor trace``. The marking rule
+    is removed before this returns. :class:`TraceUnavailable` where it cannot be done
+    (iptables-legacy: :data:`LEGACY_TRACE_WHY`)."""
     if datapath == "iptables-legacy":
         try:
             value = open(NF_LOG_ALL_NETNS).read().strip()
         except OSError:
             value = "not readable"
         raise TraceUnavailable(LEGACY_TRACE_WHY.format(value=value))
-    if datapath != "iptables-nft":
-        raise TraceUnavailable(f"datapath {datapath} writes no iptables rules to trace")
     ctx = lab.backend.node_context(lab.spec, node, lab.plan)
-    match = ["-d", f"{sp.cluster_ip}/32", "-p", "tcp", "--syn", "-j", "TRACE"]
-    ctx.run(["iptables-nft", "-w", "-t", "raw", "-I", "PREROUTING", "1", *match])
+    if datapath == "iptables-nft":
+        match = ["-d", f"{sp.cluster_ip}/32", "-p", "tcp", "--syn", "-j", "TRACE"]
+        mark = (["iptables-nft", "-w", "-t", "raw", "-I", "PREROUTING", "1", *match], None)
+        unmark = ["iptables-nft", "-w", "-t", "raw", "-D", "PREROUTING", *match]
+        monitor, parse = ["xtables-monitor", "--trace"], _parse_xtables
+    elif datapath.startswith("nftables"):
+        rule = f"ip daddr {sp.cluster_ip} tcp dport {sp.port} tcp flags syn meta nftrace set 1"
+        table = (f"table ip {TRACE_TABLE} {{\n chain prerouting {{\n"
+                 f"  type filter hook prerouting priority raw; policy accept;\n  {rule}\n }}\n}}\n")
+        mark = (["nft", "-f", "-"], table)
+        unmark = ["nft", "delete", "table", "ip", TRACE_TABLE]
+        monitor, parse = ["nft", "-a", "monitor", "trace"], _parse_nft
+    else:
+        raise TraceUnavailable(f"datapath {datapath} writes no netfilter rules to trace")
+    text, lines_of = _monitored(lab, ctx, pod, sp, monitor, mark, unmark, settle)
+    trace = Trace(sp.key, [])
+    for ln in text.splitlines():
+        step = parse(ln)
+        if step is not None:
+            trace.lines.append(ln.rstrip())
+            if step:
+                step["line"] = lines_of.get((step["table"], step["chain"]), {}).get(step["handle"])
+                trace.steps.append(step)
+    if not trace.steps:
+        raise TraceUnavailable(f"no trace event arrived ({monitor[0]} said: {text.strip()[-300:]!r})")
+    return trace
+
+
+def _monitored(lab, ctx, pod, sp, monitor, mark, unmark, settle) -> tuple[str, dict]:
+    """Mark (``mark``: argv and its stdin), listen, connect once, read the handles' lines, stop
+    listening, unmark (``unmark``: argv): the monitor's output and :func:`_handle_lines` (read
+    while the marking rule is still there)."""
+    from . import nsexec
+
+    ctx.run(mark[0], input=mark[1])
     try:
-        mon = nsexec.spawn(["stdbuf", "-oL", "xtables-monitor", "--trace"], ctx.netns,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        mon = nsexec.spawn(["stdbuf", "-oL", *monitor], ctx.netns, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
         try:
-            time.sleep(settle)  # subscribed to the trace group before the packet comes
+            time.sleep(settle)  # subscribed to the trace events before the packet comes
             if mon.poll() is not None:
-                raise TraceUnavailable(f"xtables-monitor stopped at once: {mon.stdout.read().strip()}")
+                raise TraceUnavailable(f"{monitor[0]} stopped at once: {mon.stdout.read().strip()}")
             connect_from(lab, pod, sp.cluster_ip, sp.port)
             time.sleep(settle)
-            lines_of = _handle_lines(ctx)  # with the TRACE rule still in place
+            lines_of = _handle_lines(ctx)
         finally:
             mon.terminate()
             text = mon.communicate(timeout=10)[0]
     finally:
-        ctx.run(["iptables-nft", "-w", "-t", "raw", "-D", "PREROUTING", *match], check=False)
-    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip().startswith(("PACKET:", "TRACE:"))]
-    if not any("TRACE:" in ln for ln in lines):
-        raise TraceUnavailable(f"no trace event arrived (xtables-monitor said: {text.strip()[-300:]!r})")
-    trace = Trace(sp.key, lines)
-    for ln in lines:
-        m = _TRACE.search(ln)
-        if m:
-            _, table, chain, kind, handle, verdict, rule = m.groups()
-            h = int(handle, 16) if handle else None
-            trace.steps.append({"table": table, "chain": chain, "kind": kind, "handle": h, "verdict": verdict,
-                                "line": lines_of.get((table, chain), {}).get(h), "rule": rule.strip()})
-    return trace
+        ctx.run(unmark, check=False)
+    return text, lines_of
+
+
+def _parse_xtables(line: str) -> dict | None:
+    """A step of ``xtables-monitor --trace`` ({} for a PACKET line, None for anything else)."""
+    if line.strip().startswith("PACKET:"):
+        return {}
+    m = _XT_TRACE.search(line)
+    if not m:
+        return None
+    _, table, chain, kind, handle, verdict, rule = m.groups()
+    return {"table": table, "chain": chain, "kind": kind, "handle": int(handle, 16) if handle else None,
+            "verdict": verdict, "rule": rule.strip()}
+
+
+def _parse_nft(line: str) -> dict | None:
+    """A step of ``nft -a monitor trace`` ({} for a packet line, None for anything else)."""
+    if not line.startswith("trace id "):
+        return None
+    m = _NFT_TRACE.match(line.rstrip())
+    if not m or " packet: " in line:
+        return {}
+    _, table, chain, kind, rule, handle, verdict = m.groups()
+    return {"table": table, "chain": chain, "kind": kind, "handle": int(handle) if handle else None,
+            "verdict": verdict or rule, "rule": rule if kind == "rule" else ""}
+
+
+def vmap_elements(ctx, table: str = "kube-proxy", name: str = "service-ips") -> int:
+    """Elements of an nftables map of the node (kube-proxy's ``service-ips``: one per service port)."""
+    listing = json.loads(ctx.run(["nft", "-j", "list", "map", "ip", table, name]).stdout)
+    return next(len(item["map"].get("elem", [])) for item in listing["nftables"] if "map" in item)
 
 
 def _handle_lines(ctx) -> dict[tuple[str, str], dict[int, int]]:
@@ -336,6 +393,18 @@ def path_diagram(datapath: str, observed: dict | None = None, services: int | No
                  ("backend pod", "the rest of the<br>connection: conntrack,<br>no rule walk", False)]
         title = (f"{datapath}: where a new connection is translated — first packet only, "
                  f"in the node's nat table (walk: linear in the number of services)")
+    elif datapath.startswith("nftables"):
+        entries = observed["elements"] if observed else n
+        line = observed["line"] if observed else 1
+        steps = [("client pod", "connect(ClusterIP:port):<br>the SYN leaves the pod<br>to the ClusterIP", False),
+                 ("nat-prerouting", "in the node:<br>rule 1 jumps to<br>services", False),
+                 ("services", f"<b>rule {line}</b>: one lookup<br>of (ClusterIP, proto,<br>port) in the "
+                              f"vmap<br>service-ips<br>({entries} elements)", True),
+                 ("service-…", "pick an endpoint<br>(numgen random)", False),
+                 ("endpoint-…", "<b>DNAT</b> to pod:8080<br>(conntrack remembers it)", True),
+                 ("backend pod", "the rest of the<br>connection: conntrack,<br>no rule walk", False)]
+        title = (f"{datapath}: where a new connection is translated — first packet only, in the node's "
+                 "kube-proxy table (one verdict-map lookup, whatever N)")
     else:
         runs = f"{observed['runs']} run, {observed['run_ns']} ns" if observed else "one run"
         entries = observed["map_entries"] if observed else n
@@ -369,32 +438,24 @@ def path_diagram(datapath: str, observed: dict | None = None, services: int | No
     return fig
 
 
-def lookups_figure(walks: dict[str, dict], lookups: dict[str, dict], datapaths: tuple[str, str]):
-    """Per place of the service (first, middle, last): the KUBE-SERVICES rules the first packet was
-    compared with (the matched rule's line, read from the counters) beside the hash lookups of
-    socket-LB's connect() (its program's runs, from the kernel's BPF statistics: one lookup each)."""
+def lookups_figure(series: list[tuple[str, str, dict[str, int], dict[str, str]]], services: int):
+    """Per place of the service (first, middle, last), what each datapath did to find it, as the
+    kernel reported it: ``series`` holds (datapath, what was counted, {place: count}, {place: hover
+    text}), e.g. the KUBE-SERVICES rules compared (the matched rule's line, from the counters),
+    the lines of nftables' services chain evaluated (from a trace), socket-LB's connect() runs (one
+    hash lookup each, from the kernel's BPF statistics)."""
     import plotly.graph_objects as go
 
     from .plots import COLORS, TEMPLATE
 
-    places = list(walks)
-    n = next(iter(walks.values()))["services_rules"] - 1
-    fig = go.Figure([
-        go.Bar(name=f"{datapaths[0]}: KUBE-SERVICES rules compared", x=places,
-               y=[walks[p]["position"] for p in places], marker_color=COLORS.get(datapaths[0]),
-               text=[walks[p]["position"] for p in places], textposition="outside",
-               hovertext=[f"{walks[p]['service']}: matched rule {walks[p]['position']} of "
-                          f"{walks[p]['services_rules']}" for p in places], hoverinfo="text"),
-        go.Bar(name=f"{datapaths[1]}: lk_svc_v4 hash lookups", x=places,
-               y=[lookups[p]["runs"] for p in places], marker_color=COLORS.get(datapaths[1]),
-               text=[lookups[p]["runs"] for p in places], textposition="outside",
-               hovertext=[f"{lookups[p]['service']}: {lookups[p]['runs']} run of lk_sock4_connect, "
-                          f"{lookups[p]['run_ns']} ns, {lookups[p]['map_entries']} entries in the map"
-                          for p in places], hoverinfo="text")])
-    fig.update_layout(title=f"One new connection to the first, middle and last of {n} services: work done to find it "
-                            "(read from the kernel)", template=TEMPLATE, barmode="group", height=420,
-                      xaxis_title="the service's place in the table", yaxis_title="rules compared / map lookups",
-                      legend={"orientation": "h", "y": -0.2})
+    fig = go.Figure([go.Bar(name=f"{dp}: {what}", x=list(counts), y=list(counts.values()),
+                            marker_color=COLORS.get(dp), text=list(counts.values()), textposition="outside",
+                            hovertext=[hover.get(p, "") for p in counts], hoverinfo="text")
+                     for dp, what, counts, hover in series])
+    fig.update_layout(title=f"One new connection to the first, middle and last of {services} services: "
+                            "the work done to find it (read from the kernel)",
+                      template=TEMPLATE, barmode="group", height=420, xaxis_title="the service's place in the table",
+                      yaxis_title="rules compared / lookups", legend={"orientation": "h", "y": -0.2})
     return fig
 
 

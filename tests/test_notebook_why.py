@@ -3,7 +3,9 @@
 The notebook runs with ``solutions=True`` and a small N; what it glued is read back: the line of
 the KUBE-SERVICES rule whose counter one connection incremented is 1, N//2 + 1 and N for the first,
 middle and last Service (real counters, read from the kernel), each counter went up by the
-connection's first packet only, the iptables-nft trace places the match at line N, socket-LB ran
+connection's first packet only, the iptables-nft trace places the match at line N, kube-proxy's
+nftables mode matched rule 1 of its services chain (a verdict map of N elements) for all three
+(traced), socket-LB ran
 its connect() program once per connection and found every service's key in a map of N entries,
 the socket was connected to one of the service's backends, every self-check passed, and no lab of
 the notebook is left.
@@ -65,6 +67,9 @@ def test_05_why_linear(tmp_path, lab_name, datapath):
     assert all(lk["found"] and lk["runs"] == 1 and lk["map_entries"] == N for lk in lookups.values()), lookups
     assert all(lk["peer"] in lk["backends"] for lk in lookups.values()), lookups
 
+    nft = glued["nftables"]  # every connection matched rule 1 of kube-proxy's nftables services chain
+    assert nft == {"elements": N, "lines": {"first": 1, "middle": 1, "last": 1}}, nft
+
     text = _text(nb)
     if datapath == "iptables-nft":
         assert [s["line"] for s in glued["trace"]] == [N]  # the kernel's trace: one match, at line N
@@ -73,10 +78,14 @@ def test_05_why_linear(tmp_path, lab_name, datapath):
     assert text.count("✓ exercise") == 3 and "self-checks: 3/3 right" in text
 
     figs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if PLOTLY in o.get("data", {})]
-    assert len(figs) == 3 and all("image/svg+xml" in o["data"] for o in figs)
+    assert len(figs) == 4 and all("image/svg+xml" in o["data"] for o in figs)
     titles = [o["data"][PLOTLY]["layout"]["title"]["text"] for o in figs]
-    assert titles[0].startswith(f"{datapath}: where") and titles[1].startswith("ebpf: where")
-    assert not _netns_of(f"{lab_name}-ipt") and not _netns_of(f"{lab_name}-bpf")
+    assert [t.split(":")[0] for t in titles[:3]] == [datapath, "ebpf", "nftables"], titles
+    bars = {t["name"]: t["y"] for t in figs[3]["data"][PLOTLY]["data"]}
+    assert bars == {f"{datapath}: KUBE-SERVICES rules compared (counters)": [1, N // 2 + 1, N],
+                    "nftables: services rules evaluated (trace)": [1, 1, 1],
+                    "ebpf: lk_svc_v4 hash lookups (BPF stats)": [1, 1, 1]}, bars
+    assert not any(_netns_of(f"{lab_name}-{kind}") for kind in ("ipt", "bpf", "nft"))
 
 
 # ---------------------------------------------------------------- without root
@@ -118,15 +127,16 @@ def test_path_order_and_trace_lines():
         "PREROUTING", "KUBE-SERVICES", "KUBE-SVC-X", "KUBE-SEP-X", "POSTROUTING", "KUBE-POSTROUTING"]
     line = (" TRACE: 2 630113f9 nat:KUBE-SERVICES:rule:0x32e:JUMP:KUBE-SVC-PZAONTWYHHZ5KNPM  -4 -t nat -A "
             "KUBE-SERVICES -d 10.96.0.209/32 -p tcp -j KUBE-SVC-PZAONTWYHHZ5KNPM")
-    _, table, chain, kind, handle, verdict, rule = why._TRACE.search(line).groups()
+    _, table, chain, kind, handle, verdict, rule = why._XT_TRACE.search(line).groups()
     assert (table, chain, kind, int(handle, 16), verdict) == ("nat", "KUBE-SERVICES", "rule", 814,
                                                                "JUMP:KUBE-SVC-PZAONTWYHHZ5KNPM")
     assert rule.startswith("-4 -t nat -A KUBE-SERVICES")
 
 
-@pytest.mark.parametrize("datapath", ["iptables-legacy", "iptables-nft", "ebpf"])
+@pytest.mark.parametrize("datapath", ["iptables-legacy", "iptables-nft", "nftables", "ebpf"])
 def test_path_diagram_without_a_lab(datapath):
     fig = why.path_diagram(datapath)
     assert fig.layout.title.text.startswith(f"{datapath}: where a new connection is translated")
-    assert len(fig.layout.shapes) == 6 and any("KUBE-SERVICES" in a.text or "lk_svc_v4" in a.text
-                                               for a in fig.layout.annotations)
+    heads = {"iptables-legacy": "KUBE-SERVICES", "iptables-nft": "KUBE-SERVICES", "nftables": "services"}
+    assert len(fig.layout.shapes) == 6
+    assert f"<b>{heads.get(datapath, 'lk_svc_v4 (hash)')}</b>" in [a.text for a in fig.layout.annotations]
