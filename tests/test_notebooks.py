@@ -1,9 +1,10 @@
 """Every notebook under papermill at small scale, `labkit sweep`, and the panel's Stop on a real run.
 
 Notebooks are stored without outputs and with a cell tagged ``parameters``; each one is executed top
-to bottom with small parameters into a temporary results store, then its outputs are checked (the
-glued run id exists in the store, the plotly figures carry the expected traces and axes) and no lab
-of it is left. ``04-network-policy`` is executed by tests/test_policy_engines.py.
+to bottom with small parameters and ``solutions=True`` (its solution cells fill in every exercise, so a
+wrong solution fails) into a temporary results store, then its outputs are checked (every self-check
+said ✓, the glued run id exists in the store, the plotly figures carry the expected traces and axes)
+and no lab of it is left. ``04-network-policy`` is executed by tests/test_policy_engines.py.
 """
 
 from __future__ import annotations
@@ -92,6 +93,15 @@ def shown_offline(nb, html: Path, count: int) -> None:
             browser.close()
 
 
+def all_checks_right(nb, name: str) -> None:
+    """Every exercise of notebook ``name`` was checked and found right (it ran with solutions=True)."""
+    from labkit.notebooks import exercises
+
+    n = len(exercises(nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)))
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert text.count("✓ exercise") == n and f"self-checks: {n}/{n} right, 0 not answered" in text, text[-2000:]
+
+
 def glued_run(nb, tmp_path: Path):
     from labkit.results import Run
     from labkit.sweep import read_glue
@@ -108,8 +118,7 @@ def test_00_workshop(tmp_path, lab_name):
     dps = _datapaths(SMALL_SCALE["datapaths"])
     nb = execute("00-workshop", tmp_path, lab_name=lab_name, solutions=True,
                  **{**SMALL_SCALE, "datapaths": dps})
-    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
-    assert text.count("✓ exercise") == 4 and "self-checks: 4/4 right" in text
+    all_checks_right(nb, "00-workshop")
     figs = figures(nb)
     assert figs[0]["layout"]["title"]["text"].startswith(f"lab {lab_name}")  # the topology
     assert any(n and n.startswith("Alibaba 2020 nginx") for n in names(figs[-1]))
@@ -121,7 +130,8 @@ def test_00_workshop(tmp_path, lab_name):
 @pytest.mark.parametrize("datapath", ["ebpf", "iptables-nft"])
 def test_01_lab_tour(tmp_path, lab_name, datapath):
     datapath = _datapaths([datapath])[0]
-    nb = execute("01-lab-tour", tmp_path, lab_name=lab_name, datapath=datapath, bulk_services=50)
+    nb = execute("01-lab-tour", tmp_path, lab_name=lab_name, datapath=datapath, bulk_services=50, solutions=True)
+    all_checks_right(nb, "01-lab-tour")
     text = "\n".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "node1: interfaces" in text and "lx-cli-0" in text and "all " in text
     html = "\n".join(o.get("data", {}).get("text/html", "") for c in nb.cells for o in c.get("outputs", []))
@@ -138,7 +148,8 @@ def test_01_lab_tour(tmp_path, lab_name, datapath):
 @pytest.mark.slow
 def test_02_pod_network_modes(tmp_path):
     nb = execute("02-pod-network-modes", tmp_path, modes=["eni-exclusive", "veth", "overlay"], repeats=1,
-                 samples=200, warmup=20, progress=False)
+                 samples=200, warmup=20, progress=False, solutions=True)
+    all_checks_right(nb, "02-pod-network-modes")
     run = glued_run(nb, tmp_path)
     figs = figures(nb)
     titles = [f["layout"]["title"]["text"] for f in figs]
@@ -160,7 +171,8 @@ def test_02_pod_network_modes(tmp_path):
 def test_03_service_scale_and_sweep(tmp_path):
     dps = _datapaths(SMALL_SCALE["datapaths"])
     nb = execute("03-service-scale", tmp_path, **{**SMALL_SCALE, "datapaths": dps}, updates=1,
-                 export_dir=str(tmp_path / "img"), rate_seconds=0.4, window_ms=100, concurrency=8)
+                 export_dir=str(tmp_path / "img"), rate_seconds=0.4, window_ms=100, concurrency=8, solutions=True)
+    all_checks_right(nb, "03-service-scale")
     run = glued_run(nb, tmp_path)
     figs = figures(nb)
     assert len(figs) == 9

@@ -250,15 +250,16 @@ def test_policy_scale_experiment_shape(tmp_path, monkeypatch):
 
 @pytest.mark.needs("root")
 @pytest.mark.timeout(300)
-def test_notebook_runs_with_papermill(tmp_path, monkeypatch):
+def test_notebook_runs_with_papermill(tmp_path, monkeypatch, lab_name):
     pm = pytest.importorskip("papermill")
     monkeypatch.setenv("LABKIT_RESULTS", str(tmp_path / "results"))
     nb = Path(__file__).resolve().parents[1] / "notebooks" / "04-network-policy.ipynb"
     out = tmp_path / "out.ipynb"
     pm.execute_notebook(str(nb), str(out), parameters={"policies": [0, 20], "samples": 200, "warmup": 20,
-                                                       "repeats": 1}, kernel_name="python3", progress_bar=False,
-                        cwd=str(nb.parent))
+                                                       "repeats": 1, "lab_name": lab_name, "solutions": True},
+                        kernel_name="python3", progress_bar=False, cwd=str(nb.parent))
     text = out.read_text()
     assert "identical matrices for both engines: True" in text
+    assert text.count("✓ exercise") == 3 and "self-checks: 3/3 right, 0 not answered" in text  # solutions filled in
     for engine in ENGINES:
         assert f"{engine}: 40/40 as the model expects" in text
