@@ -5,7 +5,8 @@
 #   1. apt: the system tools labkit drives (only when one is missing: apt-get update is slow)
 #   2. kernel headers for bcc: when the running kernel has no headers of its own (a custom kernel),
 #      link /lib/modules/$(uname -r)/{build,source} to Debian's headers; bcc needs both links
-#   3. .venv (python3 on PATH, >= 3.11) with `pip install -e '.[dev]'` (skipped when pyproject.toml
+#   3. .venv (Debian's python3, or python3 on PATH: >= 3.11, and runnable by every user since a
+#      classroom's participants run it) with `pip install -e '.[dev]'` (skipped when pyproject.toml
 #      and the interpreter are unchanged since the last install: hash stamp in .venv)
 #   4. Debian's bcc (python3-bpfcc) made visible to .venv alone, not the rest of dist-packages:
 #      .venv/debian-bcc/bcc -> /usr/lib/python3/dist-packages/bcc, named by a .pth file
@@ -27,7 +28,10 @@ PACKAGES=(python3-bpfcc bpfcc-tools "linux-headers-$ARCH" iptables nftables ipvs
           # the vagrant backend (VMs under QEMU, box built offline by debootstrap): labkit/backends/vagrant/
           vagrant vagrant-libvirt libvirt-daemon-system qemu-system-x86 qemu-utils debootstrap
           # figure export (kaleido) and the browser test (Playwright) drive Debian's Chromium: no download
-          chromium)
+          chromium
+          # the classroom (labkit classroom up): JupyterHub's proxy runs on Node.js (the proxy itself
+          # comes from the npm registry: install_proxy below)
+          nodejs)
 OPTIONAL_PACKAGES=(kmod)  # modprobe: useless on a kernel without modules, wanted in the VMs
 
 step() { printf 'setup: %s\n' "$*"; }
@@ -37,7 +41,8 @@ installed() { dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null | grep -q 
 
 install_packages() {
   local wanted=("${PACKAGES[@]}") missing=() optional=() p
-  python3 -c 'import ensurepip' 2>/dev/null || wanted+=(python3-venv)  # Debian's python3 needs it
+  /usr/bin/python3 -c 'import ensurepip' 2>/dev/null || wanted+=(python3-venv)  # Debian's python3 needs it
+  command -v npm >/dev/null || wanted+=(npm)  # a Node.js from elsewhere (NodeSource) brings its own npm
   for p in "${wanted[@]}"; do installed "$p" || missing+=("$p"); done
   for p in "${OPTIONAL_PACKAGES[@]}"; do installed "$p" || optional+=("$p"); done
   if [ ${#missing[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ]; then
@@ -91,20 +96,46 @@ link_kernel_headers() {
   done
 }
 
-make_venv() {
-  if "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
-    step "venv: $VENV present ($("$VENV/bin/python" -V))"
+reachable() {  # whether every user can run this interpreter: a classroom's participants run the venv's
+  runuser -u nobody -- /bin/sh -c '"$0" -c "import sys"' "$1" 2>/dev/null
+}
+
+pick_python() {  # Debian's python3 first (any user can run it; a pyenv one under /root may not be)
+  local cand
+  for cand in /usr/bin/python3 "$(command -v python3 || true)"; do
+    [ -n "$cand" ] && [ -x "$cand" ] || continue
+    "$cand" -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || continue
+    reachable "$cand" || continue
+    echo "$cand"
     return
-  fi
-  command -v python3 >/dev/null || die "no python3 on PATH"
-  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-    || die "python3 on PATH is $(python3 -V 2>&1); labkit needs >= 3.11"
-  if [ -e "$VENV" ]; then
+  done
+}
+
+make_venv() {
+  local py
+  py="$(pick_python)"
+  if "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
+    if reachable "$VENV/bin/python" || [ -z "$py" ]; then
+      step "venv: $VENV present ($("$VENV/bin/python" -V))"
+      [ -n "$py" ] || step "venv: WARNING: other users cannot run $VENV/bin/python (labkit classroom needs them to)"
+      return
+    fi
+    step "venv: CHANGED: other users cannot run $(readlink -f "$VENV/bin/python") (a classroom's participants run " \
+         "the venv's Python); recreating $VENV with $py"
+    rm -rf "$VENV"
+  elif [ -e "$VENV" ]; then
     step "venv: $VENV does not run; recreating it"
     rm -rf "$VENV"
   fi
-  python3 -m venv "$VENV"
-  step "venv: created $VENV with $(command -v python3) ($("$VENV/bin/python" -V))"
+  if [ -z "$py" ]; then
+    command -v python3 >/dev/null || die "no python3 on PATH"
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+      || die "python3 on PATH is $(python3 -V 2>&1); labkit needs >= 3.11"
+    py="$(command -v python3)"
+    step "venv: WARNING: no Python >= 3.11 that every user can run; $py it is (labkit classroom will refuse)"
+  fi
+  "$py" -m venv "$VENV"
+  step "venv: created $VENV with $py ($("$VENV/bin/python" -V))"
 }
 
 install_labkit() {
@@ -153,6 +184,18 @@ print(f"setup: bcc: import bcc ok ({where})")
 EOF
 }
 
+install_proxy() {
+  # JupyterHub's configurable-http-proxy, from the npm registry, into the venv (labkit/classroom.py)
+  local prefix="$VENV/node" want=4.6.3
+  if [ "$("$prefix/node_modules/.bin/configurable-http-proxy" --version 2>/dev/null)" = "$want" ]; then
+    step "npm: configurable-http-proxy $want present"
+    return
+  fi
+  step "npm: installing configurable-http-proxy@$want into $prefix"
+  npm install --silent --no-audit --no-fund --prefix "$prefix" "configurable-http-proxy@$want" >/dev/null \
+    || die "npm install configurable-http-proxy@$want failed"
+}
+
 [ "$(id -u)" -eq 0 ] || die "run as root (apt, /lib/modules and network namespaces need it)"
 install_packages
 link_kernel_headers
@@ -160,4 +203,5 @@ make_venv
 install_labkit
 link_debian_bcc
 verify_bcc
+install_proxy
 step "done in $((SECONDS - START)) s; check the machine with: $VENV/bin/labkit doctor"

@@ -313,18 +313,38 @@ def up(spec: Spec | str, progress: bool = True) -> Lab:
     file or text)."""
     from .measure.cpus import off_the_load_cpus
 
+    if _participant():
+        from .serve import participant
+
+        return participant.up(spec, progress=progress)  # type: ignore[return-value]
     spec = validate(spec) if isinstance(spec, Spec) else load_spec(spec)
     with off_the_load_cpus():  # another lab may be measuring there
         get_backend(spec.backend).up(spec, progress=progress)
     return Lab(spec)
 
 
+def _participant() -> bool:
+    """Not root, and a labkit daemon serves: labs are built and used through it
+    (:mod:`labkit.serve.participant`; a :class:`~labkit.serve.participant.ParticipantLab` stands for a Lab)."""
+    from .serve.client import use_daemon
+
+    return use_daemon()
+
+
 def open_lab(name: str) -> Lab:
+    if _participant():
+        from .serve import participant
+
+        return participant.open_lab(name)  # type: ignore[return-value]
     return Lab(LabState(name).spec())
 
 
 def exists(name: str) -> bool:
     """Whether anything of lab ``name`` is on this machine: its state, or objects with its prefix."""
+    if _participant():
+        from .serve import participant
+
+        return participant.exists(name)
     return LabState(name).dir.exists() or bool(nsexec.list_netns(naming.netns_name(name, "")))
 
 
@@ -332,6 +352,10 @@ def exists(name: str) -> bool:
 def down(name: str, missing_ok: bool = True) -> dict:
     """Remove lab ``name``. A lab whose state folder is gone is still swept by prefix (netns backend).
     ``missing_ok=False``: :class:`NoSuchLab` when nothing of it is here."""
+    if _participant():
+        from .serve import participant
+
+        return participant.down(name, missing_ok=missing_ok)
     if not missing_ok and not exists(name):
         raise NoSuchLab(f"no lab named {name!r} on this machine (see `labkit ls`; --missing-ok for scripts)")
     from .measure.cpus import off_the_load_cpus
@@ -350,6 +374,10 @@ def _owner(state: LabState) -> int:
 
 
 def labs() -> list[dict]:
+    if _participant():
+        from .serve import participant
+
+        return participant.labs()
     out = []
     for name in list_labs():
         st = LabState(name)

@@ -631,16 +631,38 @@ def static_figures(width: int = 1000, height: int = 560) -> bool:
         atexit.register(kaleido.stop_sync_server, silence_warnings=True)
     except Exception:  # already running in this kernel: fine
         pass
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pio.to_image(go.Figure(), format="svg", width=100, height=100)  # the browser answers
-    except Exception as exc:
-        print(f"labkit: figures stay interactive only (no static copy): kaleido could not draw ({exc})")
+    problem = _kaleido_draws()
+    if problem:
+        print(f"labkit: figures stay interactive only (no static copy): kaleido could not draw ({problem})")
         return False
     pio.renderers[STATIC_RENDERER] = InteractiveAndStatic()
     pio.renderers.default = STATIC_RENDERER
     return True
+
+
+def _kaleido_draws(seconds: float = 60.0) -> str | None:
+    """Why kaleido cannot draw (None: it drew a small figure). Tried in a thread with a time limit:
+    when its browser dies at start (no writable temporary folder, say), kaleido's call never returns."""
+    import threading
+    import warnings
+
+    import plotly.io as pio
+
+    outcome: list[str | None] = []
+
+    def draw() -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pio.to_image(go.Figure(), format="svg", width=100, height=100)
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - any failure means: no static copies
+            outcome.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    t = threading.Thread(target=draw, daemon=True, name="labkit-kaleido-probe")
+    t.start()
+    t.join(seconds)
+    return outcome[0] if outcome else f"its browser did not answer within {seconds:.0f} s"
 
 
 def trace_names(fig: go.Figure) -> list[str]:

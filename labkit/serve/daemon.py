@@ -183,8 +183,9 @@ class Daemon:
     def bind(self) -> None:
         if os.geteuid() != 0:
             raise UsageError("labkit serve runs as root (it builds labs for the users who ask it)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path.parent, 0o755)
+        if not self.path.parent.exists():  # a folder of its own (/run/labkit); an existing one keeps its mode
+            self.path.parent.mkdir(parents=True)
+            os.chmod(self.path.parent, 0o755)
         if self.path.exists() or self.path.is_symlink():
             st = self.path.lstat()
             if not stat.S_ISSOCK(st.st_mode):
@@ -460,6 +461,16 @@ def _inspect(d: Daemon, who: Caller, args, conn, fds) -> dict:
     return {"inspect": lab.open_lab(d.resolve(who, args.get("name"))).inspect()}
 
 
+def _spec(d: Daemon, who: Caller, args, conn, fds) -> dict:
+    """The spec of a lab of the caller's as plain data, under the name the caller gave it (a
+    participant's Python re-opens its lab from it)."""
+    from .. import lab
+    from ..spec.serialize import to_plain
+
+    machine = d.resolve(who, args.get("name"))
+    return {"spec": {**to_plain(lab.open_lab(machine).spec), "name": shown_name(machine)}}
+
+
 def _down(d: Daemon, who: Caller, args, conn, fds) -> dict:
     from .. import lab
 
@@ -590,8 +601,8 @@ def _gone(conn: socket.socket) -> bool:
         return True
 
 
-OPS = {"run": _run, "whoami": _whoami, "up": _up, "ls": _ls, "check": _check, "services": _services, "inspect": _inspect,
-       "down": _down, "exec": _exec}
+OPS = {"run": _run, "whoami": _whoami, "up": _up, "ls": _ls, "check": _check, "services": _services,
+       "inspect": _inspect, "spec": _spec, "down": _down, "exec": _exec}
 
 UNIT = """[Unit]
 Description=labkit daemon: labs for unprivileged users (a classroom)
