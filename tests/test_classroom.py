@@ -275,3 +275,67 @@ def test_down_never_removes_an_account_it_did_not_make(tmp_path):
         assert any("not one labkit made" in s and MARKER in s for s in said)
     finally:
         subprocess.run(["userdel", "lky01"], capture_output=True)
+
+
+# ---------------------------------------------------------------- the workshop's notebooks as a participant
+
+PARTICIPANT = 64993  # no account: the daemon trusts the kernel's uid alone
+
+
+@pytest.fixture
+def daemon_socket():
+    """A labkit daemon of this test on its own socket and results store; the participant's labs and
+    runs are removed afterwards."""
+    import shutil
+    import tempfile
+    import threading
+
+    from labkit.serve.daemon import Daemon, Quota, owner_of
+
+    folder = Path(tempfile.mkdtemp(prefix="lktest-room-", dir="/var/tmp"))
+    folder.chmod(0o755)
+    home = folder / "home"
+    home.mkdir()
+    os.chown(home, PARTICIPANT, PARTICIPANT)
+    d = Daemon(folder / "labkit.sock", "nogroup", Quota(), log=lambda text: None, results=folder / "results")
+    d.bind()
+    t = threading.Thread(target=d.serve_forever, daemon=True)
+    t.start()
+    yield d, home
+    d.stop()
+    t.join(5)
+    for r in labmod.labs():
+        if owner_of(r["name"]) == PARTICIPANT:
+            labmod.down(r["name"])
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_workshop_notebook_runs_as_a_participant(daemon_socket):
+    """00-workshop, unprivileged, through the daemon: its lab is built by the daemon under the
+    participant's name, its Services-at-scale run is measured by the daemon (in the participant's folder
+    of the daemon's store, copied into their own), every self-check right."""
+    import nbformat
+    from test_notebooks import SMALL_SCALE, all_checks_right
+
+    d, home = daemon_socket
+    out = home / "00.out.ipynb"
+    params = {**SMALL_SCALE, "solutions": True, "results_dir": str(home / "results"), "lab_name": "demo"}
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={PARTICIPANT}", f"--regid={PARTICIPANT}", "--clear-groups", "env", "-i",
+         f"HOME={home}", f"TMPDIR={home}", f"LABKIT_SOCKET={d.path}", f"PATH={Path(sys.executable).parent}:/usr/bin:/bin",
+         str(Path(sys.executable).parent / "papermill"), "--cwd", str(Path(__file__).parent.parent / "notebooks"),
+         "--no-progress-bar", "-y", json.dumps(params), "00-workshop.ipynb", str(out)],
+        capture_output=True, text=True, timeout=600,
+        cwd=str(Path(__file__).parent.parent / "notebooks"))
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nb = nbformat.read(out, as_version=4)
+    all_checks_right(nb, "00-workshop")
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "Traceback" not in text
+    runs = sorted((d.results / str(PARTICIPANT)).iterdir())
+    assert len(runs) == 1 and (runs[0] / "points.csv").exists()  # measured by the daemon, as root
+    assert (home / "results" / runs[0].name / "points.csv").read_text() == (runs[0] / "points.csv").read_text()
+    assert not labmod.exists(machine_name("demo", PARTICIPANT))  # the notebook removed its lab
+    print(f"00-workshop as a participant: {took:.0f} s")

@@ -102,6 +102,12 @@ def _plain(value: Any) -> str:
 @nsexec.outside_event_loop
 def execute(experiment: Experiment, params: Any, resume: str | None = None, progress: bool = True,
             on_point: Callable[[dict], None] | None = None) -> Run:
+    from ..serve.client import use_daemon
+
+    if use_daemon():  # not root: the labkit daemon measures it (when the measurement CPUs are free)
+        from ..serve import participant
+
+        return participant.run_experiment(experiment.name, params, resume=resume, progress=progress)
     plan = plan_cpus()
     if not plan.pinned:
         warnings.warn(plan.warning or "CPUs not separated", stacklevel=2)

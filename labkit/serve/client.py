@@ -34,6 +34,11 @@ def use_daemon() -> bool:
     return os.geteuid() != 0 and socket_path().exists()
 
 
+def _to_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 class DaemonError(errors.LabkitError):
     """The daemon answered with an error; ``exit_code`` is the one it gave."""
 
@@ -43,9 +48,11 @@ class DaemonError(errors.LabkitError):
 
 
 class Client:
-    def __init__(self, path: Path | str | None = None, progress: Callable[[str], None] | None = None):
+    def __init__(self, path: Path | str | None = None, progress: Callable[[str], None] | None = None,
+                 output: Callable[[str], None] | None = None):
         self.path = Path(path) if path else socket_path()
         self.progress = progress
+        self.output = output or _to_stdout  # a run's own output, as it prints it
 
     def call(self, op: str, fds: tuple[int, ...] = (), **args: Any) -> dict:
         """One request; its result, or the daemon's error raised (exit status kept)."""
@@ -71,9 +78,8 @@ class Client:
                     if self.progress:
                         self.progress(str(reply.get("text", "")))
                     continue
-                if reply.get("event") == "output":  # a run's own output, as it prints it
-                    sys.stdout.write(str(reply.get("text", "")))
-                    sys.stdout.flush()
+                if reply.get("event") == "output":
+                    self.output(str(reply.get("text", "")))
                     continue
                 return reply
         finally:

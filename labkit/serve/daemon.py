@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import codecs
 import grp
+import json
 import os
 import pwd
 import select
@@ -540,6 +541,9 @@ def _run(d: Daemon, who: Caller, args, conn, fds) -> dict:
                           "file, no --resume)")
         if "vagrant" in a and not (d.quota.vms or who.instructor):
             raise Refused("backend: VM runs are not allowed in this classroom")
+    params = args.get("params")
+    if params is not None:
+        argv = [*argv, "--params", str(_params_file(d, who, exp, params))]
     folder = d.results / str(who.uid)
     for p in (d.results, folder):  # root's, 0755, made here: nothing of the caller's is written through
         p.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -561,6 +565,7 @@ def _run(d: Daemon, who: Caller, args, conn, fds) -> dict:
                 if _gone(conn):
                     return {"exit": 130}
         _progress(conn, f"measuring: labkit run {exp} (results in {folder})")
+        known = {p.name for p in folder.iterdir()}
         env = {**os.environ, "LABKIT_RESULTS": str(folder), "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen([sys.executable, "-m", "labkit.cli", "run", exp, *argv], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd="/",
@@ -581,11 +586,42 @@ def _run(d: Daemon, who: Caller, args, conn, fds) -> dict:
                 if not chunk:
                     break
                 _progress(conn, decode.decode(chunk), raw=True)
-        return {"exit": proc.wait(), "results": str(folder)}
+        made = sorted(p.name for p in folder.iterdir() if p.name not in known and (p / "manifest.json").exists())
+        return {"exit": proc.wait(), "results": str(folder), "run_ids": made}
     finally:
+        if params is not None:
+            Path(argv[-1]).unlink(missing_ok=True)
         with d._seats:
             d._queue.remove(ticket)
             d._seats.notify_all()
+
+
+MAX_PARAMS_BYTES = 64 * 1024
+
+
+def _params_file(d: Daemon, who: Caller, exp: str, params: object) -> Path:
+    """A run's parameters sent as a mapping (a participant's Python passes its params object):
+    checked as the experiment checks them, then written to a file of the daemon's own for ``--params``
+    (never a path the caller names)."""
+    import dataclasses
+    import tempfile
+
+    import yaml
+
+    from ..experiments import EXPERIMENTS
+
+    if not isinstance(params, dict) or len(json.dumps(params)) > MAX_PARAMS_BYTES:
+        raise UsageError(f"run: params must be a mapping of parameter names to values (at most {MAX_PARAMS_BYTES} "
+                         "bytes as JSON)")
+    cls, _ = EXPERIMENTS[exp]
+    chosen = cls.from_mapping(params, "run params")
+    if str(chosen.get("backend", "netns")) != "netns" and not (d.quota.vms or who.instructor):
+        raise Refused("backend: VM runs are not allowed in this classroom")
+    dataclasses.replace(cls(), **chosen).validate()  # every problem named before the run waits its turn
+    fd, name = tempfile.mkstemp(prefix=f"labkit-params-{who.uid}-", suffix=".yaml", dir=d.path.parent)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(chosen, f)
+    return Path(name)
 
 
 def _gone(conn: socket.socket) -> bool:

@@ -15,6 +15,7 @@ import os
 import subprocess
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from .. import addressing, errors
 from ..services import ServiceTable, table_from_spec
@@ -197,4 +198,52 @@ def run(experiment: str, argv: Sequence[str] = (), client: Client | None = None)
         _raise(exc)
 
 
-__all__ = ["ParticipantLab", "down", "exists", "labs", "open_lab", "run", "up"]
+def run_experiment(experiment: str, params, resume: str | None = None, progress: bool = True):
+    """An experiment's run (``service_scale.run(params)`` and the others, for a participant): sent to
+    the daemon with its parameters, measured when the measurement CPUs are free, then copied from
+    your folder of the daemon's store into your own results store (``LABKIT_RESULTS``) and returned
+    as a :class:`labkit.results.Run` there."""
+    import dataclasses
+    import shutil
+
+    from ..experiments import EXPERIMENTS
+    from ..results import Run, results_root
+
+    if resume:
+        raise errors.Refused("resume: through the labkit daemon a run starts afresh (no --resume)")
+    cls, _ = EXPERIMENTS[experiment]
+    default = cls()
+    sendable = {f.name for f, *_ in cls.fields()}
+    chosen = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)
+              if getattr(params, f.name) != getattr(default, f.name)}
+    odd = sorted(set(chosen) - sendable)
+    if odd:
+        raise errors.UsageError(f"{experiment}: {', '.join(odd)} cannot be set through the labkit daemon "
+                                "(not parameters of `labkit run`)")
+    lines: list[str] = []
+
+    def output(text: str) -> None:
+        lines.append(text)
+        if progress:
+            print(text, end="", flush=True)
+
+    client = Client(progress=(lambda text: print(text, flush=True)) if progress else None, output=output)
+    try:
+        res = client.call("run", experiment=experiment, argv=[] if progress else ["--quiet"],
+                          params=to_plain(chosen))
+    except DaemonError as exc:
+        _raise(exc)
+    if res["exit"] or not res.get("run_ids"):
+        raise errors.MeasurementError(f"{experiment}: the run through the labkit daemon ended with exit "
+                                      f"{res['exit']}; its output ends:\n" + "".join(lines)[-1500:])
+    source = Path(res["results"]) / res["run_ids"][-1]
+    target = results_root() / source.name
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, target, dirs_exist_ok=True)
+    except OSError:  # no results store of your own here: the daemon's copy is readable
+        return Run(source)
+    return Run(target)
+
+
+__all__ = ["ParticipantLab", "down", "exists", "labs", "open_lab", "run", "run_experiment", "up"]
