@@ -409,3 +409,28 @@ def test_an_exec_ends_when_its_caller_goes_away(daemon):
     while sleepers():
         assert time.monotonic() < deadline, "the command outlived its caller"
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize("argv, params, exit_code, message", [
+    (["--services", ",".join(str(60000 + k) for k in range(200))], None, 7, "quota: this run would measure for"),
+    (["--samples", "1000000000"], None, 7, "quota: this run would measure for"),
+    (["--repeats", "100", "--samples", "200000"], None, 7, "quota: this run would measure for"),
+    (["--dry-run"], None, 7, "--dry-run: not through the labkit daemon"),
+    (["--services", "lots"], None, 2, "--services"),
+    (["--no-such-flag"], None, 2, "unrecognized arguments"),
+    ([], {"services": [1] * 5, "datapaths": ["nope"]}, 2, "unknown 'nope'"),
+    ([], {"rm": "-rf /"}, 2, "unknown parameter 'rm'"),
+    ([], ["not", "a", "mapping"], 2, "params must be a mapping"),
+    ([], {"samples": "x" * 70000}, 2, "at most 65536 bytes"),
+    ([], {"backend": "vagrant"}, 7, "VM runs are not allowed"),
+])
+def test_a_run_is_checked_and_bounded_before_it_waits_or_measures(daemon, argv, params, exit_code, message):
+    """Every run request is parsed as `labkit run` parses it, validated, and its estimated time held to
+    the quota's run_minutes: nothing is queued, measured or written when it is refused, and no
+    parameters file of the daemon's is left behind."""
+    args = {"experiment": "service-scale", "argv": argv} | ({"params": params} if params is not None else {})
+    reply = call(daemon, ALICE, "run", **args)
+    assert reply["exit"] == exit_code and message in reply["error"], reply
+    assert not (daemon.results / str(ALICE)).exists()
+    assert not list(daemon.path.parent.glob("labkit-params-*"))
+    assert call(daemon, ALICE, "whoami")["exit"] == 0  # and it serves on

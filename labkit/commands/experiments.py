@@ -36,28 +36,19 @@ def run(args) -> int:
 
     from .. import report
     from ..errors import UsageError
-    from ..experiments import EXPERIMENTS, pod_modes
-    from ..experiments.params import given
+    from ..experiments import EXPERIMENTS
     from ..serve.client import Client, use_daemon
 
-    if use_daemon():  # not root: the daemon runs it, when the measurement CPUs are free
+    if use_daemon() and not args.dry_run:  # not root: the daemon runs it, when the measurement CPUs are free
         raw = list(getattr(args, "raw_argv", None) or sys.argv[1:])
         tail = raw[raw.index(args.experiment) + 1:] if args.experiment in raw else []
         say = None if args.quiet else (lambda text: print(f"labkit: {text}", file=sys.stderr, flush=True))
         return Client(progress=say).run(args.experiment, tail)
     cls, run_fn = EXPERIMENTS[args.experiment]
-    chosen = {**_params_file(args.params, cls), **given(args, cls)}
-    if args.experiment == "pod-modes" and args.quick:  # the VMs' short variant measures less (TCG)
-        params = cls.quick(backend=chosen.get("backend", "netns"))
-    else:
-        params = cls.quick() if args.quick else cls()
-    if args.experiment == "pod-modes" and "backend" in chosen and "modes" not in chosen:
-        # the modes the backend's kernel has (the VMs': every mode of their release's box)
-        chosen["modes"] = pod_modes.default_modes(chosen["backend"], chosen.get("release"))
+    params, chosen = params_of(args)
     if args.resume and chosen:
         raise UsageError(f"--resume continues run {args.resume} with its own parameters; give no others "
                          f"(given: {', '.join('--' + cls.flag(k) for k in chosen)})")
-    params = dataclasses.replace(params, **chosen)
     if not args.resume:
         params.validate()
     if args.dry_run:
@@ -76,6 +67,27 @@ def run(args) -> int:
         print(f"\nreport: {path}")
     print(f"results: {result.path}/points.csv ({args.experiment}, run {result.run_id})")
     return 0
+
+
+def params_of(args):
+    """The parameters ``labkit run`` measures with (defaults or --quick's, then --params, then flags),
+    not yet validated, and the fields given explicitly (the labkit daemon checks a participant's run
+    with the same)."""
+    import dataclasses
+
+    from ..experiments import EXPERIMENTS, pod_modes
+    from ..experiments.params import given
+
+    cls, _ = EXPERIMENTS[args.experiment]
+    chosen = {**_params_file(args.params, cls), **given(args, cls)}
+    if args.experiment == "pod-modes" and args.quick:  # the VMs' short variant measures less (TCG)
+        params = cls.quick(backend=chosen.get("backend", "netns"))
+    else:
+        params = cls.quick() if args.quick else cls()
+    if args.experiment == "pod-modes" and "backend" in chosen and "modes" not in chosen:
+        # the modes the backend's kernel has (the VMs': every mode of their release's box)
+        chosen["modes"] = pod_modes.default_modes(chosen["backend"], chosen.get("release"))
+    return dataclasses.replace(params, **chosen), chosen
 
 
 def _params_file(path: str | None, cls) -> dict:
@@ -173,8 +185,13 @@ def report(args) -> int:
     from ..report import write_report
     from ..results import Run
 
+    from .. import reference
+
     one = Run.open(args.run)
-    print(write_report(one, images=args.images))
+    path = write_report(one, images=args.images)
+    if reference.is_reference(one):
+        print(reference.caption(one))
+    print(path)
     if args.images:
-        print(f"figures: {one.path / 'figures'}/*.png, *.svg")
+        print(f"figures: {path.parent / 'figures'}/*.png, *.svg")
     return 0

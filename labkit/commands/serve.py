@@ -12,7 +12,8 @@ def _serve_args(p) -> None:
                    help="members of this group see and may remove every lab (default: instructor)")
     p.add_argument("--quota", default="", metavar="K=V,...",
                    help="per participant: labs (at once), and per lab nodes, pods, services, policies; vms=yes "
-                        "allows VM labs (defaults: labs=2,nodes=3,pods=12,services=200,policies=20,vms=no)")
+                        "allows VM labs; run_minutes bounds a run's estimated measuring time (defaults: labs=2,"
+                        "nodes=3,pods=12,services=200,policies=20,vms=no,run_minutes=10)")
     p.add_argument("--unit", action="store_true", help="print a systemd unit that runs the daemon, and stop")
 
 

@@ -78,6 +78,7 @@ class Quota:
     services: int = 200  # per lab, bulk groups counted in full
     policies: int = 20  # per lab
     vms: bool = False  # labs on the vagrant backend
+    run_minutes: int = 10  # a run's estimated measuring time (`labkit run --dry-run`'s estimate)
 
     @classmethod
     def parse(cls, text: str) -> "Quota":
@@ -544,6 +545,12 @@ def _run(d: Daemon, who: Caller, args, conn, fds) -> dict:
     params = args.get("params")
     if params is not None:
         argv = [*argv, "--params", str(_params_file(d, who, exp, params))]
+    try:
+        _check_run(d, who, exp, argv)  # the whole run as `labkit run` would measure it, bounded
+    except BaseException:
+        if params is not None:
+            Path(argv[-1]).unlink(missing_ok=True)
+        raise
     folder = d.results / str(who.uid)
     for p in (d.results, folder):  # root's, 0755, made here: nothing of the caller's is written through
         p.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -597,6 +604,34 @@ def _run(d: Daemon, who: Caller, args, conn, fds) -> dict:
 
 
 MAX_PARAMS_BYTES = 64 * 1024
+RUN_FLAGS_REFUSED = ("--dry-run",)  # the daemon's run measures; a plan needs no daemon (the CLI prints it itself)
+
+
+def _check_run(d: Daemon, who: Caller, exp: str, argv: list[str]) -> None:
+    """Parse ``labkit run EXP ARGV`` as the CLI would, validate the parameters, and bound the run:
+    its estimated time within the quota's ``run_minutes`` (a list of a million services, or a billion
+    samples, is refused here rather than measured as root)."""
+    import contextlib
+    import io
+
+    from ..cli import build_parser
+    from ..commands.experiments import params_of
+
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+            ns = build_parser().parse_args(["run", exp, *argv])
+    except SystemExit:
+        raise UsageError(said.getvalue().strip().replace("labkit run: ", "run: ", 1) or "run: bad arguments") from None
+    if any(getattr(ns, f.lstrip("-").replace("-", "_"), False) for f in RUN_FLAGS_REFUSED):
+        raise Refused(f"{' / '.join(RUN_FLAGS_REFUSED)}: not through the labkit daemon (it measures; the labkit "
+                      "CLI prints a plan without it)")
+    params, _ = params_of(ns)
+    params.validate()
+    seconds = params.estimate().get("estimated_seconds", 0)
+    if not who.instructor and seconds > d.quota.run_minutes * 60:
+        raise Refused(f"quota: this run would measure for about {seconds / 60:.0f} min; a participant's run may "
+                      f"take {d.quota.run_minutes} min (fewer services, repeats or samples)")
 
 
 def _params_file(d: Daemon, who: Caller, exp: str, params: object) -> Path:
