@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import plots
-from .results import Run
+from . import plots, reference
+from .results import Run, results_root
 
 
 def _pick_position(points: pd.DataFrame) -> str:
@@ -165,17 +165,22 @@ def write_report(run: Run, path: Path | None = None, images: bool = False) -> Pa
     sources = "".join(f"<li><b>{htmlmod.escape(a.short)}</b> — {htmlmod.escape(a.title)} ({htmlmod.escape(a.unit)}). "
                       f"Source: {htmlmod.escape(a.source)}. Caveats: {htmlmod.escape(a.caveats)}</li>" for a in used)
     mach = m["machine"]
-    head = (f"<h1>labkit {m['experiment']} — run {m['run_id']}</h1>"
+    shipped = reference.is_reference(run)
+    where = (f"<p><b>A reference run shipped with labkit</b>: measured on labkit's development machine (below), not "
+             f"on this one. <code>labkit run {htmlmod.escape(m['experiment'])}</code> measures yours.</p>" if shipped else "")
+    head = (f"<h1>labkit {m['experiment']} — run {m['run_id']}</h1>{where}"
             f"<p>kernel {mach['kernel']}, {mach['cpu_model']} × {mach['cpu_count']}, labkit "
             f"{m['labkit']['version']} ({m['labkit']['git']}); {m['started']} → {m.get('ended')} ({m['status']})</p>"
             f"<pre>{htmlmod.escape(summary_text(run))}</pre>"
             f"<p>figures: {' · '.join(f'<a href=#{n}>{n}</a>' for n in figs)}</p>")
     tail = (f"<h2>published figures drawn here</h2><p>Dotted traces with open diamonds; normalised as their "
             f"legend says (only shapes compare across machines).</p><ul>{sources}</ul>" if used else "")
-    path = path or run.path / "report.html"
+    out = results_root() / "reports" / run.run_id if shipped else run.path  # the shipped folder stays as shipped
+    out.mkdir(parents=True, exist_ok=True)
+    path = path or out / "report.html"
     path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{m['run_id']}</title></head>"
                     f"<body style='font-family:sans-serif;max-width:1100px;margin:auto'>{head}{''.join(parts)}"
                     f"{tail}<h2>parameters</h2><pre>{htmlmod.escape(str(m['params']))}</pre></body></html>")
     if images and figs:
-        plots.export(figs, run.path / "figures")
+        plots.export(figs, out / "figures")
     return path

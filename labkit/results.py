@@ -71,8 +71,17 @@ class Run:
         return run
 
     @classmethod
-    def open(cls, run_id: str, root: Path | None = None) -> Run:
+    def open(cls, run_id: str, root: Path | None = None, experiment: str | None = None) -> Run:
+        """A run by id (or a unique part of one) in the store, else among the shipped reference runs;
+        ``reference`` (with ``experiment``) or ``reference:KEY`` is the shipped reference run itself
+        (:mod:`labkit.reference`)."""
+        from . import reference
+
+        if run_id == "reference" or run_id.startswith("reference:"):
+            return cls(reference.resolve(run_id, experiment))
         root = root or results_root()
+        if not (root / run_id / "manifest.json").exists() and (reference.FOLDER / run_id / "manifest.json").exists():
+            return cls(reference.FOLDER / run_id)
         path = Path(run_id) if Path(run_id).is_dir() else root / run_id
         if not (path / "manifest.json").exists():
             matches = [p for p in root.glob(f"*{run_id}*") if (p / "manifest.json").exists()] if root.exists() else []
@@ -81,6 +90,14 @@ class Run:
                 raise NoSuchRun(f"no single run matches {run_id!r} under {root}/ ({known})")
             path = matches[0]
         return cls(path)
+
+    def params_as(self, cls):
+        """The run's parameters as ``cls`` (an experiment's Params dataclass; fields it does not know
+        are left out): a notebook re-rendering a past run reads it with the run's own parameters."""
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in self.manifest()["params"].items() if k in names})
 
     # ------------------------------------------------------------ manifest
     @property
