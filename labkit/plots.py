@@ -536,6 +536,13 @@ def figures(source, anchors: bool = True, log_x: bool = False) -> dict[str, go.F
                         and (points["mode"] == anchormod.VARIANT_BASELINE).any()):
                     figs[f"modes-{metric}-vs-published-host-routing"] = variant_bars(points, metric)
         return figs
+    if experiment == "policy-scale":  # policies on the x axis, engines as traces (not services, datapaths)
+        present = set(points["position"].dropna())
+        pos = next((p for p in ("last", "first") if p in present), "last")
+        for metric in ("crr", "rr"):
+            if ((points["metric"] == metric) & points["p50_us"].notna()).any():
+                figs[f"policy-{metric}-vs-policies"] = policy_scale(points, metric, pos)
+        return figs
     present = set(points["position"].dropna())
     order = [p for p in ("first", "middle", "last", "kube-proxy-order") if p in present]
     floor = ["pod"] if "pod" in present else []
@@ -665,12 +672,63 @@ def _kaleido_draws(seconds: float = 60.0) -> str | None:
     return outcome[0] if outcome else f"its browser did not answer within {seconds:.0f} s"
 
 
+PATH_LAYERS = {"pod": ("#9ecae1", "the pod's own stack"), "device": ("#c7e9c0", "a virtual device"),
+               "node": ("#fdae6b", "the node's stack (routing, netfilter): the cost the study measured"),
+               "bpf": ("#bcbddc", "a BPF program that skips the node's stack"), "nic": ("#d9d9d9", "a NIC")}
+HOST_ROUTING_PATH = (("pod", "pod's stack"), ("device", "veth pair"),
+                     ("bpf", "tc BPF on the node's veth: bpf_redirect_neigh (no netfilter)"),
+                     ("nic", "eth0, onto the VPC"))
+
+
+def packet_paths(modes: Sequence[str] | None = None, host_routing: bool = True) -> go.Figure:
+    """Where a packet goes from a pod towards a pod on another node, per pod mode: one row of boxes
+    per mode, left to right, coloured by layer; the node's stack (routing and netfilter) in orange.
+    ``host_routing``: also veth with eBPF host routing (``veth+bpf-hr``)."""
+    from . import modes as modemod
+
+    names = list(modes) if modes else modemod.names()
+    rows = [(n, modemod.get(n).path) for n in names if modemod.get(n).path]
+    if host_routing and (not modes or "veth" in names):
+        rows.append(("veth+bpf-hr", HOST_ROUTING_PATH))
+    fig = go.Figure()
+    width, gap = 2.6, 0.35
+    for y, (name, hops) in enumerate(reversed(rows)):
+        crosses = sum(layer == "node" for layer, _ in hops)
+        for k, (layer, what) in enumerate(hops):
+            x0 = k * (width + gap)
+            color, _ = PATH_LAYERS[layer]
+            fig.add_shape(type="rect", x0=x0, x1=x0 + width, y0=y - 0.35, y1=y + 0.35, fillcolor=color,
+                          line={"color": "#555", "width": 1}, layer="below")
+            fig.add_annotation(x=x0 + width / 2, y=y, text=_box_text(what, 30), showarrow=False, font={"size": 10})
+            if k:
+                fig.add_annotation(x=x0, y=y, ax=x0 - gap, ay=y, xref="x", yref="y", axref="x", ayref="y",
+                                   text="", showarrow=True, arrowhead=2, arrowsize=1, arrowwidth=1.2)
+        end = len(hops) * (width + gap)
+        fig.add_annotation(x=end, y=y, xanchor="left", showarrow=False, font={"size": 10},
+                           text=f"{len(hops)} hops; node's stack {'×' + str(crosses) if crosses else 'skipped'}")
+    for layer, (color, meaning) in PATH_LAYERS.items():  # a legend of the layers
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=meaning,
+                                 marker={"symbol": "square", "size": 12, "color": color}))
+    fig.update_yaxes(tickvals=list(range(len(rows))), ticktext=[n for n, _ in reversed(rows)],
+                     range=[-0.7, len(rows) - 0.3], showgrid=False, zeroline=False)
+    fig.update_xaxes(visible=False, range=[-0.2, 6 * (width + gap) + 1.5])
+    fig.update_layout(title="The packet's path from a pod towards another node, per pod mode", template=TEMPLATE,
+                      height=90 + 62 * len(rows), legend={"orientation": "h", "y": -0.05}, margin={"l": 130})
+    return fig
+
+
+def _box_text(text: str, width: int) -> str:
+    import textwrap
+
+    return "<br>".join(textwrap.wrap(text, width))
+
+
 def trace_names(fig: go.Figure) -> list[str]:
     """Legend names of a figure's traces (tests and notebooks' self-checks use it)."""
     return [t.name for t in fig.data]
 
 
-__all__ = ["latency_vs_services", "latency_cdf", "cost_vs_services", "mode_bars", "variant_bars", "topology", "figures",
+__all__ = ["packet_paths", "latency_vs_services", "latency_cdf", "cost_vs_services", "mode_bars", "variant_bars", "topology", "figures",
            "export", "latency_summary", "service_anchor_traces", "points_of", "runs_of", "trace_names", "COLORS"]
 
 

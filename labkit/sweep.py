@@ -32,20 +32,30 @@ import yaml
 
 from .errors import LabkitError, UsageError
 
-GLUE_MIME = "application/vnd.labkit.glue+json"
+GLUE_MIME = "application/vnd.labkit.glue+json"  # what labkit wrote before it wrote scrapbook's scraps
+SCRAP_MIME_PREFIX = "application/scrapbook.scrap"
 
 
 # ---------------------------------------------------------------- notebook side
 
 def glue(name: str, value: Any) -> None:
-    """Record ``value`` under ``name`` in the notebook's outputs (JSON; shown as text in Jupyter)."""
+    """Record ``value`` under ``name`` in the notebook's outputs, as scrapbook records it
+    (``scrapbook.read_notebook(path).scraps[name].data`` reads it back; so does :func:`read_glue`), and
+    show it as a line of text."""
+    import scrapbook
     from IPython.display import display
 
-    display({GLUE_MIME: {"name": name, "value": value}, "text/plain": f"glued {name} = {value!r}"}, raw=True)
+    if value is None:  # scrapbook's schema has no null: labkit's own form (read_glue reads both)
+        display({GLUE_MIME: {"name": name, "value": None}, "text/plain": f"glued {name} = None"}, raw=True)
+        return
+    # scrapbook's json encoder parses a string as JSON: strings go as text
+    scrapbook.glue(name, value, encoder="text" if isinstance(value, str) else "json")
+    display({"text/plain": f"glued {name} = {value!r}"}, raw=True)
 
 
 def read_glue(notebook: str | Path | Any) -> dict[str, Any]:
-    """Every value a notebook glued (the last one wins for a repeated name)."""
+    """Every value a notebook glued (the last one wins for a repeated name): scrapbook's scraps, and
+    the labkit-only form earlier notebooks wrote."""
     import nbformat
 
     nb = notebook if hasattr(notebook, "cells") else nbformat.read(str(notebook), as_version=4)
@@ -53,10 +63,10 @@ def read_glue(notebook: str | Path | Any) -> dict[str, Any]:
     for cell in nb.cells:
         for o in cell.get("outputs", []):
             data = o.get("data", {})
-            if GLUE_MIME in data:
-                item = data[GLUE_MIME]
-                item = json.loads(item) if isinstance(item, str) else item
-                out[item["name"]] = item["value"]
+            for mime, item in data.items():
+                if mime == GLUE_MIME or mime.startswith(SCRAP_MIME_PREFIX):
+                    item = json.loads(item) if isinstance(item, str) else item
+                    out[item["name"]] = item.get("value", item.get("data"))
     return out
 
 

@@ -117,6 +117,15 @@ class RunPanel:
         from IPython.display import display
 
         display(self.widget)
+        self.leave_picture_here()
+
+    def leave_picture_here(self) -> None:
+        """A plain output under the panel that each finished (or stopped) run replaces with its chart:
+        a saved or exported notebook keeps that picture (widgets need a live kernel to draw)."""
+        from IPython.display import display
+
+        self._picture = display({"text/plain": f"({self.experiment}: the chart of the panel's last run appears "
+                                 "here when it ends)"}, raw=True, display_id=True)
 
     # ------------------------------------------------------------ running
     @property
@@ -208,6 +217,14 @@ class RunPanel:
     def _finished(self, html: str) -> None:
         self.run_button.disabled, self.stop_button.disabled = False, True
         self._set_status(html)
+        picture = getattr(self, "_picture", None)
+        if picture is not None and self.figure.data:
+            try:
+                # the bundle itself (plotly's renderer: interactive JSON + static SVG): a figure object would
+                # display itself anew (plotly's _ipython_display_) instead of replacing the placeholder
+                picture.update(go.Figure(self.figure)._repr_mimebundle_(), raw=True)
+            except Exception as exc:  # noqa: BLE001 - the run is done whatever the picture does
+                self.picture_error = exc
 
     def _set_status(self, html: str) -> None:
         self.status_text = html
@@ -299,7 +316,9 @@ class PodModesPanel(RunPanel):
         style = {"description_width": "100px"}
         from .modes import names as mode_names
 
-        self.modes = W.SelectMultiple(options=mode_names(), value=list(p.modes), description="pod modes", rows=7,
+        # the pod modes, and the variants pod-modes measures beside them (host-network, veth+bpf-hr, ...)
+        self.modes = W.SelectMultiple(options=list(dict.fromkeys([*mode_names(), *p.modes])), value=list(p.modes),
+                                      description="pod modes", rows=7,
                                       style=style)
         self.metrics = W.SelectMultiple(options=["crr", "rr", "udp_rr", "bandwidth"], value=list(p.metrics),
                                         description="metrics", rows=4, style=style)
@@ -328,14 +347,27 @@ class PodModesPanel(RunPanel):
         super()._redraw()
 
 
-def panel(service_params=None, modes_params=None) -> W.Tab:
-    """Both panels as tabs (the workshop's lab console)."""
-    s, m = ServiceScalePanel(service_params), PodModesPanel(modes_params)
-    tab = W.Tab(children=[s.widget, m.widget])
-    tab.set_title(0, "service scale")
-    tab.set_title(1, "pod modes")
-    tab.panels = (s, m)
-    return tab
+class Panels:
+    """Both panels as tabs (the workshop's lab console), each leaving its last run's chart below."""
+
+    def __init__(self, service_params=None, modes_params=None):
+        self.panels = (ServiceScalePanel(service_params), PodModesPanel(modes_params))
+        self.tab = W.Tab(children=[p.widget for p in self.panels])
+        self.tab.set_title(0, "service scale")
+        self.tab.set_title(1, "pod modes")
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.tab)
+        for p in self.panels:
+            p.leave_picture_here()
 
 
-__all__ = ["run_blocking", "Cancelled", "RunPanel", "ServiceScalePanel", "PodModesPanel", "panel"]
+def panel(service_params=None, modes_params=None) -> Panels:
+    """Both panels, starting from the notebook's parameters (``service_params``: a
+    ServiceScaleParams, ``modes_params``: a PodModesParams)."""
+    return Panels(service_params, modes_params)
+
+
+__all__ = ["run_blocking", "Cancelled", "RunPanel", "ServiceScalePanel", "PodModesPanel", "Panels", "panel"]

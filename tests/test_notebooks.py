@@ -235,3 +235,29 @@ def test_panel_stop_leaves_no_lab(tmp_path, monkeypatch):
     assert len(panel.figure.data) >= 1 and panel.run_button.disabled is False
     for lb in panel.run.manifest()["labs"].values():
         assert not _netns_of(lb), lb
+
+
+def test_panel_leaves_its_last_chart_as_a_plain_output(tmp_path):
+    """A panel's run, started and finished in a kernel: the plain output under the panel becomes the
+    run's chart, interactive and as a static SVG, so the saved notebook shows it without widgets."""
+    import nbclient
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    dps = _datapaths(["ebpf"])
+    nb = new_notebook(cells=[
+        new_code_cell(f"import os\nos.environ['LABKIT_RESULTS'] = {str(tmp_path / 'results')!r}\n"
+                      "from labkit import plots, widgets\n"
+                      "from labkit.experiments.service_scale import ServiceScaleParams\n"
+                      "plots.static_figures()\n"
+                      f"p = widgets.ServiceScalePanel(ServiceScaleParams(datapaths={dps!r}, services=[1, 50], "
+                      "positions=['last'], repeats=1, samples=100, warmup=10, updates=1))\np"),
+        new_code_cell("p.start()\nassert p.wait(240)\nprint(p.status_text, getattr(p, 'picture_error', None))")],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    said = "".join(o.get("text", "") for o in nb.cells[1].outputs)
+    assert "<b>done</b>" in said, nb.cells[1].outputs
+    pictures = [o for o in nb.cells[0].outputs
+                if o.get("output_type") == "display_data" and PLOTLY in o.get("data", {})]
+    assert len(pictures) == 1 and "image/svg+xml" in pictures[0]["data"]
+    assert len(pictures[0]["data"][PLOTLY]["data"]) >= 1  # the run's traces, not an empty chart

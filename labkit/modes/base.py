@@ -64,6 +64,9 @@ class PodMode:
     # the kind of slave device the pod is on its NIC ("ipvlan", "macvlan"): Linux allows one kind of
     # slave per parent device, so pods of different kinds need different ENIs
     slave_kind: ClassVar[str | None] = None
+    # the hops a packet takes from the pod towards a pod on another node, as (layer, what) with layer
+    # "pod", "device", "node" (the node's routing and netfilter), "bpf" or "nic" (plots.packet_paths)
+    path: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     # ---------------------------------------------------------------- planning
     def address(self, pools: AddressPools, nic: int | None) -> PodAddress:

@@ -11,6 +11,8 @@ from .base import VPC_MTU, BridgedVeth, PodAddress
 
 class Bridge(BridgedVeth):
     name = "bridge"
+    path = (("pod", "pod's stack"), ("device", "veth → the node's bridge"),
+            ("node", "node's stack: bridge, routing, netfilter"), ("nic", "eth0, onto the VPC"))
     order = 50
     short = "br"
     color = "#bcbd22"

@@ -12,6 +12,8 @@ from .base import ROUTED_GATEWAY, RT_SCOPE_LINK, VPC_MTU, PodAddress, PodMode
 
 class EniExclusive(PodMode):
     name = "eni-exclusive"
+    # the hops a packet takes from the pod towards another node (plots.packet_paths): (layer, what)
+    path = (("pod", "pod's stack: its eth0 is the ENI itself"), ("nic", "the ENI, onto the VPC"))
     order = 10
     short = "ex"
     color = "#1f77b4"

@@ -14,6 +14,8 @@ IPVLAN_MODES = {"l2": 0, "l3": 1, "l3s": 2}
 
 class EniIpvlan(EniSlave):
     name = "eni-ipvlan"
+    path = (("pod", "pod's stack"), ("device", "ipvlan slave → its ENI (L2 switch in the driver)"),
+            ("nic", "the shared ENI, onto the VPC"))
     order = 20
     short = "iv"
     color = "#17becf"

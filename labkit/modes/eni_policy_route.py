@@ -12,6 +12,9 @@ POLICY_PRIORITY = 1000
 
 class EniPolicyRoute(RoutedVeth):
     name = "eni-policy-route"
+    path = (("pod", "pod's stack"), ("device", "veth pair"),
+            ("node", "node's stack: ip rule → the ENI's table; netfilter"),
+            ("nic", "the shared ENI, onto the VPC"))
     order = 30
     short = "pr"
     color = "#2ca02c"

@@ -11,6 +11,8 @@ from .base import EniSlave
 
 class Macvlan(EniSlave):
     name = "macvlan"
+    path = (("pod", "pod's stack"), ("device", "macvlan slave → its ENI (bridge mode)"),
+            ("nic", "the shared ENI, onto the VPC"))
     order = 70
     short = "mv"
     color = "#9467bd"

@@ -67,6 +67,8 @@ def link_add_args(ifname: str, peer: str, peer_netns: str | None = None, mtu: in
 
 class Netkit(RoutedVeth):
     name = "netkit"
+    path = (("pod", "pod's stack"), ("device", "netkit peer → primary (its BPF program runs in the device)"),
+            ("node", "node's stack: routing, netfilter"), ("nic", "eth0, onto the VPC"))
     order = 45
     short = "nk"
     color = "#e377c2"

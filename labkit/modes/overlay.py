@@ -20,6 +20,9 @@ RTNH_F_ONLINK = 4
 
 class Overlay(BridgedVeth):
     name = "overlay"
+    path = (("pod", "pod's stack"), ("device", "veth → the node's bridge"),
+            ("node", "node's stack: routing, netfilter"), ("device", "vxlan0: UDP/VXLAN encapsulation (+50 bytes)"), ("node", "node's stack again: the outer packet"),
+            ("nic", "eth0, onto the VPC"))
     order = 60
     short = "ov"
     color = "#d62728"

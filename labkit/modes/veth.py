@@ -10,6 +10,8 @@ from .base import ROUTED_GATEWAY, VPC_MTU, PodAddress, RoutedVeth
 
 class Veth(RoutedVeth):
     name = "veth"
+    path = (("pod", "pod's stack"), ("device", "veth pair"), ("node", "node's stack: routing, netfilter"),
+            ("nic", "eth0, onto the VPC"))
     order = 40
     short = "ve"
     color = "#ff7f0e"
