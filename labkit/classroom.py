@@ -78,8 +78,8 @@ def _check_reachable() -> None:
     probe = subprocess.run(["runuser", "-u", "nobody", "--", "/bin/sh", "-c", '"$0" -c "import labkit, jupyterhub"',
                             sys.executable], capture_output=True, text=True)
     if probe.returncode:
-        raise UsageError(f"other users cannot run {sys.executable} with labkit and JupyterHub "
-                         f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else 'exit ' + str(probe.returncode)}): "
+        why = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else f"exit {probe.returncode}"
+        raise UsageError(f"other users cannot run {sys.executable} with labkit and JupyterHub ({why}): "
                          "participants run labkit's venv as themselves. Fix: a clone in a folder every user can "
                          "enter (e.g. /opt/labkit), and `make setup` (it makes .venv with Debian's python3)")
 
@@ -277,7 +277,8 @@ def up(seats: int, port: int = 8000, bind: str = "0.0.0.0", prefix: str = "seat"
         raise UsageError(f"accounts or groups named {', '.join(taken[:5])}{' ...' if len(taken) > 5 else ''} exist "
                          "already: choose another --prefix")
     if instructor and _group(INSTRUCTORS):
-        raise UsageError(f"a group {INSTRUCTORS} exists already (another classroom's?): remove it or give --no-instructor")
+        raise UsageError(f"a group {INSTRUCTORS} exists already (another classroom's?): remove it or give "
+                         "--no-instructor")
     for p in (port, port + 1, port + 2):
         host = bind if p == port else "127.0.0.1"
         if not _port_free(host, p):

@@ -44,7 +44,8 @@ def classroom(args) -> int:
         print(f"classroom up: {info['url']}  (on this machine: {info['local_url']})")
         print(f"seats ({len(info['seats'])}; also in {info['folder']}/seats.txt, root's alone):")
         for seat in info["seats"]:
-            print(f"  {seat['user']:20} {seat['password']}{'  (instructor: sees every lab)' if seat['instructor'] else ''}")
+            role = "  (instructor: sees every lab)" if seat["instructor"] else ""
+            print(f"  {seat['user']:20} {seat['password']}{role}")
         print("`labkit classroom down` removes all of it")
         return 0
     if args.classroom_command == "down":
