@@ -20,6 +20,7 @@ def _serve_args(p) -> None:
 @command("serve", "the privileged daemon: labs for unprivileged users (a classroom), on a Unix socket",
          _serve_args, order=90)
 def serve(args) -> int:
+    import os
     import shutil
     import signal
     import sys
@@ -33,6 +34,7 @@ def serve(args) -> int:
     daemon = Daemon(Path(args.socket) if args.socket else SOCKET, args.instructors, Quota.parse(args.quota),
                     log=lambda text: print(text, flush=True))
     daemon.bind()
+    os.chdir("/")  # a daemon holds no folder of anyone's (the in-process daemons of tests keep theirs)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     try:
         daemon.serve_forever()

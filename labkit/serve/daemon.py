@@ -213,7 +213,6 @@ class Daemon:
     def serve_forever(self) -> None:
         if self.sock is None:
             self.bind()
-        os.chdir("/")
         self.log(f"labkit daemon serving on {self.path} (instructor group: {self.instructors}; quota: "
                  + ", ".join(f"{k} {v}" for k, v in asdict(self.quota).items()) + ")")
         while not self._stop.is_set():
