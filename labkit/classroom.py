@@ -276,6 +276,10 @@ def up(seats: int, port: int = 8000, bind: str = "0.0.0.0", prefix: str = "seat"
     if taken:
         raise UsageError(f"accounts or groups named {', '.join(taken[:5])}{' ...' if len(taken) > 5 else ''} exist "
                          "already: choose another --prefix")
+    homes = [Path("/home") / n for n in names + ([teacher] if teacher else []) if (Path("/home") / n).exists()]
+    if homes:  # down removes a seat's home: never one that was there before
+        raise UsageError(f"home folder {homes[0]} exists already (not made by this classroom): choose another "
+                         "--prefix, or remove it")
     if instructor and _group(INSTRUCTORS):
         raise UsageError(f"a group {INSTRUCTORS} exists already (another classroom's?): remove it or give "
                          "--no-instructor")

@@ -258,6 +258,19 @@ def test_a_seat_name_that_is_taken_is_refused():
         subprocess.run(["userdel", "lkx01"], capture_output=True)
 
 
+def test_a_seat_home_that_exists_is_refused_and_kept():
+    home = Path("/home/lkz01")
+    home.mkdir()
+    (home / "keep").write_text("someone's")
+    try:
+        before = fingerprint()
+        res = classroom("up", "--seats", "1", "--prefix", "lkz")
+        assert res.returncode == 2 and "home folder /home/lkz01 exists already" in res.stderr, res.stderr
+        assert fingerprint() == before and (home / "keep").read_text() == "someone's"
+    finally:
+        subprocess.run(["rm", "-rf", str(home)])
+
+
 def test_down_never_removes_an_account_it_did_not_make(tmp_path):
     """A journal naming an account that is not labkit's (no marker in its comment): down keeps it."""
     from labkit import classroom as room
