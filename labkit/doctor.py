@@ -104,6 +104,18 @@ def _first_error(text: str) -> str:
     return lines[-1][:200] if lines else "(no output)"
 
 
+def sweep_probe_namespaces() -> list[str]:
+    """Remove the probe namespaces of processes that are gone (a doctor run SIGKILLed mid-probe leaves
+    ``lkdoc-<pid>``); a live process's is kept. Called before every probe and by ``labkit down``."""
+    gone = []
+    for name in nsexec.list_netns(PROBE_PREFIX):
+        pid = name[len(PROBE_PREFIX):]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            nsexec.remove_netns(name)
+            gone.append(name)
+    return gone
+
+
 class _Probe:
     """State shared by the probes of one doctor run: the throwaway namespace, made on first use."""
 
@@ -114,6 +126,7 @@ class _Probe:
 
     def ensure(self) -> None:
         if not self._made:
+            sweep_probe_namespaces()
             nsexec.remove_netns(self.netns)  # left by a crashed run that had our pid
             nsexec.create_netns(self.netns)
             self._made = True

@@ -360,8 +360,11 @@ def down(name: str, missing_ok: bool = True) -> dict:
         raise NoSuchLab(f"no lab named {name!r} on this machine (see `labkit ls`; --missing-ok for scripts)")
     from .measure.cpus import off_the_load_cpus
 
+    from .doctor import sweep_probe_namespaces
+
     state = LabState(name)
     backend = state.meta().get("backend", "netns") if state.exists else "netns"
+    sweep_probe_namespaces()  # a probe namespace of a labkit process SIGKILLed mid-doctor (lkdoc-<pid>)
     with off_the_load_cpus():  # another lab may be measuring there
         return get_backend(backend).down(name)
 

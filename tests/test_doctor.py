@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +176,26 @@ def test_cli_json_exit_code_and_cleanup():
     assert {c["name"] for c in data["capabilities"]} == CONTRACT
     assert all(c["status"] in ("ok", "missing", "warn") for c in data["capabilities"])
     assert f"{doctor.PROBE_PREFIX}{proc.pid}" not in nsexec.list_netns(doctor.PROBE_PREFIX)
+
+
+@pytest.mark.needs("root")
+def test_probe_namespaces_of_dead_processes_are_swept_and_live_ones_kept():
+    """A doctor run SIGKILLed mid-probe leaves lkdoc-<pid>: the next probe, and `labkit down`, remove it;
+    a live process's probe namespace is kept."""
+    from labkit import nsexec
+
+    dead = max(int(open("/proc/sys/kernel/pid_max").read()) - 7, 2)
+    assert not os.path.exists(f"/proc/{dead}")
+    nsexec.create_netns(f"lkdoc-{dead}")
+    nsexec.create_netns("lkdoc-1")  # pid 1 lives
+    try:
+        assert doctor.sweep_probe_namespaces() == [f"lkdoc-{dead}"]
+        left = nsexec.list_netns("lkdoc-")
+        assert f"lkdoc-{dead}" not in left and "lkdoc-1" in left
+        nsexec.create_netns(f"lkdoc-{dead}")
+        res = subprocess.run([str(Path(sys.executable).parent / "labkit"), "down", "none-such", "--missing-ok"],
+                             capture_output=True, text=True)
+        assert res.returncode == 0 and f"lkdoc-{dead}" not in nsexec.list_netns("lkdoc-")
+    finally:
+        for n in (f"lkdoc-{dead}", "lkdoc-1"):
+            nsexec.remove_netns(n)
