@@ -289,7 +289,6 @@ def up(seats: int, port: int = 8000, bind: str = "0.0.0.0", prefix: str = "seat"
             raise UsageError(f"port {p} on {host} is in use: give --port (the hub takes it and the next two)")
     proxy, hub = proxy_command(), hub_command()
     _check_reachable()
-    from .notebooks import participant_copy  # noqa: F401 - present before any account is made
 
     existed = {str(p): p.exists() for p in (folder.parent, socket_path.parent, Path("/var/lib/labkit/results"))}
     folder.mkdir(parents=True, exist_ok=False, mode=0o700)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -51,10 +52,8 @@ def facts_of(run: Run) -> dict:
 def _measure(points: pd.DataFrame) -> pd.DataFrame:
     """One value per point key: the median over repeats of p50 (latency), rate (rates) or value."""
     df = points.copy()
-    df["measure"] = df["p50_us"].where(df["p50_us"].notna(), df["rate_per_s"].where(df["rate_per_s"].notna(),
-                                                                                     df["value"]))
-    df["kind"] = df["p50_us"].notna().map({True: "latency_us"}).fillna(
-        df["rate_per_s"].notna().map({True: "rate_per_s"}).fillna("value"))
+    df["measure"] = df["p50_us"].fillna(df["rate_per_s"]).fillna(df["value"])
+    df["kind"] = np.select([df["p50_us"].notna(), df["rate_per_s"].notna()], ["latency_us", "rate_per_s"], "value")
     for k in KEYS:
         df[k] = df[k].fillna("")
     return df.dropna(subset=["measure"]).groupby(KEYS + ["kind"], as_index=False)["measure"].median()

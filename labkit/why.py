@@ -371,6 +371,11 @@ def socket_lb_connect(lab, node: str, pod: str, sp) -> Lookup:
 
 # ---------------------------------------------------------------- the path, drawn
 
+# the first and last boxes of the netfilter datapaths' diagrams (iptables and nftables alike)
+CLIENT_STEP = ("client pod", "connect(ClusterIP:port):<br>the SYN leaves the pod<br>to the ClusterIP", False)
+BACKEND_STEP = ("backend pod", "the rest of the<br>connection: conntrack,<br>no rule walk", False)
+
+
 def path_diagram(datapath: str, observed: dict | None = None, services: int | None = None):
     """A new connection's path through one datapath as boxes and arrows (plotly shapes), marking
     where it is translated; ``observed`` (a :class:`Walk` or :class:`Lookup` as a dict) writes
@@ -384,25 +389,25 @@ def path_diagram(datapath: str, observed: dict | None = None, services: int | No
     if datapath.startswith("iptables"):
         pos = observed["position"] if observed else "k"
         svc = observed["service"] if observed else "the service"
-        steps = [("client pod", "connect(ClusterIP:port):<br>the SYN leaves the pod<br>to the ClusterIP", False),
+        steps = [CLIENT_STEP,
                  ("nat PREROUTING", "in the node:<br>rule 1 jumps to<br>KUBE-SERVICES", False),
                  ("KUBE-SERVICES", f"{n} rules, one per<br>service, compared<br>in order, then<br>"
                                    f"<b>match at rule {pos}</b><br>({svc})", True),
                  ("KUBE-SVC-…", "pick an endpoint<br>(-m statistic random)", False),
                  ("KUBE-SEP-…", "<b>DNAT</b> to pod:8080<br>(conntrack remembers it)", True),
-                 ("backend pod", "the rest of the<br>connection: conntrack,<br>no rule walk", False)]
+                 BACKEND_STEP]
         title = (f"{datapath}: where a new connection is translated — first packet only, "
                  f"in the node's nat table (walk: linear in the number of services)")
     elif datapath.startswith("nftables"):
         entries = observed["elements"] if observed else n
         line = observed["line"] if observed else 1
-        steps = [("client pod", "connect(ClusterIP:port):<br>the SYN leaves the pod<br>to the ClusterIP", False),
+        steps = [CLIENT_STEP,
                  ("nat-prerouting", "in the node:<br>rule 1 jumps to<br>services", False),
                  ("services", f"<b>rule {line}</b>: one lookup<br>of (ClusterIP, proto,<br>port) in the "
                               f"vmap<br>service-ips<br>({entries} elements)", True),
                  ("service-…", "pick an endpoint<br>(numgen random)", False),
                  ("endpoint-…", "<b>DNAT</b> to pod:8080<br>(conntrack remembers it)", True),
-                 ("backend pod", "the rest of the<br>connection: conntrack,<br>no rule walk", False)]
+                 BACKEND_STEP]
         title = (f"{datapath}: where a new connection is translated — first packet only, in the node's "
                  "kube-proxy table (one verdict-map lookup, whatever N)")
     else:

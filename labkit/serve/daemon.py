@@ -627,6 +627,8 @@ def _check_run(d: Daemon, who: Caller, exp: str, argv: list[str]) -> None:
                       "CLI prints a plan without it)")
     params, _ = params_of(ns)
     params.validate()
+    if getattr(params, "backend", "netns") != "netns" and not (d.quota.vms or who.instructor):
+        raise Refused("backend: VM runs are not allowed in this classroom")
     seconds = params.estimate().get("estimated_seconds", 0)
     if not who.instructor and seconds > d.quota.run_minutes * 60:
         raise Refused(f"quota: this run would measure for about {seconds / 60:.0f} min; a participant's run may "
@@ -634,10 +636,9 @@ def _check_run(d: Daemon, who: Caller, exp: str, argv: list[str]) -> None:
 
 
 def _params_file(d: Daemon, who: Caller, exp: str, params: object) -> Path:
-    """A run's parameters sent as a mapping (a participant's Python passes its params object):
-    checked as the experiment checks them, then written to a file of the daemon's own for ``--params``
+    """A run's parameters sent as a mapping (a participant's Python passes its params object): their
+    names checked, then written to a file of the daemon's own for ``--params``
     (never a path the caller names)."""
-    import dataclasses
     import tempfile
 
     import yaml
@@ -648,10 +649,7 @@ def _params_file(d: Daemon, who: Caller, exp: str, params: object) -> Path:
         raise UsageError(f"run: params must be a mapping of parameter names to values (at most {MAX_PARAMS_BYTES} "
                          "bytes as JSON)")
     cls, _ = EXPERIMENTS[exp]
-    chosen = cls.from_mapping(params, "run params")
-    if str(chosen.get("backend", "netns")) != "netns" and not (d.quota.vms or who.instructor):
-        raise Refused("backend: VM runs are not allowed in this classroom")
-    dataclasses.replace(cls(), **chosen).validate()  # every problem named before the run waits its turn
+    chosen = cls.from_mapping(params, "run params")  # unknown names here; values by _check_run, as for flags
     fd, name = tempfile.mkstemp(prefix=f"labkit-params-{who.uid}-", suffix=".yaml", dir=d.path.parent)
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(chosen, f)
