@@ -23,6 +23,8 @@ import ctypes
 import json
 import os
 import platform
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -37,7 +39,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from labkit import nsexec
-from labkit.errors import MissingFeature
+from labkit.errors import MissingFeature, UsageError
 
 T = TypeVar("T")
 OK, MISSING, WARN = "ok", "missing", "warn"
@@ -721,6 +723,108 @@ def cli(args: argparse.Namespace) -> int:
         print(format_table(results))
         print(f"\n{summary(results)}  [{time.monotonic() - start:.1f} s]")
     return 0 if ready else 1
+
+
+# ------------------------------------------------------------------ performance preflight of a host
+
+# user@host[:port]: a user and host of letters, digits, '.', '_', '-' (never first: ssh would read an
+# option), or a bracketed IPv6 address. Nothing a shell or ssh's option parser could act on gets through.
+_TARGET = re.compile(r"(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]{0,31})@)?"
+                     r"(?P<host>[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])"
+                     r"(?::(?P<port>[0-9]{1,5}))?")
+_NIC = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
+LOCAL_TARGETS = ("localhost", "local")
+_SSH_DEFAULTS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]  # never wait at a password prompt
+
+
+def _ssh_destination(target: str) -> tuple[str, list[str]]:
+    """``target`` checked strictly, as ssh's destination and port options; UsageError naming --host."""
+    match = _TARGET.fullmatch(target)
+    if match is None or (match["port"] is not None and not 1 <= int(match["port"]) <= 65535):
+        raise UsageError(f"--host {target!r}: expected host, user@host or host:port (letters, digits, '.', "
+                         "'_', '-', not starting with '-'; a port 1-65535). Fix: e.g. --host root@10.0.0.2:22, "
+                         "or --host localhost for this machine")
+    host = match["host"].strip("[]")
+    return (f"{match['user']}@{host}" if match["user"] else host), (["-p", match["port"]] if match["port"] else [])
+
+
+def host_ssh_argv(target: str, nics: list[str], ssh_options: list[str] | None = None) -> list[str]:
+    """The ssh command line that runs :mod:`labkit.hostfacts` on ``target`` (its source comes on stdin).
+
+    ``target`` and ``nics`` are checked strictly first (raising UsageError naming ``--host``/``--nics``),
+    since both end up on ssh's command line and, for the NICs, in the remote shell's. ``ssh_options``
+    come from the caller, not from a user, and go first: ssh keeps the first value of an option."""
+    dest, port = _ssh_destination(target)
+    bad = [n for n in nics if not _NIC.fullmatch(n)]
+    if bad:
+        raise UsageError(f"--nics {','.join(bad)!r}: not a network device name (up to 15 letters, digits, "
+                         "'_', '.', '-'). Fix: names as `ip -br link` lists them on the host, e.g. --nics eth0")
+    remote = ["python3", "-", "--json"] + (["--nics", ",".join(nics)] if nics else [])
+    return ["ssh", "-T", *(ssh_options or []), *_SSH_DEFAULTS, *port, "--", dest, shlex.join(remote)]
+
+
+def _remote_facts(target: str, argv: list[str]) -> dict:
+    """Run hostfacts on ``target`` through ``argv`` (from :func:`host_ssh_argv`) and parse its JSON.
+    Raises RuntimeError with the reason and the fix when ssh, python3 or the JSON fails."""
+    from labkit import hostfacts
+
+    source = Path(hostfacts.__file__).read_text()
+    dest, port = _ssh_destination(target)
+    reach = shlex.join(["ssh", *port, dest, "true"])  # the commands to try by hand
+    python = shlex.join(["ssh", *port, dest, "python3", "--version"])
+    try:
+        proc = subprocess.run(argv, input=source, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise RuntimeError("no ssh here. Fix: apt-get install openssh-client") from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{target} did not answer in 120 s. Fix: check `{reach}`") from None
+    if proc.returncode == 255:
+        raise RuntimeError(f"ssh to {target} failed: {_first_error(proc.stderr)}. Fix: make `{reach}` "
+                           "work without a password prompt (a key; labkit runs ssh with BatchMode=yes)")
+    if proc.returncode == 127:  # the remote shell's "command not found"
+        raise RuntimeError(f"{target} has no python3. Fix: apt-get install python3 there")
+    try:
+        facts = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"{target} printed no JSON (exit {proc.returncode}): {_first_error(proc.stderr)}. "
+                           f"Fix: check that `{python}` says 3.9 or later") from None
+    if not isinstance(facts, dict) or not isinstance(facts.get("rows"), list):
+        raise RuntimeError(f"{target} printed JSON without rows. Fix: run hostfacts there by hand: "
+                           f"{shlex.join(['ssh', *port, dest, 'python3', '-'])} < {hostfacts.__file__}")
+    return facts
+
+
+def host_cli(target: str, nics: list[str], as_json: bool, ssh_options: list[str] | None = None) -> int:
+    """``labkit doctor --host TARGET [--nics ...]``: the performance preflight of TARGET (CPU governor, SMT,
+    isolated CPUs, irqbalance, clock source, steal time, NIC offloads and queues, kernel features).
+
+    ``localhost``/``local`` is examined in this process; any other TARGET over ``ssh -T``, running
+    :mod:`labkit.hostfacts` from its source on stdin (nothing is installed there; it needs python3 3.9+).
+    Exit 0 when no row is missing, 1 when one is or TARGET could not be examined (said on stderr)."""
+    from labkit import hostfacts
+
+    nics = list(nics or [])
+    argv = host_ssh_argv(target, nics, ssh_options)  # checks target and nics, for the local case too
+    start = time.monotonic()
+    if target in LOCAL_TARGETS:
+        facts = hostfacts.collect(nics)
+    else:
+        try:
+            facts = _remote_facts(target, argv)
+        except RuntimeError as exc:
+            print(f"labkit doctor --host {target}: {exc}", file=sys.stderr)
+            return 1
+    rows = facts["rows"]
+    missing = [r["name"] for r in rows if r["status"] == MISSING]
+    if as_json:
+        print(json.dumps({"target": target, **facts}, indent=2))
+    else:
+        group = f"host {target} ({facts['hostname']}: kernel {facts['kernel']}, {facts['cpus']} CPUs)"
+        print(format_table([Capability(r["name"], group, r["status"], r["detail"], r["fix"]) for r in rows]))
+        warned = [r["name"] for r in rows if r["status"] == WARN]
+        print(f"\n{target}: {len(missing)} missing ({', '.join(missing) or 'none'}), {len(warned)} warn "
+              f"({', '.join(warned) or 'none'})  [{time.monotonic() - start:.1f} s]")
+    return 1 if missing else 0
 
 
 def main(argv: list[str] | None = None) -> int:
