@@ -24,10 +24,12 @@ Both labs are torn down at the end, also on failure; raw samples go to a tempora
 
 Where the packets went (the why of the ratios): the host-routing counters of each node
 (``redirect_peer``: delivered into a pod past the node's stack, on the receive side too;
-``redirect_neigh``: sent out of the node past its stack; ``pass``: left to the stack) and, per lab,
-the IP datagrams each namespace's own stack forwarded during the measurement (``Ip: ForwDatagrams``
-of ``n1``, ``n2`` and the VPC router ``vpc``): with eBPF host routing the nodes forward (almost)
-nothing, while the VPC router's stack still forwards every cross-node packet in both labs.
+``redirect_neigh``: sent out of the node past its stack, to the FIB's next hop; ``neigh_unresolved``:
+of those, the ones whose next hop the kernel had to resolve first; ``pass``: left to the stack), the
+CPUs the pods' servers may run on (the load CPU, with the clients) and, per lab, the IP datagrams
+each namespace's own stack forwarded during the measurement (``Ip: ForwDatagrams`` of ``n1``,
+``n2`` and the VPC router ``vpc``): with eBPF host routing the nodes forward (almost) nothing,
+while the VPC router's stack still forwards every cross-node packet in both labs.
 
     .venv/bin/python benchmarks/bench_host_routing.py [--samples 2000] [--repeat 3] [--datapath ebpf]
                                                       [--kernel-datapath iptables-nft]
@@ -99,6 +101,23 @@ def forwarded(lab: str) -> dict[str, int]:
     return out
 
 
+def server_cpus(lb) -> dict[str, str]:
+    """Pod -> the CPUs its server processes may run on (Cpus_allowed_list)."""
+    out = {}
+    for node in lb.spec.nodes:
+        for pod in node.pods:
+            pids = (lb.backend.pod_cgroup(lb.spec, pod.name) / "cgroup.procs").read_text().split()
+            allowed = set()
+            for pid in pids:
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except FileNotFoundError:
+                    continue
+                allowed |= {ln.split()[-1] for ln in status.splitlines() if ln.startswith("Cpus_allowed_list")}
+            out[pod.name] = ",".join(sorted(allowed))
+    return out
+
+
 def summarise(run: Run, metrics: list[str]) -> list[dict]:
     df = run.points()
     p50 = {}
@@ -158,6 +177,12 @@ def main() -> int:
     cpus = plan_cpus()
     if not cpus.pinned:
         print(f"warning: {cpus.warning}", file=sys.stderr)
+    # Pinned before the labs exist, as labkit's experiments do (core.execute): a lab built from an
+    # unpinned process runs its pods' servers where the builder ran (off_the_load_cpus: the
+    # orchestration CPU), while the clients and the host-network server sit on the load CPU. Every
+    # pod round trip then crossed CPUs (waking an idle vCPU: ~40 us here) and the host network's did
+    # not: that, not the network path, was the 3.9-4.9x between pods and the host network.
+    pin_current_thread(cpus.orchestration_cpus)
     names = {config: f"lkbh{TAG}{config[0]}" for config in CONFIGS}
     labs: dict = {}
     host_server = None
@@ -178,8 +203,9 @@ def main() -> int:
         run = Run.create("bench-host-routing", vars(args) | {"results": str(args.results)},
                          root=Path(tmp.name) if tmp else args.results)
         ctx = core.RunContext(run, args, cpus, set(), progress=False)
-        pin_current_thread(cpus.orchestration_cpus)
         pts = points(labs, metrics, args.repeat)
+        print("pod servers' CPUs:", {config: server_cpus(lb) for config, lb in labs.items()},
+              f"load CPUs {list(cpus.load_cpus)}")
         print(f"{len(pts)} points x {args.samples} samples, interleaved (run {run.path})", flush=True)
         before = {config: forwarded(lb.name) for config, lb in labs.items()}
         core.measure_interleaved(ctx, pts, args.samples, args.warmup, burst=args.burst,

@@ -15,7 +15,7 @@
  * Verdicts: TC_ACT_REDIRECT for a packet forwarded here; TC_ACT_UNSPEC for one left to the node's
  * stack (not IPv4 (ARP), not addressed to this interface, to the node itself, no FIB answer, TTL
  * expiring: the stack then answers as a router does), so any later filter still sees it;
- * TC_ACT_SHOT only when a rewrite failed halfway.
+ * never TC_ACT_SHOT: the headers are rewritten in place, once every check has passed.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -29,16 +29,16 @@
  * `forward` (it came from a pod), else left to the stack (-ENOENT). Returns a verdict or -errno. */
 static __always_inline int handle_packet(struct __sk_buff *skb, bool forward)
 {
-	struct iphdr ip;
+	struct host_pkt pkt;
 	struct host_endpoint *ep = 0;
 	int ret;
 
-	ret = host_lookup_local(skb, &ip, &ep);
+	ret = host_lookup_local(skb, &pkt, &ep);
 	if (ret < 0)
 		return ret;
 	if (ep)
-		return host_deliver_local(skb, &ip, ep);
-	return forward ? host_forward_fib(skb, &ip) : -ENOENT;
+		return host_deliver_local(&pkt, ep);
+	return forward ? host_forward_fib(skb, &pkt) : -ENOENT;
 }
 
 int lk_host_from_container(struct __sk_buff *skb)

@@ -8,9 +8,16 @@ Service DNAT):
 
   tc ingress of ``lx-<pod>``  ``lk_host_from_container``: to a pod of this node straight into its
                               namespace (``bpf_redirect_peer``); elsewhere ``bpf_fib_lookup`` in the
-                              node's tables and ``bpf_redirect_neigh`` to the next hop (out of eth0)
+                              node's tables and out to the next hop (eth0): ``bpf_redirect`` with the
+                              MACs the FIB gave, ``bpf_redirect_neigh`` while the neighbour is not
+                              resolved (as Cilium's ``fib_do_redirect``)
   tc ingress of ``eth0``      ``lk_host_from_netdev``: from another node to a pod of this node, into
                               its namespace; everything else goes on to the node's stack
+
+Both programs run on every packet of a pod's round trip (and ``lk_host_from_netdev`` on every packet
+the node receives), so they read and rewrite the headers in place (direct packet access) rather than
+through a helper call per field; ``tests/test_host_routing.py`` checks the bytecode for it, and that
+every packet of a cross-node exchange took the fast path, counted against the pods' own IP counters.
 
 Which destinations are local pods is the map ``lk_host_eps`` (pod IPv4 -> ifindex of its node-side
 veth, the pod's MAC and the veth's, flags), written by :meth:`BpfHostRouting.sync` in one batch
@@ -76,7 +83,10 @@ POLICY_ENGINES = ("none", "ebpf")
 
 EPS_MAP_SIZE = 16384
 EP_VIA_EGRESS = 1  # HOST_EP_F_VIA_EGRESS
-STATS = ("redirect_peer", "redirect_egress", "redirect_neigh", "pass")  # lk_host_stats slots (HR_STAT_*)
+# lk_host_stats slots (HR_STAT_*): redirect_neigh counts every packet sent to the FIB's next hop, by
+# bpf_redirect with the FIB's MACs or, when the neighbour was not resolved (neigh_unresolved), by
+# bpf_redirect_neigh
+STATS = ("redirect_peer", "redirect_egress", "redirect_neigh", "pass", "neigh_unresolved")
 
 
 class HostEndpoint(ct.Structure):

@@ -20,6 +20,7 @@ import ctypes as ct
 import json
 import os
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -120,6 +121,36 @@ def test_bcc_typed_views_of_the_maps_match():
             bpf.load_func(prog.name.encode(), bcc.BPF.SCHED_CLS)
     finally:
         bpf.cleanup()
+
+
+HELPERS = {"skb_store_bytes": 9, "l3_csum_replace": 10, "redirect": 23, "skb_load_bytes": 26,
+           "redirect_neigh": 152}  # BPF_FUNC_* of uapi/linux/bpf.h
+
+
+def helper_calls(code: bytes) -> list[int]:
+    """The BPF_FUNC_* ids a program's bytecode (before the verifier) calls."""
+    insns = (struct.unpack_from("<BBhi", code, i) for i in range(0, len(code), 8))
+    return [imm for op, regs, _, imm in insns if op == 0x85 and regs >> 4 == 0]  # BPF_JMP|BPF_CALL, a helper
+
+
+@pytest.mark.needs("root", "bcc-compile")
+def test_programs_touch_headers_in_place():
+    """Every packet of a pod's round trip runs both programs (issue 14): they read and rewrite the
+    headers in place, without a helper call per field (bpf_skb_load_bytes / _store_bytes /
+    bpf_l3_csum_replace: about half their run time before), and forward to a resolved next hop with
+    bpf_redirect and the FIB's MAC addresses, bpf_redirect_neigh only when it is not resolved."""
+    bcc = pytest.importorskip("bcc")
+    from labkit import hostrouting as H
+    from labkit.ebpf.loader import flatten_source
+
+    bpf = bcc.BPF(text=flatten_source(BPF_DIR / "bpf_host.c").encode())
+    try:
+        calls = {p.name: helper_calls(bpf.dump_func(p.name.encode())) for p in H.PROGRAMS}
+    finally:
+        bpf.cleanup()
+    slow = {HELPERS[h] for h in ("skb_store_bytes", "l3_csum_replace", "skb_load_bytes")}
+    assert not {name: slow & set(ids) for name, ids in calls.items() if slow & set(ids)}, calls
+    assert {HELPERS["redirect"], HELPERS["redirect_neigh"]} <= set(calls[H.FROM_CONTAINER]), calls
 
 
 # ---------------------------------------------------------------- no kernel
@@ -284,6 +315,47 @@ def test_pod_traffic_skips_the_node_stack(lab, counting_rules):
     # without it the nodes forward again
     assert client(lab, "a", ip(lab, "c")) == "ok"
     assert stack_counts() != stack0
+
+
+def pod_ip_counts(lab, pod: str) -> dict[str, int]:
+    """The pod's Ip: OutRequests (IPv4 packets its stack sent) and InReceives (received)."""
+    head, values = [ln.split() for ln in nsexec.run(["cat", "/proc/net/snmp"], lab.pod_netns(pod)).stdout.splitlines()
+                    if ln.startswith("Ip:")][:2]
+    return {k: int(values[head.index(k)]) for k in ("OutRequests", "InReceives")}
+
+
+@pytest.mark.needs(*KERNEL)
+def test_every_packet_of_a_cross_node_exchange_takes_the_fast_path(lab, hosts):
+    """A TCP_RR exchange from a (n1) to c (n2), counted packet by packet: every IPv4 packet a sent
+    left n1 by the FIB path and entered c by bpf_redirect_peer on n2, and back the same way; none
+    was left to a node's stack (Ip: ForwDatagrams flat). With the next hop's neighbour resolved the
+    programs write the MACs themselves (bpf_redirect: ``neigh_unresolved`` stays 0); with n1's
+    neighbours flushed, bpf_redirect_neigh resolves the gateway and the exchange still completes."""
+    from labkit.measure import loadgen
+
+    def exchange(samples: int) -> tuple[dict, dict, dict]:
+        stats0 = {node: hr.stats() for node, hr in hosts.items()}
+        pods0 = {pod: pod_ip_counts(lab, pod) for pod in ("a", "c")}
+        fwd0 = {node: forwarded(node) for node in NODES}
+        res = loadgen.run_client(lab.pod_netns("a"), "rr", ip(lab, "c"), 8080, samples=samples, warmup=0)
+        assert res["errors"] == 0, res
+        stats = deltas(stats0, {node: hr.stats() for node, hr in hosts.items()})
+        pods = {pod: {k: v - pods0[pod][k] for k, v in pod_ip_counts(lab, pod).items()} for pod in ("a", "c")}
+        assert {node: forwarded(node) - fwd0[node] for node in NODES} == {"n1": 0, "n2": 0}
+        return stats, pods, res
+
+    exchange(20)  # neighbours resolved
+    stats, pods, _ = exchange(500)
+    assert pods["a"]["OutRequests"] >= 500 and pods["c"]["OutRequests"] >= 500, pods
+    assert stats["n1"]["redirect_neigh"] == pods["a"]["OutRequests"] == stats["n2"]["redirect_peer"], (stats, pods)
+    assert stats["n2"]["redirect_neigh"] == pods["c"]["OutRequests"] == stats["n1"]["redirect_peer"], (stats, pods)
+    assert pods["c"]["InReceives"] == pods["a"]["OutRequests"] and pods["a"]["InReceives"] == pods["c"]["OutRequests"]
+    assert all(s["neigh_unresolved"] == 0 and s["redirect_egress"] == 0 for s in stats.values()), stats
+
+    nsexec.run(["ip", "neigh", "flush", "dev", "eth0"], node_ns("n1"))
+    stats, pods, _ = exchange(50)
+    assert stats["n1"]["neigh_unresolved"] >= 1, stats  # the first packet to the gateway
+    assert stats["n1"]["redirect_neigh"] == pods["a"]["OutRequests"], (stats, pods)
 
 
 @pytest.mark.needs(*KERNEL, "cgroup2")
