@@ -324,7 +324,7 @@ def pod_ip_counts(lab, pod: str) -> dict[str, int]:
     return {k: int(values[head.index(k)]) for k in ("OutRequests", "InReceives")}
 
 
-@pytest.mark.needs(*KERNEL)
+@pytest.mark.needs(*KERNEL, "gcc")  # gcc: lkclient
 def test_every_packet_of_a_cross_node_exchange_takes_the_fast_path(lab, hosts):
     """A TCP_RR exchange from a (n1) to c (n2), counted packet by packet: every IPv4 packet a sent
     left n1 by the FIB path and entered c by bpf_redirect_peer on n2, and back the same way; none
