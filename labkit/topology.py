@@ -138,7 +138,12 @@ class NodeWiring:
         ns.sysctl({"net.ipv4.ip_forward": 1, "net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0})
         ns.up("eth0", mtu=1500)
         ns.addr("eth0", me.primary.ip, vpc.prefixlen)
-        ns.route("default", gateway=str(self.plan.vpc_gateway), oif=ns.index("eth0"))
+        if self.spec.backend == "hosts":
+            # a host keeps its own default route (its management interface): the lab's traffic leaves
+            # through the VPC NIC only for the pod CIDR (the service CIDR is DNATed before routing)
+            ns.route(self.spec.pod_cidr, gateway=str(self.plan.vpc_gateway), oif=ns.index("eth0"))
+        else:
+            ns.route("default", gateway=str(self.plan.vpc_gateway), oif=ns.index("eth0"))
         exclusive = set(me.exclusive.values())
         # this node's own pod subnets, and pods it reaches over their node-side veth, go back from an
         # ENI's table to the main table: a reply that kube-proxy de-NATs here must not leave and come

@@ -37,6 +37,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -100,7 +101,10 @@ class ServiceScaleParams(Params):
     mode: str = param("veth", choices=_mode_names, help="pod network mode of the experiment's pods")
     seed: int = param(1, help="random choices (orders, random positions) of the run")
     backend: str = param("netns", choices=_backend_names,
-                         help="where each datapath's lab runs: netns, or vagrant (one VM per datapath)")
+                         help="where each datapath's lab runs: netns, vagrant (one VM per datapath), or hosts "
+                              "(one host of --inventory per datapath)")
+    inventory: str | None = param(None, help="backend hosts: an inventory file (README, 'Run it on your own "
+                                             "machines'); datapath k's lab runs on its k-th host")
     # every N loaded at once (a node per N) and the whole sweep measured interleaved; None: yes on
     # netns, no on vagrant (a node is a VM there: the Ns take turns in one node)
     together: bool | None = param(None, help="every N in a node of its own, all measured together "
@@ -140,9 +144,20 @@ class ServiceScaleParams(Params):
         problems = []
         if self.burst > self.samples:
             problems.append(f"burst: must be at most samples ({self.samples}); 20 is a good value")
-        if self.together and self.backend == "vagrant":
-            problems.append("together: on the vagrant backend a node per N would be a VM per N; leave it unset "
-                            "(the Ns then take turns in one VM per datapath)")
+        if self.together and self.backend in ("vagrant", "hosts"):
+            problems.append(f"together: on the {self.backend} backend a node per N would be a machine per N; leave "
+                            "it unset (the Ns then take turns in one machine per datapath)")
+        if (self.backend == "hosts") != (self.inventory is not None):
+            problems.append("inventory: give an inventory file with --backend hosts, and only then")
+        elif self.inventory is not None:
+            try:
+                hosts = host_entries(self.inventory)
+            except Exception as exc:  # noqa: BLE001 - any reason the file cannot serve, said with its field
+                problems.append(f"inventory: {exc}")
+            else:
+                if len(hosts) < len(self.datapaths):
+                    problems.append(f"inventory: {len(self.datapaths)} datapaths need as many hosts (one lab per "
+                                    f"host), {self.inventory} has {len(hosts)}")
         if self.workload == "http" and self.backend != "netns":
             problems.append("workload: http runs on the netns backend only (the VM box has no nginx)")
         if self.window_ms / 1000 > self.rate_seconds:
@@ -150,14 +165,43 @@ class ServiceScaleParams(Params):
         return problems
 
 
+def host_entries(path: str) -> list[tuple[str, dict]]:
+    """The hosts of an inventory file, in its order (name, entry as written)."""
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"inventory file {file} does not exist")
+    data = yaml.safe_load(file.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("hosts"), dict) or not data["hosts"]:
+        raise ValueError(f"{file} holds no 'hosts:' mapping")
+    return list(data["hosts"].items())
+
+
+def host_inventory(path: str, k: int, enis: int) -> dict:
+    """The inventory of a one-node lab (node ``n0``) on the ``k``-th host of inventory file ``path``
+    (its NICs cut to the ones the lab has)."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).expanduser().read_text())
+    _, entry = host_entries(path)[k]
+    wanted = ["eth0"] + [f"eni{i}" for i in range(1, enis + 1)]
+    entry = {**entry, "nics": {n: v for n, v in (entry.get("nics") or {}).items() if n in wanted}}
+    out = {"hosts": {"n0": entry}}
+    if data.get("ssh_config"):
+        out["ssh_config"] = str((Path(path).expanduser().resolve().parent / data["ssh_config"]).resolve())
+    return out
+
+
 def lab_spec(datapath: str, mode: str, tag: str = "", backend: str = "netns", nodes: int = 1,
-             workload: str = "labkit") -> dict:
+             workload: str = "labkit", inventory: dict | None = None) -> dict:
     """The lab of one datapath: ``nodes`` nodes ``n<i>``, each with a client ``cli-<i>`` and backends
     ``be-<i>-<k>`` (serving the http workload too with ``workload="http"``); ``tag`` (from the run id)
-    keeps concurrent runs' labs apart."""
+    keeps concurrent runs' labs apart. ``inventory``: backend hosts' (one node)."""
     enis = podmodes.enis_needed([mode] * (1 + BACKENDS))
     server = {"server": {"kind": "http", "port": HTTP.target}} if workload == "http" else {}
     return {"name": f"ss{tag}-{SHORT.get(datapath, datapath)}", "backend": backend, "datapath": "none",
+            **({"inventory": inventory} if inventory is not None else {}),
             "nodes": [{"name": f"n{i}", "enis": enis, "pods": [{"name": f"cli-{i}", "mode": mode}] + [
                 {"name": f"be-{i}-{k}", "mode": mode, "labels": {"app": "backend"}, **server}
                 for k in range(BACKENDS)]} for i in range(nodes)]}
@@ -217,15 +261,19 @@ class ServiceScale:
         # N -> index of the node whose table holds N services (all 0 when the Ns take turns)
         self.node_of = {n: (i if p.all_at_once else 0) for i, n in enumerate(p.services)}
         nodes = len(p.services) if p.all_at_once else 1
+        enis = podmodes.enis_needed([p.mode] * (1 + BACKENDS))
+        inventories = {dp: host_inventory(p.inventory, k, enis) if p.inventory else None
+                       for k, dp in enumerate(p.datapaths)}
         for dp in p.datapaths:  # the backend checks what it can before any lab exists
-            get_backend(p.backend).preflight(parse_spec({**lab_spec(dp, p.mode, "", p.backend, nodes, p.workload),
-                                                         "datapath": dp}))
+            get_backend(p.backend).preflight(parse_spec({**lab_spec(dp, p.mode, "", p.backend, nodes, p.workload,
+                                                                    inventories[dp]), "datapath": dp}))
         # kube-proxy's own order (a Go map's) where a datapath has a choice; the table's order else
         options = {"kube_proxy": p.kube_proxy, "order_seed": p.seed,
                    "order": "go-map" if "kube-proxy-order" in p.positions else "install"}
         self.labs, self.paths = {}, {}
         for dp in tqdm(p.datapaths, desc="labs", disable=not ctx.progress, leave=False):
-            spec = parse_spec(lab_spec(dp, p.mode, ctx.run.run_id[-4:], p.backend, nodes, p.workload))
+            spec = parse_spec(lab_spec(dp, p.mode, ctx.run.run_id[-4:], p.backend, nodes, p.workload,
+                                       inventories[dp]))
             labmod.down(spec.name)  # left by this run when it was killed (resume)
             lb = self.labs[dp] = labmod.up(spec, progress=False)
             for i in range(nodes):
@@ -237,6 +285,10 @@ class ServiceScale:
         ctx.run.update_manifest(labs={dp: lb.name for dp, lb in self.labs.items()}, backend=p.backend,
                                 together=p.all_at_once, service_ports=[vars(x) for x in self.ports],
                                 node_kernels={dp: lb.kernels() for dp, lb in self.labs.items()})
+        if p.backend == "hosts":  # each host's facts and performance preflight (labkit.hostfacts)
+            from ..state import LabState
+
+            ctx.run.update_manifest(hosts={dp: LabState(lb.name).meta().get("hosts") for dp, lb in self.labs.items()})
 
     def teardown(self, ctx: core.RunContext) -> None:
         for lb in getattr(self, "labs", {}).values():

@@ -7,10 +7,11 @@ called over ssh (:mod:`labkit.remote.node`). It builds and runs the node with th
 machine's own, pods are named namespaces inside it.
 
 Verbs (each prints one JSON object on stdout, except ``pod-exec`` and ``serve``):
-- ``build-node --spec S --node N --nics eth0=MAC,eni1=MAC… [--vm]``: name the VPC NICs by MAC (any
+- ``build-node --spec S --node N --nics eth0=MAC,eni1=MAC… [--vm | --host]``: name the VPC NICs by MAC (any
   other NIC, such as the management one, is never touched), wire the node and its pods, start the
   in-pod servers, program the Service datapath. ``--vm``: the machine is a VM labkit made and will
-  destroy, so its hostname and machine-wide ARP sysctls may be set. Returns the kernel, the node's
+  destroy, so its hostname and machine-wide ARP sysctls may be set; ``--host``: a machine labkit did not
+  make, recorded first so that ``host-down`` restores it. Returns the kernel, the node's
   cgroup folder, timings and the datapath's sync result.
 - ``sync --spec S --node N``: program the datapath again (a changed service table).
 - ``pod-exec --lab L --node N --pod P -- ARGV…``: run ARGV in the pod's namespace and cgroup with the
@@ -19,6 +20,8 @@ Verbs (each prints one JSON object on stdout, except ``pod-exec`` and ``serve``)
   per line on stdin, one JSON reply per line on stdout (see :func:`serve`; the host side is
   :class:`labkit.remote.node.RemoteDatapath`). Lives until stdin closes, so that a datapath's state
   between syncs (the table applied, the eBPF service ids) persists as in one process.
+- ``host-down --lab L``: restore a host from lab L's record (:mod:`.hostjournal`): the ``hosts``
+  backend's ``down``.
 - ``info``: kernel, loaded modules of interest.
 
 The spec arrives validated by the host (it is not validated again: imports cost seconds under TCG).
@@ -41,6 +44,7 @@ from ..errors import BackendError, LabkitError
 from ..node import NodeRuntime, lab_cgroup
 from ..spec import Spec, load_spec
 from ..state import LabState
+from .payload import RUN_DIR
 from .wire import apply_changes, changes_from_json, table_from_json
 
 # (pyroute2 and yaml imports cost seconds under TCG; `labkit exec` and `check` use lkexec directly)
@@ -59,14 +63,12 @@ def kernel_modules() -> tuple[str, ...]:
 # ------------------------------------------------------------------ NICs
 
 def _links() -> dict[str, str]:
-    """MAC -> interface name of every link of the machine."""
-    out = {}
-    for d in Path("/sys/class/net").iterdir():
-        try:
-            out[(d / "address").read_text().strip().lower()] = d.name
-        except OSError:
-            pass
-    return out
+    """MAC -> interface name of every link of the machine (of this network namespace)."""
+    ipr = nsexec.iproute(None)
+    try:
+        return {(link.get_attr("IFLA_ADDRESS") or "").lower(): link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    finally:
+        ipr.close()
 
 
 def rename_nics(wanted: dict[str, str]) -> dict[str, str]:
@@ -77,7 +79,7 @@ def rename_nics(wanted: dict[str, str]) -> dict[str, str]:
     try:
         missing = [f"{n} ({m})" for n, m in wanted.items() if m.lower() not in links]
         if missing:
-            raise BackendError(f"the VM has no NIC with the MAC of {', '.join(missing)}; NICs: {links}")
+            raise BackendError(f"the machine has no NIC with the MAC of {', '.join(missing)}; NICs: {links}")
         for mac, cur in links.items():
             # another NIC (the management one) must not hold a lab name: labkit's box calls it mgmt0
             if cur in wanted and mac != wanted[cur].lower() and mac not in {m.lower() for m in wanted.values()}:
@@ -107,25 +109,44 @@ def set_hostname(name: str) -> None:
     Path("/etc/hosts").write_text("\n".join([*hosts, f"127.0.1.1 {name}"]) + "\n")
 
 
-def load_modules() -> list[str]:
+def host_modules(spec: Spec) -> tuple[str, ...]:
+    """The modules a lab needs on a host labkit did not make: not ``br_netfilter`` unless a pod mode
+    bridges (loading it sends every bridge of the host through iptables)."""
+    wanted = [m for m in BASE_MODULES if m != "br_netfilter" or any(modes.get(x).bridge for x in spec.modes())]
+    return tuple(dict.fromkeys([*wanted, *(k for m in spec.modes() for k in modes.get(m).kernel_modules)]))
+
+
+def load_modules(wanted: tuple[str, ...] | None = None) -> list[str]:
     """Load the lab's kernel modules in one ``modprobe -a`` (each exec costs under TCG); returns
     those present afterwards (built-in ones without parameters have no /sys/module entry)."""
-    wanted = kernel_modules()
+    wanted = wanted or kernel_modules()
     subprocess.run(["modprobe", "-a", "-q", *wanted], capture_output=True)
     return [m for m in wanted if Path(f"/sys/module/{m}").exists()]
 
 
 # ------------------------------------------------------------------ build
 
-def build_node(spec: Spec, node_name: str, nics: dict[str, str], servers: bool = True, vm: bool = False) -> dict:
+def build_node(spec: Spec, node_name: str, nics: dict[str, str], servers: bool = True, vm: bool = False,
+               host: bool = False) -> dict:
+    """Build node ``node_name`` on this machine. ``vm``: a VM labkit made (hostname, machine-wide ARP
+    sysctls). ``host``: a machine labkit did not make: its state is recorded first
+    (:func:`labkit.remote.hostjournal.begin`) so that ``host-down`` restores it, only the lab NICs get
+    ARP settings, and only the modules the lab needs are loaded."""
     t0 = time.monotonic()
     runtime = NodeRuntime(spec, node_name, whole_machine=True)
+    if host:
+        from . import hostjournal
+
+        hostjournal.begin(spec.name, nics, spec.to_yaml())
     if vm:
         set_hostname(node_name)
-    modules = load_modules()
+    modules = load_modules(host_modules(spec) if host else None)
     if vm:
         nsexec.write_sysctls(None, VM_SYSCTLS)
     rename_nics(nics)
+    if host:  # the lab NICs share an L2 segment (the VPC): each answers ARP only for its own addresses
+        nsexec.write_sysctls(None, {f"net.ipv4.conf.{n}.{k}": v for n in nics
+                                    for k, v in (("arp_ignore", 1), ("arp_announce", 2))})
     state = LabState(spec.name)
     if state.exists:
         raise BackendError(f"node {node_name} of lab {spec.name} is built already")
@@ -136,7 +157,8 @@ def build_node(spec: Spec, node_name: str, nics: dict[str, str], servers: bool =
     finally:
         ns.close()
     # after the wiring: Debian's default rp_filter=2 on NICs that existed at boot
-    nsexec.write_sysctls(None, {f"net.ipv4.conf.{n}.rp_filter": 0 for n in nics if n in os.listdir("/sys/class/net")})
+    here = set(_links().values())
+    nsexec.write_sysctls(None, {f"net.ipv4.conf.{n}.rp_filter": 0 for n in nics if n in here})
     t_wire = time.monotonic() - t0
     if servers:
         runtime.start_servers(state, timeout=60)  # TCG: a first exec can take seconds
@@ -236,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--nics", required=True)
     b.add_argument("--no-servers", action="store_true")
     b.add_argument("--vm", action="store_true", help="a VM labkit made: hostname and machine-wide sysctls may change")
+    b.add_argument("--host", action="store_true", help="a host labkit did not make: record it first (host-down)")
+    d = sub.add_parser("host-down")
+    d.add_argument("--lab", required=True)
     s = sub.add_parser("sync")
     s.add_argument("--spec", required=True)
     s.add_argument("--node", required=True)
@@ -260,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
             return serve(load_spec(Path(args.spec), validate=False), args.node, sys.stdin, replies)
         if args.verb == "build-node":
             out = build_node(load_spec(Path(args.spec), validate=False), args.node, _nics(args.nics),
-                             servers=not args.no_servers, vm=args.vm)
+                             servers=not args.no_servers, vm=args.vm, host=args.host)
+        elif args.verb == "host-down":
+            from . import hostjournal
+
+            out = hostjournal.restore(naming.check_lab_name(args.lab))
         elif args.verb == "sync":
             out = sync_datapath(load_spec(Path(args.spec), validate=False), args.node)
         else:
@@ -284,7 +313,10 @@ def _log_trace(args) -> Path | None:
             lab = load_spec(Path(args.spec), validate=False).name
         except Exception:  # noqa: BLE001 - the spec itself may be what failed
             lab = None
-    path = (LabState(lab).dir if lab else Path("/run/labkit")) / "logs" / "agent.log"
+    # a lab's own folder only when it exists: an agent refused before it built anything (a host
+    # holding another lab) must not leave a folder of that lab behind
+    folder = LabState(lab).dir / "logs" if lab and LabState(lab).dir.exists() else Path(RUN_DIR)
+    path = folder / "agent.log"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:

@@ -44,9 +44,10 @@ class RemoteNode:
 
     # ------------------------------------------------------------ build
     def build(self, tar: Path, nics: dict[str, str], start_servers: bool = True, vm: bool = False,
-              timeout: float = 900) -> dict:
+              timeout: float = 900, host: bool = False) -> dict:
         """Unpack labkit on the machine and build the node with the agent. ``nics``: lab name -> MAC
-        of each VPC NIC. Returns the agent's report.
+        of each VPC NIC. ``vm``: a VM labkit made; ``host``: a machine it did not (recorded first, for
+        ``down``). Returns the agent's report.
 
         The agent runs detached from the ssh connection that starts it (:func:`~.ssh.detached`), and
         a second command waits for its report: a connection that drops meanwhile (ssh's exit 255: a
@@ -56,6 +57,7 @@ class RemoteNode:
                 ",".join(f"{n}={m}" for n, m in nics.items())]
         args += [] if start_servers else ["--no-servers"]
         args += ["--vm"] if vm else []
+        args += ["--host"] if host else []
         folder = f"{payload.RUN_DIR}/build-{self.node}"
         start = payload.install_command(detached(payload.agent_command("build-node", *args), folder))
         proc = self.machine.run_detached(start, folder, stdin=tar, timeout=timeout)

@@ -405,6 +405,9 @@ def _check_quota(d: Daemon, who: Caller, spec) -> None:
         problems.append("server: a command of your own would run as root in the pods; through the labkit daemon "
                         "pods serve with labkit's server, 'http' (nginx) or 'none'"
                         + (f" (pods {', '.join(server_cmd)})" if server_cmd else ""))
+    if spec.backend == "hosts":  # root on machines over ssh with the daemon's keys: never on a participant's say
+        problems.append("backend: hosts (other machines, over ssh as root) is not available through the labkit "
+                        "daemon; the instructor runs such labs as root")
     if who.instructor:
         if problems:
             raise Refused("; ".join(problems))
@@ -518,7 +521,7 @@ def _exec(d: Daemon, who: Caller, args, conn, fds) -> dict:
             return {"exit": 130}
 
 
-FORBIDDEN_FLAGS = ("--params", "--resume")  # a file read as root; another run's folder
+FORBIDDEN_FLAGS = ("--params", "--resume", "--inventory")  # files read as root; another run's folder
 
 
 def _run(d: Daemon, who: Caller, args, conn, fds) -> dict:
@@ -538,7 +541,7 @@ def _run(d: Daemon, who: Caller, args, conn, fds) -> dict:
         flag = a.split("=", 1)[0]
         if flag.startswith("--") and len(flag) > 2 and any(f.startswith(flag) for f in FORBIDDEN_FLAGS):
             raise Refused(f"{flag}: through the labkit daemon a run takes its parameters as flags (no --params "
-                          "file, no --resume)")
+                          "file, no --resume, no --inventory)")
         if "vagrant" in a and not (d.quota.vms or who.instructor):
             raise Refused("backend: VM runs are not allowed in this classroom")
     params = args.get("params")
@@ -627,6 +630,8 @@ def _check_run(d: Daemon, who: Caller, exp: str, argv: list[str]) -> None:
                       "CLI prints a plan without it)")
     params, _ = params_of(ns)
     params.validate()
+    if getattr(params, "backend", "netns") == "hosts":
+        raise Refused("backend: hosts (other machines, over ssh as root) is not available through the labkit daemon")
     if getattr(params, "backend", "netns") != "netns" and not (d.quota.vms or who.instructor):
         raise Refused("backend: VM runs are not allowed in this classroom")
     seconds = params.estimate().get("estimated_seconds", 0)

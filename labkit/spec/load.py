@@ -18,7 +18,8 @@ import yaml
 
 from ..errors import SpecError
 from .validate import Problems
-from .types import IPBlock, Node, Pod, PolicyPeer, PolicyPort, PolicyRule, PolicySpec, ServerSpec, ServiceSpec, Spec
+from .types import (HostEntry, Inventory, IPBlock, Node, Pod, PolicyPeer, PolicyPort, PolicyRule, PolicySpec,
+                    ServerSpec, ServiceSpec, Spec)
 
 _LABEL_KEY = re.compile(r"^([a-z0-9.-]+/)?[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 
@@ -28,7 +29,15 @@ def load_spec(source: str | Path | Mapping[str, Any], validate: bool = True) -> 
     only for a spec labkit wrote itself after validating it, such as a lab's saved spec)."""
     if isinstance(source, Mapping):
         return parse_spec(source, validate)
-    return parse_spec(read_spec_data(source), validate)
+    data = read_spec_data(source)
+    if isinstance(data, Mapping) and isinstance(data.get("inventory"), str) and _is_path(source):
+        # an inventory file named by the spec is found beside the spec
+        data = {**data, "inventory": str(Path(source).resolve().parent / Path(data["inventory"]).expanduser())}
+    return parse_spec(data, validate)
+
+
+def _is_path(source: str | Path) -> bool:
+    return isinstance(source, Path) or ("\n" not in source and source.endswith((".yaml", ".yml")))
 
 
 def read_spec_data(source: str | Path) -> Any:
@@ -160,7 +169,61 @@ def _parse(p: Problems, data: Any) -> Spec | None:
         "name": s, "backend": s, "release": s, "vpc_cidr": s, "pod_cidr": s, "service_cidr": s, "node_pod_prefix": i,
         "datapath": s, "nodes": lambda q, x: items(q, x, node), "services": lambda q, x: items(q, x, svc),
         "policies": lambda q, x: items(q, x, policy), "policy_engine": s, "server": server,
-        "kube_proxy": s, "host_routing": s})
+        "kube_proxy": s, "host_routing": s, "inventory": lambda q, x: _parse_inventory(p, q, x)})
+
+
+def _parse_inventory(p: Problems, path: str, data: Any) -> Inventory | None:
+    """The hosts backend's inventory: a mapping, or the path of a YAML file holding one."""
+    if isinstance(data, str):
+        file = Path(data).expanduser()
+        if not file.is_file():
+            p.add(path, f"inventory file {file} does not exist (give a path relative to the spec, or the mapping)")
+            return None
+        try:
+            data = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            p.add(path, f"inventory file {file} is not valid YAML: {exc}")
+            return None
+        data = _paths_beside(data, file.resolve().parent)
+
+    def s(q: str, v: Any) -> Any:
+        return _typed(p, q, v, str, "a string")
+
+    def nics(q: str, v: Any) -> Any:
+        if not isinstance(v, Mapping):
+            p.add(q, f"expected a mapping of lab NIC (eth0, eni1…) to a host interface name or MAC, got {v!r}")
+            return None
+        return {str(k): str(x) for k, x in v.items()}
+
+    def hosts(q: str, v: Any) -> Any:
+        if not isinstance(v, Mapping):
+            p.add(q, f"expected a mapping of node name to host, got {v!r}")
+            return None
+        out = {}
+        for name, entry in v.items():
+            host = _build(p, f"{q}.{name}", entry, HostEntry, {"ssh": s, "management": s, "nics": nics, "key": s})
+            if host is not None:
+                out[str(name)] = host
+        return out
+
+    return _build(p, path, data, Inventory, {"hosts": hosts, "ssh_config": s})
+
+
+def _paths_beside(data: Any, folder: Path) -> Any:
+    """An inventory file's relative paths (keys, its ssh config) made relative to its own folder."""
+    if not isinstance(data, Mapping):
+        return data
+
+    def fix(v: Any) -> Any:
+        return str(folder / Path(v).expanduser()) if isinstance(v, str) and not Path(v).expanduser().is_absolute() else v
+
+    out = dict(data)
+    if "ssh_config" in out:
+        out["ssh_config"] = fix(out["ssh_config"])
+    if isinstance(out.get("hosts"), Mapping):
+        out["hosts"] = {k: ({**h, "key": fix(h["key"])} if isinstance(h, Mapping) and "key" in h else h)
+                        for k, h in out["hosts"].items()}
+    return out
 
 
 def _parse_server(p: Problems, path: str, data: Any) -> ServerSpec | None:

@@ -106,6 +106,37 @@ class Node:
 
 
 @dataclass(frozen=True)
+class HostEntry:
+    """One machine of backend ``hosts``: how to reach it and which of its interfaces the lab may use.
+
+    ``ssh`` is ``[user@]address[:port]`` (labkit logs in as root: it builds the node as the VM agent
+    does); ``key`` an identity file (else ssh's agent and config); ``management`` the interface labkit
+    must never touch (the one its ssh session and the default route use); ``nics`` maps each lab NIC
+    the node has (``eth0``, the node's VPC primary, then ``eni1``…) to a real interface of the host,
+    by name or by MAC: labkit renames it for the lab and gives it back its name at ``down``."""
+
+    ssh: str
+    management: str
+    nics: Mapping[str, str] = field(default_factory=dict)
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nics", _frozen(self.nics))
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Backend ``hosts``: the machine of each node (node name -> :class:`HostEntry`), and optionally an
+    ssh config file whose settings labkit's ssh connections also use (known hosts, jump hosts)."""
+
+    hosts: Mapping[str, HostEntry] = field(default_factory=dict)
+    ssh_config: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hosts", MappingProxyType(dict(self.hosts)))
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     """A Service. With ``count`` it is a bulk group ``<name>-0 … <name>-<count-1>`` for scale tests,
     each with ``endpoints`` endpoints picked round-robin from the pods the selector matches."""
@@ -236,6 +267,7 @@ class Spec:
     server: ServerSpec = ServerSpec()  # what serves in every pod that does not say
     kube_proxy: str = "current"  # the iptables datapaths' rule shape: current, or 1.18 (the study's time)
     host_routing: str = "kernel"  # kernel, or bpf: eBPF host routing past the nodes' stacks (Cilium 1.9+)
+    inventory: Inventory | None = None  # backend hosts: the machine of each node
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(self.nodes))

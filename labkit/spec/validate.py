@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+from pathlib import Path
 
 from .. import naming
 from ..errors import SpecError
@@ -79,6 +80,7 @@ def problems(spec: Spec) -> list[tuple[str, str]]:
         p.add("name", problem)
     _choice(p, "backend", spec.backend, BACKENDS.names(), "backend")
     _check_release(p, spec)
+    _check_inventory(p, spec)
     _choice(p, "datapath", spec.datapath, DATAPATHS.names(), "datapath")
     if spec.datapath in DATAPATHS:
         _check_kube_proxy(p, spec, DATAPATHS.get(spec.datapath))
@@ -199,6 +201,79 @@ def _check_release(p: Problems, spec: Spec) -> None:
     _choice(p, "release", spec.release, RELEASES, "Debian release")
 
 
+SSH_TARGET = re.compile(r"^(?:(?P<user>[a-z_][a-z0-9_.-]{0,31})@)?(?P<host>[A-Za-z0-9][A-Za-z0-9.-]{0,252}"
+                        r"|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?$")
+HOST_IFNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
+MAC = re.compile(r"^[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}$")
+
+
+def _check_inventory(p: Problems, spec: Spec) -> None:
+    """Backend ``hosts`` needs a host per node, reached as ``[user@]address[:port]``, with a management
+    interface and a real interface for every lab NIC the node has (``eth0``, ``eni1``…); none of
+    them may be the management interface. Checked here, before any host is contacted."""
+    inv = spec.inventory
+    if spec.backend != "hosts":
+        if inv is not None:
+            p.add("inventory", f"inventory names the machines of backend hosts; backend {spec.backend} makes its "
+                               "own: remove inventory (or use backend: hosts)")
+        return
+    if inv is None:
+        p.add("inventory", "backend hosts needs an inventory: per node, its ssh target, its management interface "
+                           "and the interfaces that play its NICs (see README, 'Run it on your own machines')")
+        return
+    names = [n.name for n in spec.nodes]
+    for extra in sorted(set(inv.hosts) - set(names)):
+        near = difflib.get_close_matches(extra, names, n=1)
+        p.add(f"inventory.hosts.{extra}", f"no node {extra!r} in the spec" + (f"; did you mean {near[0]!r}?" if near
+                                                                            else f"; nodes: {', '.join(names)}"))
+    if inv.ssh_config is not None and not Path(inv.ssh_config).expanduser().is_file():
+        p.add("inventory.ssh_config", f"ssh config file {inv.ssh_config} does not exist")
+    targets: dict[str, str] = {}
+    for node in spec.nodes:
+        q = f"inventory.hosts.{node.name}"
+        host = inv.hosts.get(node.name)
+        if host is None:
+            p.add("inventory.hosts", f"node {node.name} has no host: add {node.name}: {{ssh: root@ADDRESS, "
+                                     "management: IFACE, nics: {eth0: IFACE}}")
+            continue
+        m = SSH_TARGET.match(host.ssh)
+        if not m:
+            p.add(f"{q}.ssh", f"{host.ssh!r} is not [user@]address[:port] (letters, digits, '.', '-'; an IPv6 "
+                              "address in brackets)")
+        elif m["port"] and not 0 < int(m["port"]) < 65536:
+            p.add(f"{q}.ssh", f"port {m['port']} is not between 1 and 65535")
+        elif m["user"] and m["user"] != "root":
+            p.add(f"{q}.ssh", f"labkit logs in as root (it builds the node as root), not {m['user']}: use "
+                              f"root@{m['host']} with a key (PermitRootLogin prohibit-password)")
+        elif m["host"] in targets:
+            p.add(f"{q}.ssh", f"{m['host']} is node {targets[m['host']]}'s host too; one node per host")
+        else:
+            targets[m["host"]] = node.name
+        if host.key is not None and not Path(host.key).expanduser().is_file():
+            p.add(f"{q}.key", f"key file {host.key} does not exist")
+        if not HOST_IFNAME.match(host.management):
+            p.add(f"{q}.management", f"{host.management!r} is not an interface name")
+        wanted = ["eth0"] + [f"eni{k}" for k in range(1, node.enis + 1)]
+        for lab_nic in wanted:
+            if lab_nic not in host.nics:
+                p.add(f"{q}.nics", f"node {node.name} has NIC {lab_nic}: name the host interface that plays it "
+                                   f"({lab_nic}: IFACE or MAC)")
+        seen: dict[str, str] = {}
+        for lab_nic, real in host.nics.items():
+            if lab_nic not in wanted:
+                p.add(f"{q}.nics.{lab_nic}", f"node {node.name} has no NIC {lab_nic} (it has {', '.join(wanted)}"
+                                             f"; enis: {node.enis})")
+            elif not (HOST_IFNAME.match(real) or MAC.match(real)):
+                p.add(f"{q}.nics.{lab_nic}", f"{real!r} is neither an interface name nor a MAC (aa:bb:cc:dd:ee:ff)")
+            elif real == host.management:
+                p.add(f"{q}.nics.{lab_nic}", f"{real} is the management interface, which labkit never touches; "
+                                             "give the lab a NIC of its own (a secondary NIC or ENI)")
+            elif real.lower() in seen:
+                p.add(f"{q}.nics.{lab_nic}", f"{real} plays {seen[real.lower()]} already")
+            else:
+                seen[real.lower()] = lab_nic
+
+
 def _check_kube_proxy(p: Problems, spec: Spec, datapath) -> None:
     """``kube_proxy`` chooses the iptables datapaths' rule shape; elsewhere only the default fits."""
     takes = datapath.options.get("kube_proxy")
@@ -297,7 +372,7 @@ def _check_policies(p: Problems, spec: Spec, lab_nets: list[ipaddress.IPv4Networ
     from ..policy import ENGINES
 
     _choice(p, "policy_engine", spec.policy_engine, ["none", *ENGINES.names()], "policy engine")
-    if spec.policies and spec.backend not in ("netns", "vagrant"):
+    if spec.policies and spec.backend not in ("netns", "vagrant", "hosts"):
         p.add("policies", f"network policies are enforced on the netns and vagrant backends, not {spec.backend}")
     seen: dict[str, str] = {}
     total = 0

@@ -59,7 +59,7 @@ from ...remote.ssh import Machine, SshTarget
 from ...spec import Spec
 from ...state import LabState
 from .. import BACKENDS
-from ..base import Backend
+from ..remote import RemoteNodesBackend
 from . import box
 from .libvirt import (LIBVIRT_SOCK, libvirtd_answers, load_daemons, delete_link, ensure_libvirtd, release_libvirtd,
                       virsh, virsh_net_create, vm_driver)
@@ -73,6 +73,10 @@ def box_recipe(spec: Spec) -> box.BoxRecipe:
     """The box of the spec's release: one box with bcc and the kernel's headers, so that any datapath
     (the spec's, or one an experiment programs later) runs in its VMs."""
     return box.BoxRecipe(release=spec.release or box.DEFAULT_RELEASE)
+
+
+def the_kernel(machine: Machine) -> str:
+    return machine.run("uname -r", timeout=120).stdout.strip()
 
 
 def check_box_features(spec: Spec, the_box: box.Box) -> None:
@@ -90,26 +94,13 @@ def check_box_features(spec: Spec, the_box: box.Box) -> None:
 
 
 @BACKENDS.register
-class VagrantBackend(Backend):
+class VagrantBackend(RemoteNodesBackend):
     name = "vagrant"
     order = 10  # after netns in listings
 
     # ------------------------------------------------------------ nodes (remote machines)
     def machine(self, lab: str, node: str) -> Machine:
         return Machine(SshTarget(node, config=vagrant_dir(lab) / "ssh_config"), f"{node} (VM of lab {lab})")
-
-    def remote(self, spec: Spec, node: str) -> RemoteNode:
-        """Node ``node`` of the lab, on its VM."""
-        cgroup = LabState(spec.name).meta().get("nodes", {}).get(node, {}).get("cgroup")
-        return RemoteNode(self.machine(spec.name, node), spec, node, cgroup)
-
-    def pod_netns(self, spec: Spec, pod: str) -> str:
-        spec.pod(pod)
-        return naming.netns_name(spec.name, pod)
-
-    def pod_cgroup(self, spec: Spec, pod: str) -> Path:
-        node, _ = spec.pod(pod)
-        return self.remote(spec, node.name).pod_cgroup(pod)
 
     # ------------------------------------------------------------ preflight
     def preflight(self, spec: Spec) -> None:
@@ -124,7 +115,9 @@ class VagrantBackend(Backend):
         get_datapath(spec.datapath)  # a known name; its kernel features are checked inside the VM
 
     # ------------------------------------------------------------ up
-    def up(self, spec: Spec, progress: bool = True, start_servers: bool = True) -> LabState:
+    def up(self, spec: Spec, progress: bool = True, start_servers: bool = True, bare: bool = False) -> LabState:
+        """``bare``: the VMs and their VPC (router and routes) only, no node built in them: machines
+        for the ``hosts`` backend's tests, which must find them as a user's hosts are."""
         self.preflight(spec)
         say = print if progress else (lambda *a, **k: None)
         recipe = box_recipe(spec)
@@ -134,7 +127,7 @@ class VagrantBackend(Backend):
         state.create(spec)
         t0 = time.monotonic()
         try:
-            info = self._build(spec, state, the_box, say, start_servers)
+            info = self._build(spec, state, the_box, say, start_servers, bare)
         except BaseException as exc:
             if os.environ.get("LABKIT_KEEP_FAILED"):
                 raise
@@ -148,7 +141,8 @@ class VagrantBackend(Backend):
         state.close()
         return state
 
-    def _build(self, spec: Spec, state: LabState, the_box: box.Box, say, start_servers: bool) -> dict:
+    def _build(self, spec: Spec, state: LabState, the_box: box.Box, say, start_servers: bool,
+               bare: bool = False) -> dict:
         """Host objects, then ``vagrant up`` and, overlapping it, each node's pipeline: as soon as a
         VM's sshd answers on its fixed management address, labkit is copied in and the node is built
         (Vagrant's own wait for ssh, its Ruby start-up and the other VMs' boots run meanwhile)."""
@@ -172,7 +166,7 @@ class VagrantBackend(Backend):
         say(f"vagrant up: {len(spec.nodes)} VM(s), driver {driver} …")
         state.record("vagrant", dir=str(vdir))
         up = VagrantUp(vdir, box.vagrant_env())
-        nodes = [pool.submit(self._node_pipeline, spec, node, lab, payload, up, start_servers, t0)
+        nodes = [pool.submit(self._node_pipeline, spec, node, lab, payload, up, start_servers, t0, bare)
                  for node in spec.nodes]
         try:
             results = join(up, nodes, deadline=time.monotonic() + 1800)
@@ -192,12 +186,15 @@ class VagrantBackend(Backend):
                 "nodes": {r["node"]: r for r in results}}
 
     def _node_pipeline(self, spec: Spec, node, lab: dict, payload, up: VagrantUp, start_servers: bool,
-                       t0: float) -> dict:
+                       t0: float, bare: bool = False) -> dict:
         """One node, from its sshd's first answer to a built node; times since the start of ``up``."""
         ip = next(n["mgmt_ip"] for n in lab["nodes"] if n["name"] == node.name)
         marks = {}
         wait_for_sshd(ip, up, node.name)
         marks["sshd"] = round(time.monotonic() - t0, 1)
+        if bare:
+            return {"node": node.name, "kernel": the_kernel(self.machine(spec.name, node.name)), "host_seconds": marks,
+                    "mgmt_ip": ip}
         tar = payload.result()
         nics = {n["name"]: n["mac"] for n in next(n["nics"] for n in lab["nodes"] if n["name"] == node.name)}
         out = RemoteNode(self.machine(spec.name, node.name), spec, node.name).build(tar, nics, start_servers, vm=True)
@@ -317,35 +314,6 @@ Host *
   ConnectTimeout 30
 """)
         return cfg
-
-    # ------------------------------------------------------------ pods, datapaths, measurement
-    def pod_run(self, spec: Spec, pod: str, argv: Sequence[str], input=None, check: bool = True,
-                timeout: float | None = 300, text: bool = True, cpus=None) -> subprocess.CompletedProcess:
-        node, _ = spec.pod(pod)
-        return self.remote(spec, node.name).pod_run(pod, argv, input=input, check=check, timeout=timeout, text=text)
-
-    def pod_spawn(self, spec: Spec, pod: str, argv: Sequence[str], **popen) -> subprocess.Popen:
-        node, _ = spec.pod(pod)
-        return self.remote(spec, node.name).pod_spawn(pod, argv, **popen)
-
-    def client_session(self, spec: Spec, pod: str, cpus=None):
-        """``lkclient --serve`` in ``pod`` inside its VM. ``cpus`` (the host's CPU plan) does not apply
-        inside a VM: its vCPUs are the node's own."""
-        node, _ = spec.pod(pod)
-        return self.remote(spec, node.name).client_session(pod)
-
-    def datapath(self, spec: Spec, node: str, name: str, plan: addressing.AddressPlan | None = None, **options):
-        """Datapath ``name`` of ``node``, run by the agent in the VM and driven from here."""
-        get_datapath(name)  # a known name, or the registry's error listing them
-        return self.remote(spec, node).datapath(name, **options)
-
-    def node_context(self, spec: Spec, node_name: str, plan: addressing.AddressPlan | None = None) -> NodeContext:
-        """The datapath's view of a node as seen from the host: ``run()`` goes over ssh into the VM."""
-        return self.remote(spec, node_name).context(plan)
-
-    def kernels(self, spec: Spec) -> dict[str, str]:
-        """The kernel release of every node's VM (reported by the agent when it built the node)."""
-        return dict(LabState(spec.name).meta().get("kernels", {}))
 
     # ------------------------------------------------------------ down
     def down(self, name: str) -> dict[str, int]:
