@@ -41,6 +41,7 @@ import time
 from labkit import lab
 from labkit.backends.vagrant import box
 from labkit.backends import vagrant as vg
+from labkit.backends.vagrant.libvirt import vm_driver
 from labkit.spec import parse_spec
 
 
@@ -64,7 +65,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, help="vCPUs per VM (default: the spec's)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    out: dict = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "driver": vg.vm_driver()}}
+    out: dict = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "driver": vm_driver(box.box_for().kernel)}}
     s = parse_spec(spec(args.nodes, args.datapath, args.cpus))
     lab.down(s.name) if vg.LabState(s.name).exists else None
 

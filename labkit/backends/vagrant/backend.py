@@ -156,7 +156,7 @@ class VagrantBackend(RemoteNodesBackend):
         mgmt = self._networks(spec, names, state)
         self._router(spec, addressing.plan(spec), names, state)
         times["host"] = round(time.monotonic() - t0, 1)
-        driver = vm_driver()
+        driver = vm_driver(the_box.kernel)
         lab = self._lab_json(spec, names, the_box, mgmt, driver, vdir)
         (vdir / "lab.json").write_text(json.dumps(lab, indent=1))
         shutil.copyfile(vagrantfile_source(), vdir / "Vagrantfile")
