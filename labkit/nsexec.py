@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
+MS_REC = 16384
+MS_SHARED = 1 << 20
 MNT_DETACH = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -88,6 +90,7 @@ def create_netns(name: str, on_socket: Callable[[], T] | None = None) -> T | Non
     0.9 opens its netlink socket lazily in whichever thread first uses the object, so an ``IPRoute()``
     merely constructed inside the namespace thread would act on the *host's* namespace."""
     NETNS_DIR.mkdir(parents=True, exist_ok=True)
+    share_netns_dir()
     path = netns_path(name)
     box: dict[str, Any] = {}
 
@@ -116,6 +119,27 @@ def create_netns(name: str, on_socket: Callable[[], T] | None = None) -> T | Non
     if on_socket is not None and _is_iproute_class(on_socket):
         return on_socket(use_socket=box["value"])
     return box["value"]
+
+
+def share_netns_dir() -> bool:
+    """Make :data:`NETNS_DIR` a shared mount point of its own before namespaces are bound in it, as
+    ``ip netns add`` does on first use. Otherwise a later ``ip netns add`` (any tool's) binds the folder
+    over itself while labkit's namespaces are mounted in it, hiding their mounts under the new one:
+    their names then cannot be removed (``unlink``: EBUSY), which left a CI run's namespaces behind.
+    Nothing is done when the folder is a mount point already, or when namespaces are mounted in it
+    already (binding it then would cause exactly that). True when it is a mount point afterwards."""
+    try:  # (os.path.ismount cannot tell a bind mount of the same file system)
+        points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    except OSError:
+        return False
+    if str(NETNS_DIR) in points:
+        return True
+    if any(p.startswith(str(NETNS_DIR) + "/") for p in points):
+        return False
+    if _libc.mount(str(NETNS_DIR).encode(), str(NETNS_DIR).encode(), b"none", MS_BIND | MS_REC, None) != 0:
+        return False
+    _libc.mount(b"", str(NETNS_DIR).encode(), b"none", MS_SHARED | MS_REC, None)
+    return True
 
 
 def _is_iproute_class(obj: Any) -> bool:

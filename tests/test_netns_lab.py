@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
@@ -361,3 +362,28 @@ def test_a_kernel_refusal_names_the_pod_and_leaves_nothing(lab_name, monkeypatch
     with pytest.raises(BackendError, match=r"pod b \(bridge\) on node n1: the kernel refused \(16: Device or resource busy"):
         lab.up(spec, progress=False)
     assert leftovers(lab_name) == []
+
+
+@pytest.mark.needs("root")
+def test_namespaces_stay_removable_when_iproute2_adds_one_meanwhile():
+    """labkit makes /run/netns a mount point before binding namespaces in it (as `ip netns add` does
+    on first use), so that a later `ip netns add` does not bind the folder over labkit's namespaces:
+    their names would then be unremovable (EBUSY), as a CI run's were."""
+    import shutil
+    import subprocess
+
+    from labkit import nsexec
+
+    name, other = f"lktest-share-{os.getpid()}", f"lktest-iproute-{os.getpid()}"
+    nsexec.create_netns(name)
+    try:
+        points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+        assert str(nsexec.NETNS_DIR) in points
+        if shutil.which("ip"):
+            subprocess.run(["ip", "netns", "add", other], check=True)
+            subprocess.run(["ip", "netns", "del", other], check=True)
+            points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+            assert points.count(str(nsexec.NETNS_DIR)) == 1
+    finally:
+        assert nsexec.remove_netns(name)
+    assert name not in nsexec.list_netns("lktest-share")
