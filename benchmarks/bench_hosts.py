@@ -65,7 +65,7 @@ def main() -> int:
             labkit("up", str(spec), "-q")
             out["up_s"].append(round(time.monotonic() - t, 1))
             t = time.monotonic()
-            rows = json.loads(labkit("check", "benchhl", "--json").stdout)
+            rows = json.loads(labkit("check", "benchhl", "--json").stdout)["results"]
             out["check_s"].append(round(time.monotonic() - t, 1))
             out["check"] = f"{sum(r['ok'] for r in rows)}/{len(rows)}"
             t = time.monotonic()

@@ -396,8 +396,11 @@ class HostsBackend(RemoteNodesBackend):
             return counts
         if not self.ssh_config(name).exists():
             self.ssh_config(name).write_text(ssh_config_text(spec, state.dir))
-        cmd = (f"if [ -d {payload.REMOTE_ROOT}/lib/labkit ]; then {payload.agent_command('host-down', '--lab', name)}"
-               f" || exit $?; fi; rm -rf {payload.REMOTE_ROOT} {payload.RUN_DIR}")
+        # the payload's folder goes, or only its contents where it is a mount point (labkit's VM box)
+        root = payload.REMOTE_ROOT
+        cmd = (f"if [ -d {root}/lib/labkit ]; then {payload.agent_command('host-down', '--lab', name)} || exit $?; fi; "
+               f"rm -rf {payload.RUN_DIR} && if [ -d {root} ]; then find {root} -mindepth 1 -delete && "
+               f"{{ mountpoint -q {root} || rmdir {root}; }}; fi")
 
         def one(node: str) -> dict:
             proc = self.machine(name, node).run(cmd, check=False, timeout=DOWN_TIMEOUT)

@@ -13,8 +13,8 @@ host back to that record, also after ``labkit up`` was SIGKILLed or its ssh conn
    bpffs mounts and cgroups;
 3. undo netfilter: kube-proxy's IPVS services, then every iptables rule and chain that was not in
    the record (a diff of ``*-save`` outputs: only what was added is removed, in both iptables
-   flavours), then nftables tables that did not exist, and empty chains that did not (iptables-nft
-   makes base chains on first use);
+   flavours), the ipsets, then nftables tables that did not exist, and empty chains that did not
+   (iptables-nft makes base chains on first use);
 4. remove the links labkit made (pod-facing devices, bridges, vxlan, ``kube-ipvs0``), the routes on
    the lab NICs and in their ENI tables and the rules that were not in the record;
 5. give each lab NIC back its addresses, qdiscs, name, MTU and state, then every recorded sysctl its
@@ -46,6 +46,12 @@ ENI_TABLES = range(100, 100 + 16)  # labkit.modes.base.ENI_TABLE_BASE + k
 # node-level links labkit's pod modes and datapaths make besides pod-facing ones (lx-<pod>)
 LAB_LINKS = ("vxlan0", "cni0", "cbr0", "kube-ipvs0")
 LAB_LINK_PREFIXES = ("lx-", "lktmp")
+# modules the lab's tools load on demand (iptables' tables, nftables, IPVS schedulers, tunnels, tc):
+# unloaded at restore when they were not loaded before; any other module loaded meanwhile is left
+NET_MODULES = ("ip_vs", "nf_", "nft_", "nfnetlink", "xt_", "x_tables", "ip_tables", "ip6_tables", "iptable_",
+               "ip6table_", "ipt_", "ip6t_", "ebt", "ip_set", "ipvlan", "macvlan", "veth", "vxlan", "netkit",
+               "bridge", "stp", "llc", "br_netfilter", "dummy", "udp_tunnel", "ip6_udp_tunnel", "libcrc32c",
+               "cls_", "act_", "sch_")
 SAVE_TOOLS = {"legacy": ("iptables-legacy-save", "iptables-legacy-restore"),
               "nft": ("iptables-nft-save", "iptables-nft-restore")}
 
@@ -66,7 +72,10 @@ def _sysctls(nic_names) -> dict[str, str]:
         if not folder.is_dir():
             continue
         for f in folder.iterdir():
-            if not f.is_file() or not os.access(f, os.R_OK):
+            try:  # settings only: read-only counters (nf_conntrack_count) change by themselves
+                if not f.is_file() or not f.stat().st_mode & 0o200 or not f.stat().st_mode & 0o444:
+                    continue
+            except OSError:
                 continue
             try:
                 out[str(f.relative_to(SYSCTL_ROOT))] = f.read_text().strip()
@@ -144,6 +153,16 @@ def _nft_chains() -> dict[str, int] | None:
     return out
 
 
+def _ipsets() -> list[str] | None:
+    """The names of the host's ipsets (kube-proxy's IPVS mode and labkit's iptables policy engine
+    make some), or None without the tool."""
+    try:
+        proc = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return sorted(proc.stdout.split()) if proc.returncode == 0 else None
+
+
 def _has_clsact(ipr, index: int) -> bool:
     return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=index))
 
@@ -206,7 +225,8 @@ def begin(lab: str, nics: dict[str, str], spec_yaml: str) -> dict:
                   "routes": _routes(ipr), "rules": _rules(ipr),
                   "sysctls": _sysctls([n["name"] for n in lab_nics.values()]), "modules": _modules(),
                   "iptables": {k: _save(tools[0]) for k, tools in SAVE_TOOLS.items()},
-                  "nft_tables": _nft_tables(), "nft_chains": _nft_chains(), "spec": spec_yaml}
+                  "nft_tables": _nft_tables(), "nft_chains": _nft_chains(), "ipsets": _ipsets(),
+                  "spec": spec_yaml}
     finally:
         ipr.close()
     tmp = path.with_suffix(".tmp")
@@ -377,6 +397,14 @@ def _netfilter_undo(record: dict, report: dict) -> None:
                     report["netfilter"] += 1
                 else:
                     report["left"].append(f"nft table {table}: {proc.stderr.strip()[-200:]}")
+    if record.get("ipsets") is not None:  # after the rules that match on them
+        for name in _ipsets() or []:
+            if name not in record["ipsets"]:
+                proc = subprocess.run(["ipset", "destroy", name], capture_output=True, text=True)
+                if proc.returncode == 0:
+                    report["netfilter"] += 1
+                else:
+                    report["left"].append(f"ipset {name}: {proc.stderr.strip()[-200:]}")
     if record.get("nft_chains") is not None:
         for chain, rules in (_nft_chains() or {}).items():
             if chain not in record["nft_chains"] and rules == 0:
@@ -494,9 +522,15 @@ def _modules_back(record: dict, report: dict) -> None:
     from .agent import kernel_modules
 
     added = [m for m in _modules() if m not in record["modules"]]
-    ours = [m for m in added if m in kernel_modules() or m.startswith(("ip_vs", "nf_", "ipvlan", "macvlan"))]
-    for m in ours:
-        subprocess.run(["modprobe", "-r", "-q", m], capture_output=True)
+    ours = [m for m in added if m in kernel_modules() or m.startswith(NET_MODULES)]
+    # rmmod, not modprobe -r: that also unloads unused dependencies, which may have been loaded before
+    # (ip_vs under ip_vs_rr); users first, so passes until nothing more goes
+    for _ in range(len(ours)):
+        left = [m for m in ours if m in _modules()]
+        for m in left:
+            subprocess.run(["rmmod", m], capture_output=True)
+        if not left or [m for m in ours if m in _modules()] == left:
+            break
     report["modules"] = [m for m in ours if m not in _modules()]
 
 
