@@ -562,6 +562,10 @@ def restore(lab: str) -> dict:
     _sysctls_back(record, report)  # last: unloading a module may have reset some
     LabState(lab).remove()
     path.unlink()
+    try:
+        JOURNAL_DIR.rmdir()  # the last record gone: nothing of labkit's is left on the host
+    except OSError:
+        pass
     report["record"] = True
     return report
 
