@@ -364,26 +364,41 @@ def test_a_kernel_refusal_names_the_pod_and_leaves_nothing(lab_name, monkeypatch
     assert leftovers(lab_name) == []
 
 
+CHILD = r"""
+import os, subprocess, sys
+from pathlib import Path
+from labkit import nsexec
+def points():
+    return [l.split()[4] for l in Path("/proc/self/mountinfo").read_text().splitlines()]
+subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+while str(nsexec.NETNS_DIR) in points():  # this mount namespace only: a machine where nothing ran yet
+    subprocess.run(["umount", "-l", str(nsexec.NETNS_DIR)], check=True)
+assert not any(p.startswith(str(nsexec.NETNS_DIR)) for p in points())
+name, other = f"lktest-share-{os.getpid()}", f"lktest-iproute-{os.getpid()}"
+nsexec.create_netns(name)
+try:
+    assert points().count(str(nsexec.NETNS_DIR)) == 1, "labkit did not make /run/netns a mount point"
+    subprocess.run(["ip", "netns", "add", other], check=True)
+    subprocess.run(["ip", "netns", "del", other], check=True)
+    assert points().count(str(nsexec.NETNS_DIR)) == 1, "ip netns add bound /run/netns over labkit's namespace"
+finally:  # the names are files of the real folder: they must go whatever happened
+    assert nsexec.remove_netns(name) and name not in nsexec.list_netns("lktest-share")
+print("ok")
+"""
+
+
 @pytest.mark.needs("root")
 def test_namespaces_stay_removable_when_iproute2_adds_one_meanwhile():
     """labkit makes /run/netns a mount point before binding namespaces in it (as `ip netns add` does
     on first use), so that a later `ip netns add` does not bind the folder over labkit's namespaces:
-    their names would then be unremovable (EBUSY), as a CI run's were."""
+    their names would then be unremovable (EBUSY), as a CI run's were. Run in a mount namespace of its
+    own where /run/netns is a plain folder, as on a machine where nothing made a namespace yet."""
     import shutil
     import subprocess
+    import sys
 
-    from labkit import nsexec
-
-    name, other = f"lktest-share-{os.getpid()}", f"lktest-iproute-{os.getpid()}"
-    nsexec.create_netns(name)
-    try:
-        points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-        assert str(nsexec.NETNS_DIR) in points
-        if shutil.which("ip"):
-            subprocess.run(["ip", "netns", "add", other], check=True)
-            subprocess.run(["ip", "netns", "del", other], check=True)
-            points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-            assert points.count(str(nsexec.NETNS_DIR)) == 1
-    finally:
-        assert nsexec.remove_netns(name)
-    assert name not in nsexec.list_netns("lktest-share")
+    if shutil.which("ip") is None or shutil.which("unshare") is None:
+        pytest.skip("needs iproute2's ip and util-linux's unshare")
+    out = subprocess.run(["unshare", "-m", sys.executable, "-c", CHILD], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -231,6 +231,14 @@ def vpc_routes(spec: Spec) -> list[str]:
     return out
 
 
+def each_host(spec: Spec, fn) -> dict:
+    """``fn(node name)`` for every node at once (each on its own host); node -> result, in spec
+    order; the first exception is raised."""
+    names = [n.name for n in spec.nodes]
+    with ThreadPoolExecutor(len(names)) as pool:
+        return dict(zip(names, pool.map(fn, names)))
+
+
 def check_hosts(spec: Spec) -> list[str]:
     """Log in to each host (read only) and list what would stop ``up`` (``labkit plan --inspect``)."""
     import tempfile
@@ -282,13 +290,12 @@ class HostsBackend(RemoteNodesBackend):
                                    f"ssh exited {proc.returncode}: {why}{hint}")
             return json.loads(proc.stdout.strip().splitlines()[-1])
 
-        with ThreadPoolExecutor(len(spec.nodes)) as pool:
-            return dict(zip([n.name for n in spec.nodes], pool.map(one, [n.name for n in spec.nodes])))
+        return each_host(spec, one)
 
     def performance(self, spec: Spec, macs: dict, facts: dict) -> dict[str, dict]:
         """Each host's performance preflight (:mod:`labkit.hostfacts`: governor, SMT, isolated CPUs,
         irqbalance, clock source, steal, the lab NICs' queues and offloads, kernel features), read
-        without changing anything; recorded in the lab's meta and the runs' manifests."""
+        without changing anything; recorded in the lab's meta (and service-scale's manifest)."""
         from .. import hostfacts
 
         source = Path(hostfacts.__file__).read_text()
@@ -303,8 +310,7 @@ class HostsBackend(RemoteNodesBackend):
             except json.JSONDecodeError:
                 return {"rows": [], "error": (proc.stderr or proc.stdout).strip()[-300:]}
 
-        with ThreadPoolExecutor(len(spec.nodes)) as pool:
-            return dict(zip([n.name for n in spec.nodes], pool.map(one, [n.name for n in spec.nodes])))
+        return each_host(spec, one)
 
     # ------------------------------------------------------------ up
     def up(self, spec: Spec, progress: bool = True, start_servers: bool = True) -> LabState:
@@ -352,14 +358,13 @@ class HostsBackend(RemoteNodesBackend):
         times["payload"] = round(time.monotonic() - t0, 1)
         say(f"building {len(spec.nodes)} node(s) on their hosts …")
 
-        def one(node) -> dict:
-            out = RemoteNode(self.machine(spec.name, node.name), spec, node.name).build(
-                tar, macs[node.name], start_servers, host=True)
+        def one(node: str) -> dict:
+            out = RemoteNode(self.machine(spec.name, node), spec, node).build(tar, macs[node], start_servers,
+                                                                              host=True)
             out["host_seconds"] = round(time.monotonic() - t0, 1)
             return out
 
-        with ThreadPoolExecutor(len(spec.nodes)) as pool:
-            results = list(pool.map(one, spec.nodes))
+        results = list(each_host(spec, one).values())
         times["nodes"] = {r["node"]: r["host_seconds"] for r in results}
         times["total"] = round(time.monotonic() - t0, 1)
         hosts = {n.name: {k: facts[n.name][k] for k in ("hostname", "kernel", "python")} | {

@@ -165,8 +165,7 @@ class ServiceScaleParams(Params):
         return problems
 
 
-def host_entries(path: str) -> list[tuple[str, dict]]:
-    """The hosts of an inventory file, in its order (name, entry as written)."""
+def _inventory_file(path: str) -> dict:
     import yaml
 
     file = Path(path).expanduser()
@@ -175,16 +174,19 @@ def host_entries(path: str) -> list[tuple[str, dict]]:
     data = yaml.safe_load(file.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("hosts"), dict) or not data["hosts"]:
         raise ValueError(f"{file} holds no 'hosts:' mapping")
-    return list(data["hosts"].items())
+    return data
+
+
+def host_entries(path: str) -> list[tuple[str, dict]]:
+    """The hosts of an inventory file, in its order (name, entry as written)."""
+    return list(_inventory_file(path)["hosts"].items())
 
 
 def host_inventory(path: str, k: int, enis: int) -> dict:
     """The inventory of a one-node lab (node ``n0``) on the ``k``-th host of inventory file ``path``
     (its NICs cut to the ones the lab has)."""
-    import yaml
-
-    data = yaml.safe_load(Path(path).expanduser().read_text())
-    _, entry = host_entries(path)[k]
+    data = _inventory_file(path)
+    _, entry = list(data["hosts"].items())[k]
     wanted = ["eth0"] + [f"eni{i}" for i in range(1, enis + 1)]
     entry = {**entry, "nics": {n: v for n, v in (entry.get("nics") or {}).items() if n in wanted}}
     out = {"hosts": {"n0": entry}}

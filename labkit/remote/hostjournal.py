@@ -113,54 +113,41 @@ def _rules(ipr) -> list[tuple]:
     return [_rule_key(m) for m in ipr.get_rules(family=socket.AF_INET)]
 
 
-def _save(tool: str) -> str | None:
+def _output(*argv: str) -> str | None:
+    """``argv``'s stdout, or None when the tool is missing or fails (labkit could not have used it)."""
     try:
-        proc = subprocess.run([tool], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout if proc.returncode == 0 else None
 
 
-def _nft_tables() -> list[str] | None:
-    try:
-        proc = subprocess.run(["nft", "-j", "list", "tables"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
+def _nft() -> tuple[list[str], dict[str, int]] | None:
+    """From one ``nft -j list ruleset``: the tables (``family name``) and each chain (``family table
+    chain``) with its number of rules (iptables-nft makes base chains on first use, and deleting its
+    rules leaves them: they are chains the record must name). None without nft."""
+    out = _output("nft", "-j", "list", "ruleset")
+    if out is None:
         return None
-    if proc.returncode != 0:
-        return None
-    items = json.loads(proc.stdout or "{}").get("nftables", [])
-    return sorted(f"{i['table']['family']} {i['table']['name']}" for i in items if "table" in i)
-
-
-def _nft_chains() -> dict[str, int] | None:
-    """``family table chain`` -> its number of rules (iptables-nft makes base chains on first use,
-    and deleting its rules leaves them: they are chains the record must name)."""
-    try:
-        proc = subprocess.run(["nft", "-j", "list", "ruleset"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if proc.returncode != 0:
-        return None
-    out: dict[str, int] = {}
-    for item in json.loads(proc.stdout or "{}").get("nftables", []):
-        if "chain" in item:
+    tables, chains = [], {}
+    for item in json.loads(out or "{}").get("nftables", []):
+        if "table" in item:
+            tables.append(f"{item['table']['family']} {item['table']['name']}")
+        elif "chain" in item:
             c = item["chain"]
-            out.setdefault(f"{c['family']} {c['table']} {c['name']}", 0)
+            chains.setdefault(f"{c['family']} {c['table']} {c['name']}", 0)
         elif "rule" in item:
             r = item["rule"]
             key = f"{r['family']} {r['table']} {r['chain']}"
-            out[key] = out.get(key, 0) + 1
-    return out
+            chains[key] = chains.get(key, 0) + 1
+    return sorted(tables), chains
 
 
 def _ipsets() -> list[str] | None:
     """The names of the host's ipsets (kube-proxy's IPVS mode and labkit's iptables policy engine
     make some), or None without the tool."""
-    try:
-        proc = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return sorted(proc.stdout.split()) if proc.returncode == 0 else None
+    out = _output("ipset", "list", "-n")
+    return None if out is None else sorted(out.split())
 
 
 def _has_clsact(ipr, index: int) -> bool:
@@ -220,12 +207,13 @@ def begin(lab: str, nics: dict[str, str], spec_yaml: str) -> dict:
             nic = by_mac[mac.lower()]
             lab_nics[name] = {"mac": mac.lower(), "name": nic["name"], "mtu": nic["mtu"], "up": nic["up"],
                               "addrs": nic["addrs"], "clsact": _has_clsact(ipr, nic["index"])}
+        nft = _nft()
         record = {"lab": lab, "time": time.time(), "where": _where(), "nics": lab_nics,
                   "links": sorted(n["name"] for n in by_mac.values()),
                   "routes": _routes(ipr), "rules": _rules(ipr),
                   "sysctls": _sysctls([n["name"] for n in lab_nics.values()]), "modules": _modules(),
-                  "iptables": {k: _save(tools[0]) for k, tools in SAVE_TOOLS.items()},
-                  "nft_tables": _nft_tables(), "nft_chains": _nft_chains(), "ipsets": _ipsets(),
+                  "iptables": {k: _output(tools[0]) for k, tools in SAVE_TOOLS.items()},
+                  "nft_tables": nft and nft[0], "nft_chains": nft and nft[1], "ipsets": _ipsets(),
                   "spec": spec_yaml}
     finally:
         ipr.close()
@@ -376,44 +364,36 @@ def iptables_undo(before: str | None, now: str | None) -> str:
     return "\n".join(out) + "\n" if out else ""
 
 
+def _undo(argv: list[str], what: str, report: dict, input: str | None = None, undone: int = 1) -> None:
+    """Run one undoing command; count ``undone`` objects, or say what was left."""
+    proc = subprocess.run(argv, input=input, capture_output=True, text=True)
+    if proc.returncode == 0:
+        report["netfilter"] += undone
+    else:
+        report["left"].append(f"{what}: {proc.stderr.strip()[-300:]}")
+
+
 def _netfilter_undo(record: dict, report: dict) -> None:
     for flavour, (save, restore_tool) in SAVE_TOOLS.items():
         before = record["iptables"].get(flavour)
         if before is None:
             continue  # the tool was missing or failed before: labkit could not have used it either
-        text = iptables_undo(before, _save(save))
+        text = iptables_undo(before, _output(save))
         if text:
-            proc = subprocess.run([restore_tool, "--noflush"], input=text, capture_output=True, text=True)
-            if proc.returncode != 0:
-                report["left"].append(f"iptables ({flavour}): {proc.stderr.strip()[-300:]}")
-            else:
-                report["netfilter"] += text.count("\n-D ") + text.count("\n-X ")
+            _undo([restore_tool, "--noflush"], f"iptables ({flavour})", report, input=text,
+                  undone=text.count("\n-D ") + text.count("\n-X "))
     if record.get("nft_tables") is not None:
-        for table in _nft_tables() or []:
+        for table in (_nft() or ([], {}))[0]:
             if table not in record["nft_tables"]:
-                family, name = table.split(" ", 1)
-                proc = subprocess.run(["nft", "delete", "table", family, name], capture_output=True, text=True)
-                if proc.returncode == 0:
-                    report["netfilter"] += 1
-                else:
-                    report["left"].append(f"nft table {table}: {proc.stderr.strip()[-200:]}")
+                _undo(["nft", "delete", "table", *table.split(" ", 1)], f"nft table {table}", report)
     if record.get("ipsets") is not None:  # after the rules that match on them
         for name in _ipsets() or []:
             if name not in record["ipsets"]:
-                proc = subprocess.run(["ipset", "destroy", name], capture_output=True, text=True)
-                if proc.returncode == 0:
-                    report["netfilter"] += 1
-                else:
-                    report["left"].append(f"ipset {name}: {proc.stderr.strip()[-200:]}")
-    if record.get("nft_chains") is not None:
-        for chain, rules in (_nft_chains() or {}).items():
+                _undo(["ipset", "destroy", name], f"ipset {name}", report)
+    if record.get("nft_chains") is not None:  # what is left after the tables went
+        for chain, rules in (_nft() or ([], {}))[1].items():
             if chain not in record["nft_chains"] and rules == 0:
-                proc = subprocess.run(["nft", "delete", "chain", *chain.split(" ", 2)], capture_output=True,
-                                      text=True)
-                if proc.returncode == 0:
-                    report["netfilter"] += 1
-                else:
-                    report["left"].append(f"nft chain {chain}: {proc.stderr.strip()[-200:]}")
+                _undo(["nft", "delete", "chain", *chain.split(" ", 2)], f"nft chain {chain}", report)
 
 
 def _links_routes_rules(record: dict, report: dict) -> None:
