@@ -11,10 +11,16 @@ Service DNAT):
                               node's tables and out to the next hop (eth0): ``bpf_redirect`` with the
                               MACs the FIB gave, ``bpf_redirect_neigh`` while the neighbour is not
                               resolved (as Cilium's ``fib_do_redirect``)
+  netkit ``lx-<pod>``         ``lk_host_from_netkit``: the same for a ``netkit`` pod, in the device's own
+  (``BPF_NETKIT_PEER``)       list for what the pod sends (:mod:`labkit.ebpf.netkit`): it runs in the
+                              pod's transmit, so the packet is on its way out of eth0 (or into another
+                              pod, through that pod's device: ``bpf_redirect_peer`` is for tc ingress
+                              only) before any queue; on a veth a tc ingress filter runs only after
+                              the packet crossed the veth's backlog
   tc ingress of ``eth0``      ``lk_host_from_netdev``: from another node to a pod of this node, into
                               its namespace; everything else goes on to the node's stack
 
-Both programs run on every packet of a pod's round trip (and ``lk_host_from_netdev`` on every packet
+These programs run on every packet of a pod's round trip (and ``lk_host_from_netdev`` on every packet
 the node receives), so they read and rewrite the headers in place (direct packet access) rather than
 through a helper call per field; ``tests/test_host_routing.py`` checks the bytecode for it, and that
 every packet of a cross-node exchange took the fast path, counted against the pods' own IP counters.
@@ -22,8 +28,9 @@ every packet of a cross-node exchange took the fast path, counted against the po
 Which destinations are local pods is the map ``lk_host_eps`` (pod IPv4 -> ifindex of its node-side
 veth, the pod's MAC and the veth's, flags), written by :meth:`BpfHostRouting.sync` in one batch
 before anything is attached. A pod whose node-side veth has something on its egress (another
-client's tc filter: the ``ebpf`` policy engine's ingress enforcement, ``ebpf-tc``'s reverse NAT; or
-a root qdisc other than ``noqueue``) is delivered through that egress (``bpf_redirect``) instead,
+client's tc filter, or on a netkit device its ``BPF_NETKIT_PRIMARY`` list: the ``ebpf`` policy
+engine's ingress enforcement, ``ebpf-tc``'s reverse NAT; or a root qdisc other than ``noqueue``) is
+delivered through that egress (``bpf_redirect``) instead,
 since ``bpf_redirect_peer`` would skip it: sync host routing after the Service datapath and the
 policy engine attached, and again whenever they attach anew (:meth:`BpfHostRouting.describe` says
 ``stale`` when the map no longer matches the interfaces).
@@ -61,15 +68,16 @@ from .datapath.base import NodeContext, PodIface
 from .ebpf.libbpf import PROG_SCHED_CLS
 from .ebpf.loader import Bpffs, Program
 from .ebpf.maps import MapSpec, PinnedMap
-from .ebpf.netlink import filters, ifindex, netlink
-from .ebpf.tc import TC_EGRESS, TC_INGRESS, TcAttachments, TcHook
+from .ebpf.netlink import ifindex, netlink
+from .ebpf.tc import CLIENTS, TC_EGRESS, TC_INGRESS, TcAttachments, TcHook, hook_programs
 from .errors import DatapathError, LabkitError
 from .modes.base import RoutedVeth
 
-TC_PREF = 0x4C52  # "LR": after the ebpf policy engine (0x4C40) and ebpf-tc (0x4C4B); lower runs first
 TC_NAMES = "lk_host_"  # prefix of the filters' names (the programs')
-FROM_CONTAINER, FROM_NETDEV = "lk_host_from_container", "lk_host_from_netdev"
-PROGRAMS = (Program(FROM_CONTAINER, PROG_SCHED_CLS), Program(FROM_NETDEV, PROG_SCHED_CLS))
+TC_PREF = CLIENTS[TC_NAMES]  # 0x4C52 "LR": after the ebpf policy engine and ebpf-tc; lower runs first
+FROM_CONTAINER, FROM_NETKIT, FROM_NETDEV = "lk_host_from_container", "lk_host_from_netkit", "lk_host_from_netdev"
+PROGRAMS = (Program(FROM_CONTAINER, PROG_SCHED_CLS), Program(FROM_NETKIT, PROG_SCHED_CLS),
+            Program(FROM_NETDEV, PROG_SCHED_CLS))
 SOURCE = "bpf_host.c"
 FOLDER = "host-routing"
 UPLINKS = ("eth0",)  # the node's interfaces from other nodes (lk_host_from_netdev)
@@ -125,6 +133,7 @@ class Endpoint:
     mac: str  # the pod's own interface
     node_mac: str  # the node-side veth
     via_egress: bool  # something sits on the veth's egress: delivered through it, not into the pod
+    kind: str = "veth"  # the node-side device's link kind: "netkit" takes lk_host_from_netkit in its own list
 
     def packed(self) -> tuple[bytes, bytes]:
         """(key, value) as the map holds them."""
@@ -147,16 +156,20 @@ def why_not(pod: PodIface) -> str | None:
 
 
 def _node_side(ipr, names: Iterable[str]) -> dict[str, dict]:
-    """ifindex, MAC, peer index and whether anything sits on the egress, of node-side veths."""
+    """ifindex, MAC, peer index, link kind and whether anything sits on the egress (another client's
+    tc filter, a netkit device's programs for the pod's ingress, a queueing root qdisc), of node-side
+    devices."""
     out = {}
     for name in names:
         index = ifindex(ipr, name)
         if index is None:
             continue
         link = ipr.get_links(index)[0]
+        info = link.get_attr("IFLA_LINKINFO")
         roots = [q.get_attr("TCA_KIND") for q in ipr.get_qdiscs(index=index) if q["parent"] == 0xFFFFFFFF]
-        busy = any(f.get_attr("TCA_OPTIONS") for f in filters(ipr, index, TC_EGRESS))
+        busy = bool(hook_programs(ipr, index, TC_EGRESS))
         out[name] = {"ifindex": index, "mac": link.get_attr("IFLA_ADDRESS"), "peer": link.get_attr("IFLA_LINK"),
+                     "kind": (info.get_attr("IFLA_INFO_KIND") if info else None) or "veth",
                      "egress": busy or any(kind != "noqueue" for kind in roots)}
     return out
 
@@ -199,7 +212,7 @@ class BpfHostRouting:
         self.uplinks = tuple(uplinks)
         self.fs = Bpffs(ctx.state_dir, FOLDER)
         self.state_file = self.fs.state_file
-        self.attachments = TcAttachments(self.fs.state, TC_PREF, TC_NAMES)
+        self.attachments = TcAttachments(self.fs.state, TC_PREF, TC_NAMES, self.fs.links)
 
     def _where(self) -> str:
         return f"eBPF host routing on node {self.ctx.node}"
@@ -222,7 +235,8 @@ class BpfHostRouting:
 
     # -- where
     def hooks(self, endpoints: Iterable[Endpoint]) -> list[TcHook]:
-        return ([TcHook(self.ctx.netns, ep.ifname, TC_INGRESS, FROM_CONTAINER) for ep in endpoints]
+        return ([TcHook(self.ctx.netns, ep.ifname, TC_INGRESS, FROM_NETKIT if ep.kind == "netkit" else FROM_CONTAINER)
+                 for ep in endpoints]
                 + [TcHook(self.ctx.netns, name, TC_INGRESS, FROM_NETDEV) for name in self.uplinks])
 
     def endpoints(self, pods: Iterable[PodIface] | None = None) -> tuple[list[Endpoint], dict[str, str]]:
@@ -243,7 +257,8 @@ class BpfHostRouting:
             if own[0] != veth["peer"]:
                 skipped[pod.pod] = f"{pod.ip} is not on the peer of {pod.ifname}"
                 continue
-            out.append(Endpoint(pod.pod, pod.ip, pod.ifname, veth["ifindex"], own[1], veth["mac"], veth["egress"]))
+            out.append(Endpoint(pod.pod, pod.ip, pod.ifname, veth["ifindex"], own[1], veth["mac"], veth["egress"],
+                                "netkit" if veth["kind"] == "netkit" else "veth"))
         return out, skipped
 
     # -- sync

@@ -124,7 +124,7 @@ def test_bcc_typed_views_of_the_maps_match():
 
 
 HELPERS = {"skb_store_bytes": 9, "l3_csum_replace": 10, "redirect": 23, "skb_load_bytes": 26,
-           "redirect_neigh": 152}  # BPF_FUNC_* of uapi/linux/bpf.h
+           "redirect_neigh": 152, "redirect_peer": 155}  # BPF_FUNC_* of uapi/linux/bpf.h
 
 
 def helper_calls(code: bytes) -> list[int]:
@@ -151,6 +151,31 @@ def test_programs_touch_headers_in_place():
     slow = {HELPERS[h] for h in ("skb_store_bytes", "l3_csum_replace", "skb_load_bytes")}
     assert not {name: slow & set(ids) for name, ids in calls.items() if slow & set(ids)}, calls
     assert {HELPERS["redirect"], HELPERS["redirect_neigh"]} <= set(calls[H.FROM_CONTAINER]), calls
+    # in a netkit device's own list the program runs in the pod's transmit, where the kernel drops a
+    # bpf_redirect_peer (tc ingress only): local pods are reached through their device's egress there
+    assert HELPERS["redirect_peer"] in calls[H.FROM_CONTAINER], calls
+    assert HELPERS["redirect_peer"] not in calls[H.FROM_NETKIT], calls
+    assert {HELPERS["redirect"], HELPERS["redirect_neigh"]} <= set(calls[H.FROM_NETKIT]), calls
+
+
+def test_clients_order_on_a_netkit_list():
+    """On a netkit device the clients' programs share one list per direction; each goes before the
+    first program of a client that runs later (tc's priority order), whoever attached first, and
+    programs of no labkit client do not move it."""
+    from labkit import hostrouting
+    from labkit.datapath import ebpf as dp
+    from labkit.ebpf.tc import CLIENTS, client_of, netkit_position
+    from labkit.policy import ebpf as pol
+
+    assert pol.TC_PREF < dp.TC_PREF < hostrouting.TC_PREF  # policy, Service NAT, host routing
+    assert [client_of(n) for n in ("lk_pol_from_pod", "lk_from_contain", "lk_host_from_ne", "cil_from_co")] == [
+        "lk_pol_", "lk_", "lk_host_", None]  # kernel names are cut at 15 characters
+    listed = [(7, 70, "lk_from_contain"), (9, 90, "lk_host_from_ne")]
+    assert netkit_position(listed, CLIENTS["lk_pol_"]) == 7  # the policy engine attached last goes first
+    assert netkit_position(listed, CLIENTS["lk_"]) == 9  # a re-attached Service program: before host routing
+    assert netkit_position(listed, CLIENTS["lk_host_"]) is None  # host routing: at the end
+    assert netkit_position([(3, 30, "cil_from_co"), *listed], CLIENTS["lk_pol_"]) == 7
+    assert netkit_position([], CLIENTS["lk_"]) is None
 
 
 # ---------------------------------------------------------------- no kernel

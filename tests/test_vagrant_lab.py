@@ -617,9 +617,34 @@ def test_trixie_box_and_netkit_pods_with_cilium_s_ebpf_on_it():
                           "print(info.get_attr('IFLA_INFO_KIND'), info.get_attr('IFLA_INFO_DATA')"
                           ".get_attr('IFLA_NETKIT_MODE'), l['ifi_type'], l['flags'] & 0x80)"])
         assert link.stdout.split() == ["netkit", "1", "1", str(0x80)], link  # netkit, NETKIT_L3, ARPHRD_ETHER, NOARP
-        tc = node1.run(["tc", "filter", "show", "dev", "lx-nk-0", "ingress"]).stdout
-        for prog in ("lk_pol_from_pod", "lk_from_container", "lk_host_from_container"):  # policy, Service LB, host routing
+        # Cilium's programs sit in the netkit device's own lists, in tc's order (policy, Service NAT,
+        # host routing), as pinned links; no tc filter on the primary; the veth pod keeps tc filters
+        lists = node1.run(["env", "PYTHONPATH=/opt/labkit/lib", "python3", "-c",
+                           "import json, socket\n"
+                           "from labkit.ebpf import netkit\n"
+                           "i = socket.if_nametoindex('lx-nk-0')\n"
+                           "print(json.dumps({side: [(n, bool(link)) for _, link, n in netkit.programs(i, t)]\n"
+                           "                  for side, t in (('peer', netkit.ATTACH_NETKIT_PEER),\n"
+                           "                                  ('primary', netkit.ATTACH_NETKIT_PRIMARY))}))"])
+        assert json.loads(lists.stdout) == {
+            "peer": [["lk_pol_from_pod", True], ["lk_from_contain", True], ["lk_host_from_ne", True]],
+            "primary": [["lk_pol_to_pod", True], ["lk_to_container", True]]}, lists.stdout
+        for direction in ("ingress", "egress"):
+            assert "bpf" not in node1.run(["tc", "filter", "show", "dev", "lx-nk-0", direction]).stdout
+        tc = node1.run(["tc", "filter", "show", "dev", "lx-ve-0", "ingress"]).stdout
+        for prog in ("lk_pol_from_pod", "lk_from_container", "lk_host_from_container"):
             assert prog in tc, tc
+        # host routing forwarded: out of eth0 to the FIB's next hop, and into local pods through their
+        # devices (in a netkit pod's transmit bpf_redirect_peer is refused; policy sits on every egress)
+        hr = json.loads(node1.run(["env", "PYTHONPATH=/opt/labkit/lib", "python3", "-c",
+                                   "import json\n"
+                                   "from labkit import hostrouting as H\n"
+                                   "from labkit.ebpf.loader import Bpffs\n"
+                                   "from labkit.state import LabState\n"
+                                   "hr = H.BpfHostRouting.__new__(H.BpfHostRouting)\n"
+                                   f"hr.fs = Bpffs(LabState('{spec.name}').dir / 'nodes' / 'node1', H.FOLDER)\n"
+                                   "print(json.dumps(hr.stats()))"]).stdout)
+        assert hr["redirect_egress"] > 0 and hr["redirect_neigh"] > 0, hr
         p50 = {"netkit": [], "veth": []}
         for _ in range(3):  # interleaved
             for mode, src, dst in (("netkit", "cli", "nk-1"), ("veth", "ve-0", "ve-1")):

@@ -152,9 +152,13 @@ static __always_inline int host_dec_ttl(struct iphdr *ip)
 
 /* Deliver to pod `ep` of this node, as its gateway would: Ethernet addresses from the gateway to
  * the pod, TTL down, then straight into the pod's namespace (bpf_redirect_peer: no backlog queue,
- * no second pass through the node's stack) or through the egress of its node-side veth. Returns a
- * tc verdict, or -ETIMEDOUT. */
-static __always_inline int host_deliver_local(struct host_pkt *pkt, const struct host_endpoint *ep)
+ * no second pass through the node's stack) or through the egress of its node-side device. From a
+ * netkit device's own list (`in_xmit`: the program runs in the sending pod's transmit, not at tc
+ * ingress, where bpf_redirect_peer is refused) always the latter: the packet enters the other pod
+ * through its device's transmit (a netkit primary's: its list for the pod's ingress runs there).
+ * Returns a tc verdict, or -ETIMEDOUT. */
+static __always_inline int host_deliver_local(struct host_pkt *pkt, const struct host_endpoint *ep,
+					      bool in_xmit)
 {
 	int ret;
 
@@ -163,7 +167,7 @@ static __always_inline int host_deliver_local(struct host_pkt *pkt, const struct
 		return ret;
 	__builtin_memcpy(pkt->eth->h_dest, ep->mac, ETH_ALEN);
 	__builtin_memcpy(pkt->eth->h_source, ep->node_mac, ETH_ALEN);
-	if (ep->flags & HOST_EP_F_VIA_EGRESS) {
+	if (in_xmit || (ep->flags & HOST_EP_F_VIA_EGRESS)) {
 		host_count(HR_STAT_REDIRECT_EGRESS);
 		return bpf_redirect(ep->ifindex, 0);
 	}
@@ -172,7 +176,8 @@ static __always_inline int host_deliver_local(struct host_pkt *pkt, const struct
 }
 
 /* Forward as the node's routing would, without it: look the destination up in the node's FIB as a
- * packet arriving on this interface (policy rules apply; tot_len 0 lets the kernel check the
+ * packet arriving on this interface (skb->ifindex: at tc ingress the interface it came in on, in a
+ * netkit device's list the primary, which it is about to enter by; policy rules apply; tot_len 0 lets the kernel check the
  * frame, GSO included, against the egress MTU), TTL down, and send the packet to the FIB's next
  * hop. When the FIB knows the next hop's MAC (BPF_FIB_LKUP_RET_SUCCESS) the program writes the
  * Ethernet addresses itself and redirects to the egress device (bpf_redirect), as Cilium's
@@ -193,11 +198,11 @@ static __always_inline int host_forward_fib(struct __sk_buff *skb, struct host_p
 	fib.l4_protocol = pkt->ip->protocol;
 	fib.ipv4_src = pkt->ip->saddr;
 	fib.ipv4_dst = pkt->ip->daddr;
-	fib.ifindex = skb->ingress_ifindex;
+	fib.ifindex = skb->ifindex;
 	ret = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return -ENOENT;
-	if (fib.ifindex == skb->ingress_ifindex)
+	if (fib.ifindex == skb->ifindex)
 		return -ELOOP;
 	if (host_dec_ttl(pkt->ip) < 0)
 		return -ETIMEDOUT;

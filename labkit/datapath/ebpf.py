@@ -54,14 +54,14 @@ from ..ebpf.libbpf import (ATTACH_CGROUP_INET4_CONNECT, ATTACH_CGROUP_UDP4_RECVM
 from ..ebpf.loader import Bpffs, Program
 from ..ebpf.maps import MapSpec, PinnedMap
 from ..ebpf.netlink import netlink
-from ..ebpf.tc import TC_EGRESS, TC_INGRESS, TcAttachments, TcHook
+from ..ebpf.tc import CLIENTS, TC_EGRESS, TC_INGRESS, TcAttachments, TcHook
 from ..errors import DatapathError
 from ..services import ServicePort, ServiceTable, TableDiff
 from . import ebpf_structs as S
 from .base import Datapath, NodeContext, register
 
-TC_PREF = 0x4C4B  # priority of the ebpf-tc filters ("LK"); the policy engine's run before
 TC_NAMES = "lk_"  # prefix of their names (the programs')
+TC_PREF = CLIENTS[TC_NAMES]  # 0x4C4B "LK": the policy engine's filters run before
 
 
 SOCK_PROGRAMS = (
@@ -534,7 +534,7 @@ class TcLB(_EbpfDatapath):
 
     def __init__(self, ctx: NodeContext):
         super().__init__(ctx)
-        self.attachments = TcAttachments(self.fs.state, TC_PREF, TC_NAMES)
+        self.attachments = TcAttachments(self.fs.state, TC_PREF, TC_NAMES, self.fs.links)
         self._hooks: list[TcHook] | None = None
 
     def hooks(self) -> list[TcHook]:

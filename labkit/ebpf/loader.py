@@ -7,6 +7,7 @@ Service datapaths, the ``ebpf`` policy engine) names a folder and gets, in the n
     <state_dir>/bpffs/                   mount -t bpf, on demand, shared by every client of the node
         <folder>/maps/<map name>         maps (bcc BPF_TABLE_PINNED: reused when present)
         <folder>/progs/<program name>    programs (reattached from here without compiling)
+        <folder>/links/<hook>            links on netkit devices (:mod:`labkit.ebpf.tc`)
     <state_dir>/<folder>.json            the client's state file (what it attached where)
 
 Sources are compiled with bcc after :func:`flatten_source` inlines their local headers; the C
@@ -117,6 +118,7 @@ class Bpffs:
         self.dir = self.root / folder
         self.maps = self.dir / "maps"
         self.progs = self.dir / "progs"
+        self.links = self.dir / "links"
         self.state_file = Path(state_dir) / f"{folder}.json"
         self.state = StateFile(self.state_file)
 
@@ -130,6 +132,7 @@ class Bpffs:
             nsexec.run(["mount", "-t", "bpf", "-o", "mode=0700", "lk-bpffs", str(self.root)])
         self.maps.mkdir(parents=True, exist_ok=True)
         self.progs.mkdir(parents=True, exist_ok=True)
+        self.links.mkdir(parents=True, exist_ok=True)
 
     def has(self, maps: Iterable[str], progs: Iterable[str]) -> bool:
         """Whether these maps and programs are all pinned."""
@@ -189,7 +192,7 @@ class Bpffs:
         """Unpin everything of this folder and drop the state file; unmount when no other folder
         is left."""
         if self.mounted():
-            for sub in (self.maps, self.progs):
+            for sub in (self.maps, self.progs, self.links):
                 if sub.is_dir():
                     for pin in sub.iterdir():
                         pin.unlink()

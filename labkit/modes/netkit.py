@@ -4,9 +4,13 @@ primary device in the node (``lx-<pod>``), its peer as the pod's ``eth0``, route
 pod sends is received on the primary at once, on the pod's CPU, where a veth goes through a backlog
 queue (Daniel Borkmann, "netkit: BPF-programmable network device", LPC 2023). L3 mode means no ARP
 (``IFF_NOARP``); the frames still carry an Ethernet header (``ARPHRD_ETHER``), so labkit's tc programs
-(``ebpf-tc``, the eBPF policy engine, eBPF host routing, which also takes netkit pods as a routed
-device with a peer for ``bpf_redirect_peer``) attach on the primary as they do on a veth. netkit's own
-attach points (``BPF_NETKIT_PRIMARY`` / ``BPF_NETKIT_PEER`` links) are not used yet.
+(``ebpf-tc``, the eBPF policy engine, eBPF host routing) run on it unchanged. They go into netkit's
+own program lists rather than tc (:mod:`labkit.ebpf.tc` decides by the device's kind): what the pod
+sends runs them in the pod's transmit (``BPF_NETKIT_PEER``), what goes into the pod in the primary's
+(``BPF_NETKIT_PRIMARY``), each a BPF link pinned in the client's bpffs folder
+(:mod:`labkit.ebpf.netkit`). That is where the device saves: host routing's redirect to eth0 happens
+before the packet is queued anywhere, where a tc filter on a veth's node side runs only after the
+veth's backlog.
 
 pyroute2 (0.9) does not know the link kind: :func:`register_netlink` teaches it the attributes of
 ``include/uapi/linux/if_link.h`` (``IFLA_NETKIT_*``), the peer being an ``ifinfomsg`` with its own

@@ -44,14 +44,14 @@ from ..ebpf.libbpf import PROG_SCHED_CLS
 from ..ebpf.loader import Bpffs, Program
 from ..ebpf.maps import PinnedMap
 from ..ebpf.netlink import netlink
-from ..ebpf.tc import TC_EGRESS, TC_INGRESS, TcAttachments, TcHook
+from ..ebpf.tc import CLIENTS, TC_EGRESS, TC_INGRESS, TcAttachments, TcHook
 from ..errors import DatapathError
 from . import ebpf_structs as S
 from .base import PolicyEngine, register
 from .model import PolicyDiff, PolicyTable
 
-TC_PREF = 0x4C40  # before the ebpf-tc Service datapath (0x4C4B): lower runs first
 TC_NAMES = "lk_pol_"  # prefix of the filters' names (the programs')
+TC_PREF = CLIENTS[TC_NAMES]  # 0x4C40: before the ebpf-tc Service datapath; lower runs first
 FROM_POD, TO_POD = "lk_pol_from_pod", "lk_pol_to_pod"
 PROGRAMS = (Program(FROM_POD, PROG_SCHED_CLS), Program(TO_POD, PROG_SCHED_CLS))
 SOURCE = "bpf_policy.c"
@@ -204,7 +204,7 @@ class EbpfPolicy(PolicyEngine):
         super().__init__(ctx, datapath)
         self.fs = Bpffs(ctx.state_dir, FOLDER)
         self.state_file = self.fs.state_file
-        self.attachments = TcAttachments(self.fs.state, TC_PREF, TC_NAMES)
+        self.attachments = TcAttachments(self.fs.state, TC_PREF, TC_NAMES, self.fs.links)
         self._maps: PolicyMaps | None = None
         self._held: dict[bytes, PodEntries] | None = None  # what the maps hold (None: read them)
         self.last_ops: dict[str, int] = {}
