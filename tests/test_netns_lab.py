@@ -284,6 +284,20 @@ def test_issue_example_with_each_datapath(make_lab, lab_name, datapath):
     assert leftovers(lab_name) == []
 
 
+def test_pod_servers_run_on_the_load_cpu_whoever_builds_the_lab(make_lab, lab_name):
+    """A lab built outside an experiment (a notebook, a test: ``lab.up`` moves itself to the
+    orchestration CPU while it builds) still starts its pods' servers on the load CPUs, where the
+    clients run: on the orchestration CPU every request and reply would cross CPUs."""
+    from labkit.measure.cpus import plan_cpus
+
+    plan = plan_cpus()
+    if not plan.pinned:
+        pytest.skip("one CPU: nothing is pinned")
+    lb = make_lab(parse_spec({"name": lab_name, "nodes": [{"name": "n1", "pods": [{"name": "a", "mode": "veth"}]}]}))
+    pids = [int(p) for p in (lb.backend.pod_cgroup(lb.spec, "a") / "cgroup.procs").read_text().split()]
+    assert pids and {pid: os.sched_getaffinity(pid) for pid in pids} == {pid: set(plan.load_cpus) for pid in pids}
+
+
 def _listening(lb, pod: str) -> dict[int, str]:
     """TCP port -> the process name listening on it, inside the pod (read from /proc/net/tcp and the
     processes' fds, no ss output parsing)."""

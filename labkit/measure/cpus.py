@@ -181,14 +181,20 @@ def off_the_load_cpus() -> Iterator[None]:
     """Run the calling thread (and what it starts, unless pinned otherwise) on the orchestration CPUs
     for a while: building or removing a lab never competes with a measurement on the load CPU
     (another lab's, perhaps another user's). Nothing changes on a one-CPU machine."""
+    global _BEFORE_PINNING
     plan = plan_cpus()
     before = os.sched_getaffinity(0)
+    kept = _BEFORE_PINNING
     if plan.pinned:
+        # what is planned meanwhile (in-pod servers: the load CPUs) is planned from every CPU, not
+        # from the orchestration CPU this thread now runs on
+        _BEFORE_PINNING = available_cpus()
         os.sched_setaffinity(0, set(plan.orchestration_cpus))
     try:
         yield
     finally:
         os.sched_setaffinity(0, before)
+        _BEFORE_PINNING = kept
 
 
 def cpu_ticks(cpus: Iterable[int]) -> tuple[int, int]:
