@@ -230,7 +230,6 @@ class TcAttachments:
             if made and not any_filters(ipr, index):
                 ignore_missing(lambda: ipr.tc("del", "clsact", index))
 
-
     # -- netkit devices (call inside the device's namespace)
     def _netkit_ours(self, index: int, parent: str) -> dict[int, str]:
         """link id -> kernel name of this client's programs on a netkit device's list."""
