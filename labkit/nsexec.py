@@ -207,6 +207,29 @@ def pids_in_netns(inodes: Iterable[int]) -> list[int]:
     return pids
 
 
+def kill_in_netns(names: Iterable[str], spare: Iterable[int] = ()) -> int:
+    """SIGKILL every process inside the namespaces ``names`` (but ``spare``: this process, its
+    parents), again until none is left (a dying process may have forked); how many were killed."""
+    import signal
+    import time
+
+    spared = set(spare) | {os.getpid()}
+    inodes = [i for i in (netns_inode(n) for n in names) if i]
+    killed = 0
+    for _ in range(50):
+        pids = [p for p in pids_in_netns(inodes) if p not in spared]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
+    return killed
+
+
 def mounts_under(path: Path) -> list[Path]:
     """Mount points at or below ``path``, deepest first (the order to unmount them in)."""
     base = str(path.resolve()) if path.exists() else str(path)

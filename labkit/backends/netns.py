@@ -18,9 +18,7 @@ found by the prefix, in reverse order, and is safe to run twice or after a SIGKI
 
 from __future__ import annotations
 
-import os
 import platform
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -175,18 +173,7 @@ class NetnsBackend(Backend):
         if cgdir and cgdir.exists():
             counts["processes"] += sum(len(p.read_text().split()) for p in cgdir.rglob("cgroup.procs"))
             nsexec.kill_cgroup(cgdir)
-        inodes = [i for i in (nsexec.netns_inode(n) for n in names) if i]
-        for _ in range(50):
-            pids = [p for p in nsexec.pids_in_netns(inodes) if p != os.getpid()]
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    counts["processes"] += 1
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.02)
+        counts["processes"] += nsexec.kill_in_netns(names)
         # 2. mounts under the lab's state folder (bpffs instances of eBPF datapaths)
         for mnt in nsexec.mounts_under(state.dir):
             counts["mounts"] += nsexec.unmount(mnt)

@@ -251,20 +251,7 @@ def _kill_labkit_processes(lab: str) -> int:
     cg = root / naming.lab_prefix(lab) if root else None
     if cg is not None and cg.exists():
         nsexec.kill_cgroup(cg)
-    names = nsexec.list_netns(naming.netns_name(lab, ""))
-    inodes = [i for i in (nsexec.netns_inode(n) for n in names) if i]
-    for _ in range(50):
-        pids = [p for p in nsexec.pids_in_netns(inodes) if p not in mine]
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
-        time.sleep(0.02)
-    return killed
+    return killed + nsexec.kill_in_netns(nsexec.list_netns(naming.netns_name(lab, "")), spare=mine)
 
 
 def _take_nics_back(lab: str, record: dict) -> None:
