@@ -357,8 +357,9 @@ def mode_bars(source, metric: str = "crr", relative: bool = False, anchors: bool
     fig = go.Figure()
     from .modes import names as mode_names
 
-    # pod-modes' variants beside their modes: the host-network baseline first, <mode>+bpf-hr after <mode>
-    order = ["host-network", *(v for m in mode_names() for v in (m, m + "+bpf-hr"))]
+    # pod-modes' variants beside their modes: the host-network baseline first, then each mode followed by
+    # <mode>+bpf-hr and <mode>+ebpf-tc (labkit.experiments.pod_modes.SUFFIXES)
+    order = ["host-network", *(v for m in mode_names() for v in (m, m + "+bpf-hr", m + "+ebpf-tc"))]
     present = sorted(dict.fromkeys(df["mode"]), key=lambda m: order.index(m) if m in order else len(order))
     if relative and baseline not in present:
         raise ValueError(f"mode_bars(relative=True): baseline mode {baseline!r} was not measured "

@@ -45,7 +45,8 @@ WRONG = [
     (["run", "service-scale", "--params", "/nonexistent/p.yaml"], "--params /nonexistent/p.yaml: no such file"),
     (["run", "pod-modes", "--modes", "tunnel"], "modes: unknown 'tunnel'"),
     (["run", "pod-modes", "--bandwidth-seconds", "0"], "bandwidth-seconds: 0.0 is outside"),
-    (["run", "pod-modes", "--modes", "overlay+bpf-hr"], "unknown 'overlay+bpf-hr' (did you mean 'veth+bpf-hr'?)"),
+    (["run", "pod-modes", "--modes", "overlay+bpf-hr"], "modes: overlay+bpf-hr: eBPF host routing serves routed-veth "
+                                                        "pods only; use one of eni-policy-route+bpf-hr, veth+bpf-hr"),
     (["run", "pod-modes", "--backend", "vagrant", "--modes", "host-network,veth"],
      "modes: host-network runs on the netns backend only"),
     (["run", "pod-modes", "--release", "trixie"], "release: the netns backend runs on this machine's kernel"),

@@ -199,6 +199,18 @@ def test_panel_form_sets_parameters():
     assert plots.trace_names(live) == ["ebpf"]
 
 
+def test_mode_bars_put_each_variant_after_its_mode(store):
+    """<mode>+bpf-hr and <mode>+ebpf-tc follow their mode (in that order), the modes in the study's
+    order, host-network first, whatever order the rows came in."""
+    rows = [{"experiment": "pod-modes", "datapath": "ebpf-tc" if m.endswith("+ebpf-tc") else "none", "mode": m,
+             "services": 0, "position": "cross-node", "repeat": 1, "metric": "rr", "p50_us": 10.0}
+            for m in ("macvlan+ebpf-tc", "veth+ebpf-tc", "macvlan", "veth+bpf-hr", "veth", "host-network",
+                      "eni-ipvlan+ebpf-tc", "eni-ipvlan")]
+    fig = plots.mode_bars(pd.DataFrame(rows), "rr")
+    assert list(fig.layout.xaxis.categoryarray) == ["host-network", "eni-ipvlan", "eni-ipvlan+ebpf-tc", "veth",
+                                                    "veth+bpf-hr", "veth+ebpf-tc", "macvlan", "macvlan+ebpf-tc"]
+
+
 def test_variant_bars_mark_published_host_routing_figures(store):
     """pod-modes' variants in the modes' order (host-network first, <mode>+bpf-hr after <mode>), drawn
     relative to veth, with the published host-routing and netkit figures as overlays naming their

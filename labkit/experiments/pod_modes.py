@@ -7,13 +7,17 @@ point of every repeat is measured interleaved with all the others; then bandwidt
 (JSON output), modes in a fresh random order per repeat.
 Modes the kernel lacks (``eni-ipvlan`` here) are refused up front with the doctor's message.
 
-Besides the pod modes, two *variants* (the ``mode`` column of points.csv names each row's):
+Besides the pod modes, three *variants* (the ``mode`` column of points.csv names each row's):
 ``host-network``, the baseline with no pod at all (the client in node 1's own namespace, an
-``lkserver`` in node 1's and node 2's: node to node over the same VPC router), and
+``lkserver`` in node 1's and node 2's: node to node over the same VPC router),
 ``<mode>+bpf-hr`` for the routed-veth modes (``veth+bpf-hr``, ``eni-policy-route+bpf-hr``): pods of
 that mode whose node forwards them with eBPF host routing (:class:`labkit.hostrouting.BpfHostRouting`,
 synced for those pods only, so that ``veth`` beside it keeps the node's kernel routing in the same
-lab). Both are netns-only for now (on the VMs they are refused with the reason).
+lab), and ``<mode>+ebpf-tc`` for every mode the ``ebpf-tc`` Service datapath attaches on (Terway's
+IPVLAN pods with Cilium's tc programs on the pod's own slave device, ``veth+ebpf-tc`` …): pods of that
+mode whose client reaches each server *through a ClusterIP Service* whose only endpoint is that server,
+load-balanced by :class:`labkit.datapath.ebpf.TcLB` attached to those pods only (:meth:`PodModes._service_lb`).
+All three are netns-only for now (on the VMs they are refused with the reason).
 
 ``backend="vagrant"`` runs the same lab on two VMs (Debian's kernel: every mode, IPVLAN included);
 clients and iperf3 run inside the VMs. Under QEMU TCG the figures are functional only (a TCG
@@ -23,6 +27,8 @@ round trip is ~1 ms); with KVM (or VirtualBox on a laptop) they are a real compa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import ipaddress
 import json
 import random
 import subprocess
@@ -40,16 +46,22 @@ from .. import naming
 from ..errors import UsageError
 from ..measure import loadgen
 from ..modes.base import RoutedVeth
-from ..node import lab_cgroup
+from ..node import SERVER_PORT, lab_cgroup
 from ..spec import parse_spec
 from . import core
 from .params import Params, estimate, param
 
 HOST_NETWORK = "host-network"  # the baseline variant: node to node, no pod
 BPF_HR = "+bpf-hr"  # suffix of a routed-veth mode's variant with eBPF host routing
+EBPF_TC = "+ebpf-tc"  # suffix of a mode's variant whose clients go through ClusterIPs, load-balanced by ebpf-tc
+SUFFIXES = (BPF_HR, EBPF_TC)
 HOST_PORT = 9180  # the host-network baseline's lkserver in the nodes' own namespaces
+SERVICE_PORT = 80  # a +ebpf-tc server's Service: ClusterIP:80 -> the server's lkserver (8080, TCP and UDP)
+IPERF_PORT = 5201  # and ClusterIP:5201 -> its iperf3 (a third port of the same Service)
 NETNS_ONLY = {HOST_NETWORK: "its client and servers run in the nodes' own namespaces on this machine",
-              BPF_HR: "host routing for some pods of a lab is synced from this machine"}
+              BPF_HR: "host routing for some pods of a lab is synced from this machine",
+              EBPF_TC: "ebpf-tc for some pods of a lab is attached from this machine; a VM's agent programs "
+                       "every pod of its node"}
 
 
 def bpf_hr_modes() -> list[str]:
@@ -57,14 +69,29 @@ def bpf_hr_modes() -> list[str]:
     return [m.name for m in podmodes.MODES if isinstance(m, RoutedVeth)]
 
 
+def ebpf_tc_modes() -> list[str]:
+    """The modes the ``ebpf-tc`` datapath load-balances (:meth:`labkit.modes.base.PodMode.served_by`:
+    it attaches on a pod's node-side interface, or inside a pod without one on the pod's own)."""
+    from ..datapath.ebpf import TcLB
+
+    return [m.name for m in podmodes.MODES if m.served_by(TcLB)]
+
+
 def variant_names() -> list[str]:
-    """What ``--modes`` takes: the host-network baseline, every pod mode, and ``<mode>+bpf-hr``."""
-    return [HOST_NETWORK, *podmodes.names(), *(m + BPF_HR for m in bpf_hr_modes())]
+    """What ``--modes`` takes: the host-network baseline, every pod mode, and ``<mode>+bpf-hr`` and
+    ``<mode>+ebpf-tc`` of every mode: :meth:`PodModesParams.checks` refuses those the variant cannot
+    serve, naming the ones it can (a spelling hint would offer ``overlay+ebpf-tc`` for ``overlay+bpf-hr``)."""
+    return [HOST_NETWORK, *podmodes.names(), *(m + s for s in SUFFIXES for m in podmodes.names())]
+
+
+def suffix(variant: str) -> str:
+    """A variant's suffix (``+bpf-hr``, ``+ebpf-tc``; ``""`` for a plain mode and host-network)."""
+    return next((s for s in SUFFIXES if variant.endswith(s)), "")
 
 
 def pod_mode(variant: str) -> str | None:
     """The pod mode of a variant (None for the host-network baseline)."""
-    return None if variant == HOST_NETWORK else variant.removesuffix(BPF_HR)
+    return None if variant == HOST_NETWORK else variant.removesuffix(suffix(variant))
 
 
 def _box_lacks(release: str | None, features) -> list[str]:
@@ -87,10 +114,33 @@ def default_modes(backend: str = "netns", release: str | None = None) -> list[st
 
 
 def short(mode: str) -> str:
-    """Two or three letters naming a variant's pods (``c-<short>``): the mode's, ``h`` added for bpf-hr."""
+    """Two or three letters naming a variant's pods (``c-<short>``): the mode's, ``h`` added for
+    bpf-hr, ``t`` for ebpf-tc."""
     if mode == HOST_NETWORK:
         return "hn"  # no pod: its points name nodes
-    return podmodes.get(pod_mode(mode)).short + ("h" if mode.endswith(BPF_HR) else "")
+    return podmodes.get(pod_mode(mode)).short + {BPF_HR: "h", EBPF_TC: "t"}.get(suffix(mode), "")
+
+
+def service_table(spec, plan, modes: list[str]):
+    """The Services of the ``+ebpf-tc`` variants: one per server pod (``s-`` and ``r-``), in ``modes``
+    order, its only endpoint that server, on ClusterIPs from ``service_cidr``'s 10th address on (the
+    lab has no Services of its own): TCP and UDP :data:`SERVICE_PORT` to the lkserver's 8080, TCP
+    :data:`IPERF_PORT` to iperf3's, as one Service of three ports. Built here rather than in the
+    spec: a spec Service's target port gets an lkserver in every pod, which would take iperf3's."""
+    from ..services import Endpoint, ServicePort, ServiceTable
+
+    net = ipaddress.IPv4Network(spec.service_cidr)
+    servers = [f"{r}-{short(m)}" for m in modes if m.endswith(EBPF_TC) for r in ("s", "r")]
+    nodes = {p.name: n.name for n, p in spec.pods()}
+    ports = []
+    for k, pod in enumerate(servers):
+        vip, ip = str(net.network_address + 10 + k), str(plan.pods[pod].ip)
+        for port_name, proto, port, target in (("tcp", "TCP", SERVICE_PORT, SERVER_PORT),
+                                               ("udp", "UDP", SERVICE_PORT, SERVER_PORT),
+                                               ("iperf", "TCP", IPERF_PORT, IPERF_PORT)):
+            ports.append(ServicePort("pod-modes", pod, port_name, proto, vip, port,
+                                     (Endpoint(ip, target, pod, nodes[pod]),)))
+    return ServiceTable.of(ports)
 
 
 LATENCY = ("crr", "rr", "udp_rr")
@@ -109,7 +159,8 @@ class PodModesParams(Params):
     experiment = "pod-modes"
     modes: list[str] = param(default_factory=default_modes, choices=variant_names,
                              help="the pod network modes to compare, and the variants host-network (node to "
-                                  "node, no pod) and <mode>+bpf-hr (eBPF host routing; veth, eni-policy-route) "
+                                  "node, no pod), <mode>+bpf-hr (eBPF host routing; veth, eni-policy-route) and "
+                                  "<mode>+ebpf-tc (through a ClusterIP, ebpf-tc on those pods; any mode) "
                                   "(default: every mode this kernel has, with host-network and veth+bpf-hr)")
     metrics: list[str] = param(default_factory=lambda: ["crr", "rr", "udp_rr", "bandwidth"], choices=METRICS,
                                help="latency (crr, rr, udp_rr), rates under load (crr-rate, rr-rate, "
@@ -158,7 +209,10 @@ class PodModesParams(Params):
             if mode.endswith(BPF_HR) and pod_mode(mode) not in bpf_hr_modes():
                 problems.append(f"modes: {mode}: eBPF host routing serves routed-veth pods only; use one of "
                                 f"{', '.join(m + BPF_HR for m in bpf_hr_modes())}")
-            why = NETNS_ONLY.get(HOST_NETWORK if mode == HOST_NETWORK else BPF_HR if mode.endswith(BPF_HR) else "")
+            if mode.endswith(EBPF_TC) and pod_mode(mode) not in ebpf_tc_modes():
+                problems.append(f"modes: {mode}: the ebpf-tc datapath does not see {pod_mode(mode)} pods' ClusterIP "
+                                f"traffic; use one of {', '.join(m + EBPF_TC for m in ebpf_tc_modes())}")
+            why = NETNS_ONLY.get(HOST_NETWORK if mode == HOST_NETWORK else suffix(mode))
             if why and self.backend != "netns":
                 problems.append(f"modes: {mode} runs on the netns backend only ({why}); leave it out of "
                                 f"--modes with --backend {self.backend}")
@@ -169,10 +223,11 @@ class PodModesParams(Params):
 
 
 def lab_spec(modes: list[str], name: str = "podmodes", backend: str = "netns", release: str | None = None) -> dict:
-    """Node 1: a client and a server per mode; node 2: a server per mode (a ``+bpf-hr`` variant's
-    pods are of its mode; the host-network baseline has none). Each node has the ENIs its pods
-    need, and pods whose slave devices may not share a parent (ipvlan, macvlan) get shared ENIs of
-    their own (:func:`labkit.modes.plan_enis`)."""
+    """Node 1: a client and a server per mode; node 2: a server per mode (a ``+bpf-hr`` or
+    ``+ebpf-tc`` variant's pods are of its mode; the host-network baseline has none). The lab's
+    datapath stays ``none``: a ``+ebpf-tc`` variant's is attached to its pods after ``up``. Each
+    node has the ENIs its pods need, and pods whose slave devices may not share a parent (ipvlan,
+    macvlan) get shared ENIs of their own (:func:`labkit.modes.plan_enis`)."""
     modes = [m for m in modes if m != HOST_NETWORK]
     n1 = [{"name": f"{r}-{short(m)}", "mode": pod_mode(m)} for m in modes for r in ("c", "s")]
     n2 = [{"name": f"r-{short(m)}", "mode": pod_mode(m)} for m in modes]
@@ -211,15 +266,24 @@ class PodModes:
         spec = parse_spec(lab_spec(p.modes, name, p.backend, p.release))
         get_backend(p.backend).preflight(spec)  # a missing kernel feature or tool: before anything exists
         hr = [m for m in p.modes if m.endswith(BPF_HR)]
+        lb = [m for m in p.modes if m.endswith(EBPF_TC)]
         if hr:
             from ..hostrouting import BpfHostRouting
 
             BpfHostRouting.preflight(spec.datapath)
+        if lb:
+            from ..datapath.ebpf import TcLB
+
+            TcLB.preflight()
         labmod.down(name)
         self.lab = labmod.up(spec, progress=False)
         self.host_routing = {}
+        self.service_lbs = {}
+        self.services = None
         self.host_servers = []
         try:
+            if lb:
+                self._service_lb(lb)
             if hr:
                 self._host_route({f"{r}-{short(m)}" for m in hr for r in ("c", "s", "r")})
             if HOST_NETWORK in p.modes:
@@ -234,7 +298,59 @@ class PodModes:
             raise
         ctx.run.update_manifest(labs={"pod-modes": name}, backend=p.backend, node_kernels=self.lab.kernels(),
                                 host_routing={node: {"endpoints": s.endpoints, "skipped": s.skipped}
-                                              for node, s in self.synced.items()} if hr else {})
+                                              for node, s in self.synced.items()} if hr else {},
+                                **self._ebpf_tc_manifest())
+
+    def _ebpf_tc_manifest(self) -> dict:
+        """What the ``+ebpf-tc`` variants were given: per node the pods the programs are on and how
+        many hooks, and every Service port (ClusterIP:port -> its one endpoint)."""
+        if not self.service_lbs:
+            return {}
+        return {"ebpf_tc": {node: {"pods": [pod.pod for pod in dp.ctx.pods], "hooks": len(dp.hooks()),
+                                   "service_ports": len(self.services)} for node, dp in self.service_lbs.items()},
+                "ebpf_tc_services": [{"service": sp.key, "cluster_ip": sp.cluster_ip, "port": sp.port,
+                                      "protocol": sp.protocol, "endpoint": f"{ep.ip}:{ep.port}"}
+                                     for sp in self.services for ep in sp.endpoints]}
+
+    def _service_lb(self, variants: list[str]) -> None:
+        """The ``ebpf-tc`` Service datapath for the ``+ebpf-tc`` variants' pods only, on both nodes.
+
+        One :class:`~labkit.datapath.ebpf.TcLB` per node, made here (not through the lab, whose
+        datapath is ``none``) with the node's :class:`~labkit.datapath.base.NodeContext` narrowed to
+        those pods: its tc programs go on their interfaces only (the node-side ``lx-<pod>``, or the
+        pod's own for a pod without one: macvlan, eni-ipvlan), so that the other modes' pods keep no
+        datapath in the same lab, as Terway runs Cilium on its IPVLAN pods only. Both nodes hold the
+        whole table (Cilium's maps are cluster-wide); node 1's client pods translate.
+
+        Everything it makes is the lab's to remove: the pins in the node's state folder
+        (``<lab state>/nodes/<node>/bpffs/ebpf-tc``, ``ebpf-tc.json``: the folder `labkit down`
+        unmounts and removes) and tc filters on interfaces of the lab's namespaces (gone with them), so
+        ``labkit down`` cleans up after a SIGKILLed run as :meth:`teardown` does after a normal one."""
+        from ..datapath.ebpf import TcLB
+
+        pods = {f"{r}-{short(m)}" for m in variants for r in ("c", "s", "r")}
+        self.services = service_table(self.lab.spec, self.lab.plan, variants)
+        for node in ("node1", "node2"):
+            nctx = self.lab.backend.node_context(self.lab.spec, node, self.lab.plan)
+            nctx = dataclasses.replace(nctx, pods=tuple(pod for pod in nctx.pods if pod.pod in pods))
+            nctx.state_dir.mkdir(parents=True, exist_ok=True)
+            dp = self.service_lbs[node] = TcLB(nctx)
+            dp.sync(self.services)
+
+    def service_flows(self) -> dict[str, int]:
+        """Per node, the flows ebpf-tc's conntrack holds to a Service (``lk_ct_v4`` entries with a
+        service id): what shows that the ``+ebpf-tc`` clients' traffic took the programs."""
+        from ..datapath import ebpf_structs as S
+        from ..ebpf.maps import PinnedMap
+
+        out = {}
+        for node, dp in self.service_lbs.items():
+            ct_map = PinnedMap(S.MAPS["lk_ct_v4"], dp.fs.maps / "lk_ct_v4")
+            try:
+                out[node] = sum(S.CtEntry.from_buffer_copy(v).rev_nat_index != 0 for _, v in ct_map.items())
+            finally:
+                ct_map.close()
+        return out
 
     def _host_route(self, pods: set[str]) -> None:
         """eBPF host routing on both nodes for ``pods`` only (the ``+bpf-hr`` variants'); the other
@@ -261,6 +377,14 @@ class PodModes:
             for hr in self.host_routing.values():
                 hr.cleanup()
             self.host_routing = {}
+        if getattr(self, "service_lbs", None):
+            try:
+                ctx.run.update_manifest(ebpf_tc_flows=self.service_flows())
+            except Exception:  # as above
+                pass
+            for dp in self.service_lbs.values():
+                dp.cleanup()
+            self.service_lbs = {}
         if getattr(self, "lab", None):
             labmod.down(self.lab.name)
 
@@ -300,8 +424,20 @@ class PodModes:
                         bar.update(p.samples)
 
     def _row(self, mode, where, rep) -> dict:
-        return {"experiment": self.name, "datapath": "none", "mode": mode, "services": 0, "position": where,
-                "repeat": rep}
+        """A point's identity; a ``+ebpf-tc`` row names its datapath and the service ports it holds."""
+        lb = mode.endswith(EBPF_TC)
+        return {"experiment": self.name, "datapath": "ebpf-tc" if lb else "none", "mode": mode,
+                "services": len(self.services) if lb else 0, "position": where, "repeat": rep}
+
+    def _target(self, mode: str, server: str, proto: str = "TCP", port: int = SERVER_PORT) -> tuple[str, int]:
+        """Where ``mode``'s client sends to reach pod ``server``: the pod's address, or for a
+        ``+ebpf-tc`` variant the ClusterIP of the server's Service (the ``proto`` port leading to
+        ``port`` on the server)."""
+        if not mode.endswith(EBPF_TC):
+            return str(self.lab.plan.pods[server].ip), port
+        sp = next(sp for sp in self.services if sp.name == server and sp.protocol == proto
+                  and sp.endpoints[0].port == port)
+        return sp.cluster_ip, sp.port
 
     def _host_target(self, where: str) -> str:
         return str(self.lab.plan.nodes["node1" if where == "same-node" else "node2"].primary.ip)
@@ -310,37 +446,39 @@ class PodModes:
         if mode == HOST_NETWORK:
             return core.RatePoint(self._row(mode, where, rep), metric, RATES[metric], self._host_target(where),
                                   HOST_PORT, _NodeClients(self.lab.name), "node1")
-        return core.RatePoint(self._row(mode, where, rep), metric, RATES[metric], str(self.lab.plan.pods[server].ip),
-                              8080, self.lab, f"c-{short(mode)}")
+        host, port = self._target(mode, server, "UDP" if RATES[metric] == "udp_rr" else "TCP")
+        return core.RatePoint(self._row(mode, where, rep), metric, RATES[metric], host, port, self.lab,
+                              f"c-{short(mode)}")
 
     def _point(self, mode, where, server, rep, metric) -> core.LatencyPoint:
         if mode == HOST_NETWORK:
             return core.LatencyPoint(self._row(mode, where, rep), metric, naming.netns_name(self.lab.name, "node1"),
                                      None, self._host_target(where), HOST_PORT, _NodeClients(self.lab.name), "node1")
         client = f"c-{short(mode)}"
+        host, port = self._target(mode, server, "UDP" if metric == "udp_rr" else "TCP")
         return core.LatencyPoint(self._row(mode, where, rep), metric, self.lab.pod_netns(client),
-                                 self.lab.backend.pod_cgroup(self.lab.spec, client),
-                                 str(self.lab.plan.pods[server].ip), 8080, self.lab, client)
+                                 self.lab.backend.pod_cgroup(self.lab.spec, client), host, port, self.lab, client)
 
     def _bandwidth(self, ctx, mode, where, server, rep) -> None:
         row = self._row(mode, where, rep)
         if core.point_key({**row, "metric": "bandwidth"}) in ctx.done:
             return
-        gbps = self._iperf(f"c-{short(mode)}", server, ctx.params.bandwidth_seconds, ctx)
+        host, port = self._target(mode, server, port=IPERF_PORT)
+        gbps = self._iperf(f"c-{short(mode)}", server, ctx.params.bandwidth_seconds, ctx, host, port)
         core.record_value(ctx, row, "bandwidth", gbps, "Gbit/s")
 
-    def _iperf(self, client: str, server: str, seconds: float, ctx) -> float:
-        """iperf3 from pod ``client`` to pod ``server`` (wherever they run: namespaces here or in VMs),
-        Gbit/s received. The server serves one test and is bounded by ``timeout``, so that it never
-        outlives the measurement (killing a local ssh would not stop it inside a VM)."""
+    def _iperf(self, client: str, server: str, seconds: float, ctx, host: str, port: int = IPERF_PORT) -> float:
+        """iperf3 from pod ``client`` to pod ``server`` (wherever they run: namespaces here or in VMs)
+        at ``host:port`` (the server's address, or its Service's ClusterIP), Gbit/s received. The
+        server serves one test and is bounded by ``timeout``, so that it never outlives the
+        measurement (killing a local ssh would not stop it inside a VM)."""
         cpus = ctx.cpus.load_cpus if ctx.cpus.pinned else None
-        host = str(self.lab.plan.pods[server].ip)
-        srv = self.lab.spawn(server, ["timeout", str(int(seconds) + 120), "iperf3", "-s", "-1", "-p", "5201"],
+        srv = self.lab.spawn(server, ["timeout", str(int(seconds) + 120), "iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
                              cpus=cpus, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             data: dict = {}
             for _ in range(50):  # the server needs a moment to listen
-                res = self.lab.exec(client, ["iperf3", "-c", host, "-p", "5201", "-t", str(int(seconds)), "-J"],
+                res = self.lab.exec(client, ["iperf3", "-c", host, "-p", str(port), "-t", str(int(seconds)), "-J"],
                                     check=False, cpus=cpus, timeout=seconds + 60)
                 data = json.loads(res.stdout or "{}")
                 if "error" not in data and data:
