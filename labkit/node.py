@@ -17,16 +17,18 @@ agent calls it there, :mod:`labkit.remote.agent`). It knows:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import addressing, naming, nsexec, topology
 from .datapath.base import NodeContext, SyncResult
-from .errors import BackendError
+from .errors import BackendError, DatapathError
 from .spec import Spec
 from .state import LabState
 
@@ -169,16 +171,26 @@ class NodeRuntime:
         return nsexec.in_netns(self.pod_netns(pod), connect)
 
     # ------------------------------------------------------------ program
-    def datapath(self, name: str, **options):
+    def datapath(self, name: str, pods: Sequence[str] | None = None, **options):
         """Service datapath ``name`` of this node, an object of this process (state folder made).
-        ``options``: the class's constructor keywords (``Datapath.options``: e.g. ``order``); the
-        spec's ``kube_proxy`` is passed to a datapath that takes it. Keywords a class does not take
-        are left out."""
+        ``pods``: the node's pods it serves (default: every pod; a per-pod datapath such as
+        ``ebpf-tc`` then goes on those pods' interfaces only, as pod-modes' ``+ebpf-tc`` variants
+        use it); a name that is not a pod of this node is refused. ``options``: the class's
+        constructor keywords (``Datapath.options``: e.g. ``order``); the spec's ``kube_proxy`` is
+        passed to a datapath that takes it. Keywords a class does not take are left out."""
         from .datapath import get
 
         cls = get(name)
         wanted = {"kube_proxy": self.spec.kube_proxy, **options}
         ctx = self.context()
+        if pods is not None:
+            if isinstance(pods, str) or not all(isinstance(p, str) for p in pods):
+                raise DatapathError(f"datapath {name} on node {self.node.name}: pods must be a list of pod names")
+            unknown = sorted(set(pods) - {p.pod for p in ctx.pods})
+            if unknown:
+                raise DatapathError(f"datapath {name} on node {self.node.name}: no pod {', '.join(unknown)} on "
+                                    f"this node (its pods: {', '.join(p.pod for p in ctx.pods)})")
+            ctx = dataclasses.replace(ctx, pods=tuple(p for p in ctx.pods if p.pod in set(pods)))
         ctx.state_dir.mkdir(parents=True, exist_ok=True)
         return cls(ctx, **{k: v for k, v in wanted.items() if k in cls.options})
 

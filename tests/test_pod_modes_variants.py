@@ -52,13 +52,10 @@ def test_variant_names_and_pods():
 
 
 def test_checks_refuse_what_ebpf_tc_cannot(monkeypatch):
-    """On the VMs the variant is refused (a VM's agent would program every pod of its node), and a
+    """The variant runs on the VMs too (Terway's IPVLAN with Cilium's programs: only there), and a
     mode the datapath does not serve is refused naming the field and the variants it takes."""
-    vm = pod_modes.PodModesParams(modes=["veth", "eni-ipvlan+ebpf-tc"], backend="vagrant")
-    assert [p for p in vm.checks() if "eni-ipvlan+ebpf-tc" in p] == [
-        "modes: eni-ipvlan+ebpf-tc runs on the netns backend only (ebpf-tc for some pods of a lab is attached "
-        "from this machine; a VM's agent programs every pod of its node); leave it out of --modes with "
-        "--backend vagrant"]
+    assert pod_modes.PodModesParams(modes=["veth", "eni-ipvlan+ebpf-tc"], backend="vagrant").checks() == []
+    assert "eni-ipvlan+ebpf-tc" in pod_modes.default_modes("vagrant")
     assert pod_modes.PodModesParams(modes=["veth", "veth+ebpf-tc", "macvlan+ebpf-tc"]).checks() == []
     monkeypatch.setattr(pod_modes, "ebpf_tc_modes", lambda: ["veth"])
     problems = pod_modes.PodModesParams(modes=["overlay+ebpf-tc"]).checks()
@@ -193,3 +190,24 @@ def test_labkit_down_after_sigkill_removes_the_variants_datapath(store):
     assert out.returncode == 0, out.stderr
     assert not [mnt for mnt, _ in _mounts() if mnt.startswith(str(state))]
     assert not state.exists() and not [n for n in os.listdir("/run/netns") if lab in n]
+
+
+def test_a_node_s_datapath_for_some_of_its_pods(tmp_path, monkeypatch):
+    """What the VMs' agents are sent (``options.pods``) narrows a node's datapath to those pods; a name
+    that is no pod of the node, or pods that are not a list of names, are refused naming the node's
+    pods (the agent trusts nothing it is sent)."""
+    from labkit.errors import DatapathError
+    from labkit.node import NodeRuntime
+
+    monkeypatch.setenv("LABKIT_STATE_DIR", str(tmp_path))
+    monkeypatch.setattr("labkit.state.STATE_ROOT", tmp_path)
+    spec = parse_spec(pod_modes.lab_spec(["veth", "veth+ebpf-tc"], "x"))
+    rt = NodeRuntime(spec, "node1")
+    dp = rt.datapath("ebpf-tc", pods=["c-vet", "s-vet"])
+    assert [p.pod for p in dp.ctx.pods] == ["c-vet", "s-vet"]
+    assert [p.pod for p in rt.datapath("ebpf-tc").ctx.pods] == ["c-ve", "s-ve", "c-vet", "s-vet"]
+    with pytest.raises(DatapathError, match=r"no pod r-vet on this node \(its pods: c-ve, s-ve, c-vet, s-vet\)"):
+        rt.datapath("ebpf-tc", pods=["c-vet", "r-vet"])
+    for bad in ("c-vet", [1], [["c-vet"]]):
+        with pytest.raises(DatapathError, match="pods must be a list of pod names"):
+            rt.datapath("ebpf-tc", pods=bad)

@@ -714,6 +714,12 @@ def test_pod_modes_quick_runs_every_mode_on_vms(tmp_path):
     assert set(m["node_kernels"].values()) == {box.status()["kernel"]} != {m["machine"]["kernel"]}
     modes = m["params"]["modes"]
     assert "eni-ipvlan" in modes and "host-network" not in modes  # the box's kernel's modes, pods only
+    # Terway + Cilium: IPVLAN pods whose client goes through a ClusterIP, load-balanced by ebpf-tc on the
+    # pod's own slave (the VM's agent attached it to those pods only); its flows are in ebpf-tc's conntrack
+    assert "eni-ipvlan+ebpf-tc" in modes
+    assert set(pts[pts["mode"] == "eni-ipvlan+ebpf-tc"]["datapath"]) == {"ebpf-tc"}
+    assert all(len(m["ebpf_tc"][node]["pods"]) == n for node, n in (("node1", 2), ("node2", 1))), m["ebpf_tc"]
+    assert m["ebpf_tc_flows"]["node1"] > 0, m["ebpf_tc_flows"]  # the clients' node translates
     assert set(zip(pts["mode"], pts["position"], pts["metric"])) == {
         (mode, where, metric) for mode in modes for where in ("same-node", "cross-node") for metric in ("crr", "rr")}
     assert (pts.samples == 400).all() and (pts.errors == 0).all(), pts[pts.errors > 0]

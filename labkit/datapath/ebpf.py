@@ -603,6 +603,21 @@ class TcLB(_EbpfDatapath):
     def _detach(self) -> None:
         self.attachments.detach(self.hooks)
 
+    def describe(self) -> dict:
+        """The base description, the pods the programs are on and how many hooks, and
+        ``service_flows``: the flows conntrack-lite holds to a Service (entries with a reverse-NAT
+        index), what shows that clients' traffic took the programs."""
+        info = super().describe()
+        info["pods"] = [p.pod for p in self.ctx.pods]
+        if info["pinned"]:
+            info["hooks"] = len(self.hooks())
+            ct_map = PinnedMap(S.MAPS["lk_ct_v4"], self.fs.maps / "lk_ct_v4")
+            try:
+                info["service_flows"] = sum(S.CtEntry.from_buffer_copy(v).rev_nat_index != 0 for _, v in ct_map.items())
+            finally:
+                ct_map.close()
+        return info
+
 
 def _pod_interface(pod_netns: str, ip: str) -> tuple[str, int]:
     """Name and ifindex of the interface holding ``ip`` in the pod's namespace."""

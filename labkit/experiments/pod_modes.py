@@ -17,7 +17,9 @@ lab), and ``<mode>+ebpf-tc`` for every mode the ``ebpf-tc`` Service datapath att
 IPVLAN pods with Cilium's tc programs on the pod's own slave device, ``veth+ebpf-tc`` …): pods of that
 mode whose client reaches each server *through a ClusterIP Service* whose only endpoint is that server,
 load-balanced by :class:`labkit.datapath.ebpf.TcLB` attached to those pods only (:meth:`PodModes._service_lb`).
-All three are netns-only for now (on the VMs they are refused with the reason).
+The first two are netns-only for now (on the VMs they are refused with the reason); ``+ebpf-tc``
+runs on the VMs too (its datapath driven by each VM's agent), where ``eni-ipvlan+ebpf-tc`` is
+Terway's IPVLAN with Cilium's programs on the slave.
 
 ``backend="vagrant"`` runs the same lab on two VMs (Debian's kernel: every mode, IPVLAN included);
 clients and iperf3 run inside the VMs. Under QEMU TCG the figures are functional only (a TCG
@@ -27,7 +29,6 @@ round trip is ~1 ms); with KVM (or VirtualBox on a laptop) they are a real compa
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ipaddress
 import json
 import random
@@ -59,9 +60,7 @@ HOST_PORT = 9180  # the host-network baseline's lkserver in the nodes' own names
 SERVICE_PORT = 80  # a +ebpf-tc server's Service: ClusterIP:80 -> the server's lkserver (8080, TCP and UDP)
 IPERF_PORT = 5201  # and ClusterIP:5201 -> its iperf3 (a third port of the same Service)
 NETNS_ONLY = {HOST_NETWORK: "its client and servers run in the nodes' own namespaces on this machine",
-              BPF_HR: "host routing for some pods of a lab is synced from this machine",
-              EBPF_TC: "ebpf-tc for some pods of a lab is attached from this machine; a VM's agent programs "
-                       "every pod of its node"}
+              BPF_HR: "host routing for some pods of a lab is synced from this machine"}
 
 
 def bpf_hr_modes() -> list[str]:
@@ -103,14 +102,16 @@ def _box_lacks(release: str | None, features) -> list[str]:
 def default_modes(backend: str = "netns", release: str | None = None) -> list[str]:
     """Every mode the backend's kernel has (this machine's on netns; on the VMs, what the release's
     box kernel has: netkit with trixie), plus the variants the backend runs: on netns the
-    host-network baseline and ``veth+bpf-hr`` (when this kernel can host-route)."""
+    host-network baseline and ``veth+bpf-hr`` (when this kernel can host-route); on the VMs
+    ``eni-ipvlan+ebpf-tc`` (Terway's IPVLAN pods with Cilium's tc Service load balancing on the slave)."""
     if backend == "netns":
         modes = [m.name for m in podmodes.MODES if all(doctor.has(f) for f in m.features)]
         from ..hostrouting import BpfHostRouting
 
         hr = ["veth" + BPF_HR] if "veth" in modes and all(doctor.has(f) for f in BpfHostRouting.features) else []
         return [HOST_NETWORK, *modes, *hr]
-    return [m.name for m in podmodes.MODES if not _box_lacks(release, m.features)]
+    modes = [m.name for m in podmodes.MODES if not _box_lacks(release, m.features)]
+    return [*modes, *(["eni-ipvlan" + EBPF_TC] if "eni-ipvlan" in modes else [])]
 
 
 def short(mode: str) -> str:
@@ -306,8 +307,9 @@ class PodModes:
         many hooks, and every Service port (ClusterIP:port -> its one endpoint)."""
         if not self.service_lbs:
             return {}
-        return {"ebpf_tc": {node: {"pods": [pod.pod for pod in dp.ctx.pods], "hooks": len(dp.hooks()),
-                                   "service_ports": len(self.services)} for node, dp in self.service_lbs.items()},
+        described = {node: dp.describe() for node, dp in self.service_lbs.items()}
+        return {"ebpf_tc": {node: {"pods": d["pods"], "hooks": d.get("hooks", 0), "service_ports": len(self.services)}
+                            for node, d in described.items()},
                 "ebpf_tc_services": [{"service": sp.key, "cluster_ip": sp.cluster_ip, "port": sp.port,
                                       "protocol": sp.protocol, "endpoint": f"{ep.ip}:{ep.port}"}
                                      for sp in self.services for ep in sp.endpoints]}
@@ -315,9 +317,10 @@ class PodModes:
     def _service_lb(self, variants: list[str]) -> None:
         """The ``ebpf-tc`` Service datapath for the ``+ebpf-tc`` variants' pods only, on both nodes.
 
-        One :class:`~labkit.datapath.ebpf.TcLB` per node, made here (not through the lab, whose
-        datapath is ``none``) with the node's :class:`~labkit.datapath.base.NodeContext` narrowed to
-        those pods: its tc programs go on their interfaces only (the node-side ``lx-<pod>``, or the
+        One :class:`~labkit.datapath.ebpf.TcLB` per node, asked of the lab for those pods only
+        (``lab.datapath(node, "ebpf-tc", pods=…)``: on the netns backend an object here, on the VMs
+        one in the node's agent; the lab's own datapath stays ``none``): its tc programs go on their
+        interfaces only (the node-side ``lx-<pod>``, or the
         pod's own for a pod without one: macvlan, eni-ipvlan), so that the other modes' pods keep no
         datapath in the same lab, as Terway runs Cilium on its IPVLAN pods only. Both nodes hold the
         whole table (Cilium's maps are cluster-wide); node 1's client pods translate.
@@ -326,31 +329,17 @@ class PodModes:
         (``<lab state>/nodes/<node>/bpffs/ebpf-tc``, ``ebpf-tc.json``: the folder `labkit down`
         unmounts and removes) and tc filters on interfaces of the lab's namespaces (gone with them), so
         ``labkit down`` cleans up after a SIGKILLed run as :meth:`teardown` does after a normal one."""
-        from ..datapath.ebpf import TcLB
-
         pods = {f"{r}-{short(m)}" for m in variants for r in ("c", "s", "r")}
         self.services = service_table(self.lab.spec, self.lab.plan, variants)
-        for node in ("node1", "node2"):
-            nctx = self.lab.backend.node_context(self.lab.spec, node, self.lab.plan)
-            nctx = dataclasses.replace(nctx, pods=tuple(pod for pod in nctx.pods if pod.pod in pods))
-            nctx.state_dir.mkdir(parents=True, exist_ok=True)
-            dp = self.service_lbs[node] = TcLB(nctx)
+        for node in self.lab.spec.nodes:
+            mine = sorted(pod.name for pod in node.pods if pod.name in pods)
+            dp = self.service_lbs[node.name] = self.lab.datapath(node.name, "ebpf-tc", pods=mine)
             dp.sync(self.services)
 
     def service_flows(self) -> dict[str, int]:
         """Per node, the flows ebpf-tc's conntrack holds to a Service (``lk_ct_v4`` entries with a
         service id): what shows that the ``+ebpf-tc`` clients' traffic took the programs."""
-        from ..datapath import ebpf_structs as S
-        from ..ebpf.maps import PinnedMap
-
-        out = {}
-        for node, dp in self.service_lbs.items():
-            ct_map = PinnedMap(S.MAPS["lk_ct_v4"], dp.fs.maps / "lk_ct_v4")
-            try:
-                out[node] = sum(S.CtEntry.from_buffer_copy(v).rev_nat_index != 0 for _, v in ct_map.items())
-            finally:
-                ct_map.close()
-        return out
+        return {node: dp.describe().get("service_flows", 0) for node, dp in self.service_lbs.items()}
 
     def _host_route(self, pods: set[str]) -> None:
         """eBPF host routing on both nodes for ``pods`` only (the ``+bpf-hr`` variants'); the other
