@@ -162,7 +162,8 @@ class PodModesParams(Params):
                              help="the pod network modes to compare, and the variants host-network (node to "
                                   "node, no pod), <mode>+bpf-hr (eBPF host routing; veth, eni-policy-route) and "
                                   "<mode>+ebpf-tc (through a ClusterIP, ebpf-tc on those pods; any mode) "
-                                  "(default: every mode this kernel has, with host-network and veth+bpf-hr)")
+                                  "(default: every mode the kernel has, with host-network and veth+bpf-hr here, "
+                                  "eni-ipvlan+ebpf-tc on the VMs)")
     metrics: list[str] = param(default_factory=lambda: ["crr", "rr", "udp_rr", "bandwidth"], choices=METRICS,
                                help="latency (crr, rr, udp_rr), rates under load (crr-rate, rr-rate, "
                                     "udp-rr-rate) and iperf3 bandwidth")
