@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from . import addressing, modes, naming, nsexec
 from .backends import get_backend
 from .datapath import get as get_datapath
-from .errors import LabStateError, NoSuchLab
+from .errors import LabStateError, NoSuchLab, UsageError
 from .services import ServiceTable, table_from_spec
 from .spec import Spec, load_spec, validate
 from .state import LabState, list_labs
@@ -349,12 +349,17 @@ def exists(name: str) -> bool:
 
 
 @nsexec.outside_event_loop
-def down(name: str, missing_ok: bool = True) -> dict:
+def down(name: str, missing_ok: bool = True, forget: bool = False) -> dict:
     """Remove lab ``name``. A lab whose state folder is gone is still swept by prefix (netns backend).
-    ``missing_ok=False``: :class:`NoSuchLab` when nothing of it is here."""
+    ``missing_ok=False``: :class:`NoSuchLab` when nothing of it is here. ``forget``: a lab on
+    ``backend: hosts`` goes even when some of its hosts cannot be reached (gone for good); each is
+    named with what stays on it (:meth:`labkit.backends.hosts.HostsBackend.down`)."""
     if _participant():
         from .serve import participant
 
+        if forget:
+            raise UsageError("--forget is for labs on your own hosts (backend: hosts), which the classroom "
+                             "daemon does not run")
         return participant.down(name, missing_ok=missing_ok)
     if not missing_ok and not exists(name):
         raise NoSuchLab(f"no lab named {name!r} on this machine (see `labkit ls`; --missing-ok for scripts)")
@@ -364,9 +369,12 @@ def down(name: str, missing_ok: bool = True) -> dict:
 
     state = LabState(name)
     backend = state.meta().get("backend", "netns") if state.exists else "netns"
+    if forget and backend != "hosts":
+        raise UsageError(f"--forget: lab {name} runs on backend {backend}, where nothing is out of reach; it is "
+                         "for labs on backend: hosts whose host is gone for good (leave --forget out)")
     sweep_probe_namespaces()  # a probe namespace of a labkit process SIGKILLed mid-doctor (lkdoc-<pid>)
     with off_the_load_cpus():  # another lab may be measuring there
-        return get_backend(backend).down(name)
+        return get_backend(backend).down(name, forget=True) if forget else get_backend(backend).down(name)
 
 
 def _owner(state: LabState) -> int:

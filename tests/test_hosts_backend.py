@@ -154,6 +154,47 @@ COMMIT
 """
 
 
+@pytest.mark.needs("root")
+def test_down_forget_gives_up_a_host_that_is_gone_and_says_what_stays_there(tmp_path):
+    """A host that cannot be reached keeps the lab (`labkit down` names it; run it again once the host
+    is back); `down --forget` removes the lab all the same and names each host it gave up, with the
+    command that restores it. Nothing listens on port 1 here: ssh's connection is refused (exit 255).
+    --forget is refused for a lab on another backend, and with --all."""
+    from labkit.spec import parse_spec
+    from labkit.state import LabState
+
+    name = f"hlf{os.getpid() % 10000}"
+    spec = parse_spec(spec_data(inventory(node1={"ssh": "root@127.0.0.1:1"}, node2={"ssh": "root@127.0.0.2:1"}),
+                                name=name))
+    state = LabState(name)
+    state.create(spec)
+    try:
+        kept = subprocess.run([*LABKIT, "down", name], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert kept.returncode != 0 and state.exists, kept
+        assert "was not taken down on every host (its state is kept" in kept.stderr, kept.stderr
+        assert "node1:" in kept.stderr and "node2:" in kept.stderr, kept.stderr
+        gave_up = subprocess.run([*LABKIT, "down", name, "--forget"], capture_output=True, text=True, cwd=ROOT,
+                                 timeout=120)
+        assert gave_up.returncode == 0 and not state.exists, gave_up
+        for node, k in (("node1", 1), ("node2", 2)):
+            assert (f"host of {node} (root@127.0.0.{k}:1) was not reached and is forgotten" in gave_up.stderr
+                    and f"host-down --lab {name}" in gave_up.stderr), gave_up.stderr
+        assert "2 forgotten" in gave_up.stdout, gave_up.stdout
+    finally:
+        state.remove()
+    with pytest.raises(Exception, match="--forget: lab .* runs on backend netns, where nothing is out of reach"):
+        from labkit import lab as labmod
+
+        netns_state = LabState(name + "n")
+        netns_state.create(parse_spec({"name": name + "n", "nodes": [{"name": "n1", "pods": []}]}))
+        try:
+            labmod.down(name + "n", forget=True)
+        finally:
+            netns_state.remove()
+    both = subprocess.run([*LABKIT, "down", "--all", "--forget"], capture_output=True, text=True, cwd=ROOT)
+    assert both.returncode != 0 and "name them, not --all" in both.stderr, both
+
+
 def test_iptables_undo_removes_only_what_was_added():
     text = iptables_undo(SAVE_BEFORE, SAVE_AFTER)
     assert text.splitlines() == [

@@ -35,6 +35,7 @@ import json
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -386,11 +387,20 @@ class HostsBackend(RemoteNodesBackend):
                 pass
         return n
 
-    def down(self, name: str) -> dict[str, int]:
+    def down(self, name: str, forget: bool = False, say=None) -> dict[str, int]:
         """Restore every host of lab ``name`` from its record; the lab's local state goes only when all
-        hosts answered (an unreachable host keeps it: `labkit down` again once it is back)."""
+        hosts answered (an unreachable host keeps it: `labkit down` again once it is back).
+
+        ``forget`` (``labkit down --forget``, for a host that is gone for good): the hosts that
+        answer are restored as always; one that cannot be reached is given up, the lab's local state
+        goes all the same, and ``say`` (default: stderr) names each such host with what stays there
+        and the one command that restores it if it ever comes back (the record is in a tmpfs: a
+        reboot drops it with everything labkit changed in the kernel). A host that answered but
+        failed to restore is not forgotten: that is an error to look at, not an absence."""
         state = LabState(name)
         counts = {"hosts": 0, "links": 0, "routes": 0, "rules": 0, "sysctls": 0, "netfilter": 0, "processes": 0}
+        if forget:
+            counts["forgotten"] = 0
         if not state.exists:
             return counts
         close_datapaths(name)
@@ -415,14 +425,17 @@ class HostsBackend(RemoteNodesBackend):
             lines = proc.stdout.strip().splitlines()
             return json.loads(lines[-1]) if lines else {}
 
-        failures, reports = [], {}
+        failures, reports, unreached = [], {}, {}
         with ThreadPoolExecutor(len(spec.nodes)) as pool:
             futures = {n.name: pool.submit(one, n.name) for n in spec.nodes}
             for node, fut in futures.items():
                 try:
                     reports[node] = fut.result()
                 except (BackendError, subprocess.TimeoutExpired, OSError) as exc:
-                    failures.append(f"{node}: {exc}")
+                    if forget and _unreached(exc):
+                        unreached[node] = str(exc)
+                    else:
+                        failures.append(f"{node}: {exc}")
         for node, rep in reports.items():
             if "error" in rep:
                 failures.append(f"{node}: {rep['error']}")
@@ -433,13 +446,33 @@ class HostsBackend(RemoteNodesBackend):
             if rep.get("left"):
                 failures.append(f"{node}: restored, except: " + "; ".join(rep["left"]))
         self._close_masters(name)
+        for node, why in unreached.items():
+            counts["forgotten"] += 1
+            target = spec.inventory.hosts[node].ssh if spec.inventory else node
+            (say or _stderr)(f"host of {node} ({target}) was not reached and is forgotten: what lab {name} changed "
+                             f"there stays until it reboots or, back, runs as root: "
+                             f"{payload.agent_command('host-down', '--lab', name)} && rm -rf {payload.REMOTE_ROOT}  "
+                             f"({why.splitlines()[0][:200]})")
         if any(not f.split(": ", 1)[1].startswith("restored, except") for f in failures):
             raise BackendError(f"lab {name} was not taken down on every host (its state is kept: run `labkit down "
-                               f"{name}` again):\n  " + "\n  ".join(failures))
+                               f"{name}` again once they answer, or `labkit down {name} --forget` for a host gone "
+                               f"for good):\n  " + "\n  ".join(failures))
         state.remove()
         if failures:
             raise BackendError(f"lab {name} is down, but not everything was restored:\n  " + "\n  ".join(failures))
         return counts
+
+
+def _unreached(exc: BaseException) -> bool:
+    """Whether a host's `host-down` failed because the host could not be reached (ssh's own exit
+    255, a timeout, an OS error here) rather than because it answered with a failure."""
+    if isinstance(exc, (subprocess.TimeoutExpired, OSError)):
+        return True
+    return "exited 255" in str(exc)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 __all__ = ["HostsBackend", "check_hosts", "host_problems", "plan", "ssh_config_text", "ssh_parts", "vpc_routes"]

@@ -22,6 +22,9 @@ def _down_args(p) -> None:
     p.add_argument("--everyone", action="store_true", help="with --all: every lab on this machine, whoever made it "
                    "(says how many first)")
     p.add_argument("--missing-ok", action="store_true", help="a lab that does not exist is not an error (scripts)")
+    p.add_argument("--forget", action="store_true",
+                   help="backend hosts: remove the lab even if a host cannot be reached (gone for good); each such "
+                        "host is named with the command that restores it should it come back")
 
 
 def _ls_args(p) -> None:
@@ -76,9 +79,14 @@ def down(args) -> int:
         raise UsageError("--everyone goes with --all (every lab on this machine); to remove one lab, name it")
     if args.all and args.names:
         raise UsageError("name labs or give --all, not both")
+    if args.forget and args.all:
+        raise UsageError("--forget gives up unreachable hosts of the labs named: name them, not --all")
     from ..serve.client import use_daemon
 
     if use_daemon():
+        if args.forget:
+            raise UsageError("--forget is for labs on your own hosts (backend: hosts), which the classroom daemon "
+                             "does not run")
         return _daemon_down(args)
     if args.all:
         mine = [r for r in lab.labs() if args.everyone or r["owner"] == os.getuid()]
@@ -97,7 +105,7 @@ def down(args) -> int:
         if not lab.exists(name) and (args.missing_ok or args.all):
             print(f"lab {name}: not here, nothing to remove")
             continue
-        counts = lab.down(name, missing_ok=False)
+        counts = lab.down(name, missing_ok=False, forget=args.forget)
         print(f"lab {name} removed: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return 0
 
