@@ -169,7 +169,7 @@ def _node_side(ipr, names: Iterable[str]) -> dict[str, dict]:
         roots = [q.get_attr("TCA_KIND") for q in ipr.get_qdiscs(index=index) if q["parent"] == 0xFFFFFFFF]
         busy = bool(hook_programs(ipr, index, TC_EGRESS))
         out[name] = {"ifindex": index, "mac": link.get_attr("IFLA_ADDRESS"), "peer": link.get_attr("IFLA_LINK"),
-                     "kind": (info.get_attr("IFLA_INFO_KIND") if info else None) or "veth",
+                     "kind": "netkit" if info and info.get_attr("IFLA_INFO_KIND") == "netkit" else "veth",
                      "egress": busy or any(kind != "noqueue" for kind in roots)}
     return out
 
@@ -258,7 +258,7 @@ class BpfHostRouting:
                 skipped[pod.pod] = f"{pod.ip} is not on the peer of {pod.ifname}"
                 continue
             out.append(Endpoint(pod.pod, pod.ip, pod.ifname, veth["ifindex"], own[1], veth["mac"], veth["egress"],
-                                "netkit" if veth["kind"] == "netkit" else "veth"))
+                                veth["kind"]))
         return out, skipped
 
     # -- sync

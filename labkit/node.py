@@ -186,11 +186,12 @@ class NodeRuntime:
         if pods is not None:
             if isinstance(pods, str) or not all(isinstance(p, str) for p in pods):
                 raise DatapathError(f"datapath {name} on node {self.node.name}: pods must be a list of pod names")
-            unknown = sorted(set(pods) - {p.pod for p in ctx.pods})
+            wanted_pods = set(pods)
+            unknown = sorted(wanted_pods - {p.pod for p in ctx.pods})
             if unknown:
                 raise DatapathError(f"datapath {name} on node {self.node.name}: no pod {', '.join(unknown)} on "
                                     f"this node (its pods: {', '.join(p.pod for p in ctx.pods)})")
-            ctx = dataclasses.replace(ctx, pods=tuple(p for p in ctx.pods if p.pod in set(pods)))
+            ctx = dataclasses.replace(ctx, pods=tuple(p for p in ctx.pods if p.pod in wanted_pods))
         ctx.state_dir.mkdir(parents=True, exist_ok=True)
         return cls(ctx, **{k: v for k, v in wanted.items() if k in cls.options})
 

@@ -13,8 +13,8 @@ socket-LB programs are compiled inside the VMs), a small ``labkit run service-sc
 vagrant`` and ``labkit run pod-modes --backend vagrant --quick`` (every mode of the box, IPVLAN included). With the box
 cached, about 8 min on this 2-core machine (TCG): four labs, 1-2 VMs each. The Debian 13 box
 (``release: trixie``) gets its own test: box, a lab of netkit and veth pods with ebpf-tc, eBPF host
-routing and the eBPF policy engine on it (in netkit's own program lists on the netkit pods), check, netkit vs veth TCP_RR (~2.5 min with the box cached,
-~4 min building it).
+routing and the eBPF policy engine on it (in netkit's own program lists on the netkit pods), check,
+netkit vs veth TCP_RR (~3.5 min with the box cached, ~5 min building it).
 """
 
 from __future__ import annotations
@@ -575,9 +575,10 @@ def test_trixie_box_and_netkit_pods_with_cilium_s_ebpf_on_it():
     ``release: trixie`` comes up on it (the agent on python3.13, pyroute2, trixie's bcc with LLVM 19
     compiling the tc programs) with netkit pods and everything Cilium puts on them: the ebpf-tc Service
     datapath, eBPF host routing and the eBPF policy engine, all in netkit's own program lists (links on
-    the primaries, in tc's order; no tc filter there), beside veth pods (tc filters) across two VMs. ``labkit check`` passes (pods, the Service to netkit and veth backends, the
-    policy's allows and denies); TCP_RR across nodes, netkit to netkit against veth to veth in the same
-    VMs, is reported (TCG: functional only); ``down`` leaves nothing. ~2.5 min here with the box cached;
+    the primaries, in tc's order; no tc filter there), beside veth pods (tc filters) across two VMs.
+    ``labkit check`` passes (pods, the Service to netkit and veth backends, the policy's allows and
+    denies); TCP_RR across nodes, netkit to netkit against veth to veth in the same
+    VMs, is reported (TCG: functional only); ``down`` leaves nothing. ~3.5 min here with the box cached;
     a fresh box adds its build (87 s here). IPVLAN and IPVS run on the bookworm labs above."""
     from labkit import lab as labmod
 

@@ -420,7 +420,7 @@ class HostsBackend(RemoteNodesBackend):
         def one(node: str) -> dict:
             proc = self.machine(name, node).run(cmd, check=False, timeout=DOWN_TIMEOUT)
             if proc.returncode != 0:
-                raise BackendError(f"host of node {node}: `host-down` exited {proc.returncode}: "
+                raise (_Unreached if proc.returncode == 255 else BackendError)(f"host of node {node}: `host-down` exited {proc.returncode}: "
                                    f"{(proc.stderr or proc.stdout).strip()[-600:]}")
             lines = proc.stdout.strip().splitlines()
             return json.loads(lines[-1]) if lines else {}
@@ -432,7 +432,7 @@ class HostsBackend(RemoteNodesBackend):
                 try:
                     reports[node] = fut.result()
                 except (BackendError, subprocess.TimeoutExpired, OSError) as exc:
-                    if forget and _unreached(exc):
+                    if forget and isinstance(exc, (_Unreached, subprocess.TimeoutExpired, OSError)):
                         unreached[node] = str(exc)
                     else:
                         failures.append(f"{node}: {exc}")
@@ -463,12 +463,9 @@ class HostsBackend(RemoteNodesBackend):
         return counts
 
 
-def _unreached(exc: BaseException) -> bool:
-    """Whether a host's `host-down` failed because the host could not be reached (ssh's own exit
-    255, a timeout, an OS error here) rather than because it answered with a failure."""
-    if isinstance(exc, (subprocess.TimeoutExpired, OSError)):
-        return True
-    return "exited 255" in str(exc)
+class _Unreached(BackendError):
+    """A host's `host-down` did not run: ssh's own exit status 255 (the host could not be reached),
+    as opposed to the host answering with a failure."""
 
 
 def _stderr(line: str) -> None:

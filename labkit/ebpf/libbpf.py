@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import os
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 # bpf_prog_type / bpf_attach_type (uapi/linux/bpf.h)
@@ -74,32 +76,46 @@ def obj_pin(fd: int, path: Path) -> None:
         raise syscall_error(f"bpf_obj_pin {path}")
 
 
-def prog_name(fd: int) -> str:
-    """The kernel's name of a program (struct bpf_prog_info.name, at offset 64)."""
+def _prog_info(fd: int) -> bytes:
+    """struct bpf_prog_info of a loaded program (id at offset 4, name at 64)."""
     info = ct.create_string_buffer(256)
     size = ct.c_uint32(len(info))
     if lib().bpf_obj_get_info_by_fd(fd, info, ct.byref(size)) != 0:
         raise syscall_error("bpf_obj_get_info_by_fd")
-    return info.raw[64:80].split(b"\0", 1)[0].decode()
+    return info.raw
+
+
+def prog_name(fd: int) -> str:
+    """The kernel's name of a program (struct bpf_prog_info.name)."""
+    return _prog_info(fd)[64:80].split(b"\0", 1)[0].decode()
+
+
+def prog_id(fd: int) -> int:
+    """The kernel's id of a loaded program (struct bpf_prog_info.id)."""
+    return int.from_bytes(_prog_info(fd)[4:8], sys.byteorder)
+
+
+def named_programs(ids: Iterable[int]) -> list[tuple[int, str]]:
+    """(id, kernel name) of programs by id, in the order given; those gone meanwhile left out."""
+    out = []
+    for pid in ids:
+        fd = lib().bpf_prog_get_fd_by_id(pid)
+        if fd < 0:
+            continue  # detached and freed meanwhile
+        try:
+            out.append((pid, prog_name(fd)))
+        finally:
+            os.close(fd)
+    return out
 
 
 def cgroup_programs(cgroup_fd: int, attach_type: int) -> list[tuple[int, str]]:
     """(id, name) of the programs attached directly to a cgroup for one attach type."""
-    cdll = lib()
     ids = (ct.c_uint32 * 64)()
     cnt, flags = ct.c_uint32(64), ct.c_uint32(0)
-    if cdll.bpf_prog_query(cgroup_fd, attach_type, 0, ct.byref(flags), ids, ct.byref(cnt)) != 0:
+    if lib().bpf_prog_query(cgroup_fd, attach_type, 0, ct.byref(flags), ids, ct.byref(cnt)) != 0:
         raise syscall_error("bpf_prog_query")
-    out = []
-    for prog_id in ids[: cnt.value]:
-        fd = cdll.bpf_prog_get_fd_by_id(prog_id)
-        if fd < 0:
-            continue  # detached meanwhile
-        try:
-            out.append((prog_id, prog_name(fd)))
-        finally:
-            os.close(fd)
-    return out
+    return named_programs(ids[: cnt.value])
 
 
 def possible_cpus() -> int:

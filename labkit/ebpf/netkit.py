@@ -34,7 +34,7 @@ import os
 import platform
 import struct
 
-from .libbpf import lib, prog_name
+from .libbpf import named_programs
 
 ATTACH_NETKIT_PRIMARY = 54  # enum bpf_attach_type (uapi/linux/bpf.h, 6.7+)
 ATTACH_NETKIT_PEER = 55
@@ -101,16 +101,9 @@ def query(ifindex: int, attach_type: int) -> list[tuple[int, int]]:
 
 def programs(ifindex: int, attach_type: int) -> list[tuple[int, int, str]]:
     """(program id, link id, kernel name) of a list, in order (programs gone meanwhile left out)."""
-    out = []
-    for prog_id, link_id in query(ifindex, attach_type):
-        fd = lib().bpf_prog_get_fd_by_id(prog_id)
-        if fd < 0:
-            continue
-        try:
-            out.append((prog_id, link_id, prog_name(fd)))
-        finally:
-            os.close(fd)
-    return out
+    listed = query(ifindex, attach_type)
+    names = dict(named_programs(pid for pid, _ in listed))
+    return [(pid, link_id, names[pid]) for pid, link_id in listed if pid in names]
 
 
 def link_detach_id(link_id: int) -> bool:
@@ -135,16 +128,6 @@ def link_detach_id(link_id: int) -> bool:
         return True
     finally:
         os.close(fd)
-
-
-def prog_id(fd: int) -> int:
-    """The kernel's id of a loaded program (struct bpf_prog_info.id)."""
-    info = ct.create_string_buffer(256)
-    size = ct.c_uint32(len(info))
-    if lib().bpf_obj_get_info_by_fd(fd, info, ct.byref(size)) != 0:
-        err = ct.get_errno()
-        raise OSError(err, f"bpf_obj_get_info_by_fd: {os.strerror(err)}")
-    return struct.unpack_from("=I", info, 4)[0]
 
 
 def _side(attach_type: int) -> str:

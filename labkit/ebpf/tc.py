@@ -30,17 +30,16 @@ cleanup removes the qdisc too once no filter of anyone is left on it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-
 import os
 import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import nsexec
 from ..errors import DatapathError
 from . import netkit
-from .libbpf import KERNEL_NAME_LEN, obj_pin
+from .libbpf import KERNEL_NAME_LEN, obj_pin, prog_id
 from .loader import StateFile
 from .netlink import by_netns, ensure_clsact, filters, ifindex, ignore_missing, netlink
 
@@ -244,14 +243,15 @@ class TcAttachments:
             raise DatapathError(f"{where}: {h.ifname} is a netkit device and this client has no folder to "
                                 "pin links in")
         kind = NETKIT_LIST[h.parent]
-        wanted = netkit.prog_id(fd)
+        wanted = prog_id(fd)
         listed = netkit.programs(index, kind)
-        if any(prog_id == wanted for prog_id, _, _ in listed):
+        if any(pid == wanted for pid, _, _ in listed):
             return
-        for _, link_id, name in listed:
-            if link_id and client_of(name) == self.prefix:
-                netkit.link_detach_id(link_id)
-        listed = netkit.programs(index, kind)
+        older = [link_id for _, link_id, name in listed if link_id and client_of(name) == self.prefix]
+        for link_id in older:
+            netkit.link_detach_id(link_id)
+        if older:
+            listed = netkit.programs(index, kind)
         try:
             link = netkit.link_create(fd, index, kind, netkit_position(listed, self.prio))
         except OSError as exc:

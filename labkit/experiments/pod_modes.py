@@ -321,9 +321,8 @@ class PodModes:
         One :class:`~labkit.datapath.ebpf.TcLB` per node, asked of the lab for those pods only
         (``lab.datapath(node, "ebpf-tc", pods=…)``: on the netns backend an object here, on the VMs
         one in the node's agent; the lab's own datapath stays ``none``): its tc programs go on their
-        interfaces only (the node-side ``lx-<pod>``, or the
-        pod's own for a pod without one: macvlan, eni-ipvlan), so that the other modes' pods keep no
-        datapath in the same lab, as Terway runs Cilium on its IPVLAN pods only. Both nodes hold the
+        interfaces only (the node-side ``lx-<pod>``, or the pod's own for a pod without one:
+        macvlan, eni-ipvlan), so that the other modes' pods keep no datapath in the same lab, as Terway runs Cilium on its IPVLAN pods only. Both nodes hold the
         whole table (Cilium's maps are cluster-wide); node 1's client pods translate.
 
         Everything it makes is the lab's to remove: the pins in the node's state folder
