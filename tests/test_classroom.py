@@ -119,9 +119,51 @@ def _outputs(nb_path: Path) -> tuple[str, list[str]]:
     return "".join(text), errors
 
 
-def _menu(page, top: str, command: str) -> None:
-    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(f"^{top}$")).click()
-    page.click(f"li.lm-Menu-item[data-command='{command}']")
+def _where(page) -> str:
+    """Where a notebook that did not finish stands: its kernel's state, its cells' execution counts,
+    its last output, and the ends of the daemon's and the hub's logs."""
+    status = page.locator(".jp-Notebook-ExecutionIndicator").first.get_attribute("data-status")
+    prompts = page.locator(".jp-InputArea-prompt").all_inner_texts()
+    outputs = page.locator(".jp-OutputArea-output").all_inner_texts()
+    logs = {name: (STATE / name).read_text(errors="replace")[-1500:] if (STATE / name).exists() else "(none)"
+            for name in ("daemon.log", "hub.log")}
+    return (f"kernel {status}; prompts {prompts}; last output:\n{(outputs or [''])[-1][-1500:]}\n"
+            + "\n".join(f"--- {name} ends:\n{tail}" for name, tail in logs.items()))
+
+
+def _menu(page, top: str, command: str, seconds: float = 60) -> None:
+    """Click a menu's command once JupyterLab enables it. Until the notebook's session is ready its
+    commands are disabled, and a click on a disabled item does nothing: the menu is opened again until
+    the item is enabled."""
+    end = time.monotonic() + seconds
+    while True:
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(f"^{top}$")).click()
+        item = page.locator(f"li.lm-Menu-item[data-command='{command}']")
+        item.wait_for(state="visible", timeout=10_000)
+        if "lm-mod-disabled" not in (item.get_attribute("class") or ""):
+            item.click()
+            return
+        page.keyboard.press("Escape")
+        if time.monotonic() > end:
+            raise AssertionError(f"{top} > {command} still disabled after {seconds:.0f} s")
+        time.sleep(0.5)
+
+
+def _run_all(page, tries: int = 3, seconds: float = 20) -> None:
+    """Run > Run All Cells, and see the first cell start (its prompt leaves '[ ]:'). The notebook is
+    brought to the front and its first cell clicked first: Run All runs JupyterLab's current notebook."""
+    ran = page.locator(".jp-InputArea-prompt", has_text=re.compile(r"\[(\*|\d+)\]"))
+    for attempt in range(1, tries + 1):
+        page.bring_to_front()
+        page.locator(".jp-Notebook .jp-Cell").first.click()
+        _menu(page, "Run", "runmenu:run-all")
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if ran.count():
+                return
+            time.sleep(0.25)
+        print(f"Run All Cells, try {attempt}, started no cell in {seconds:.0f} s")  # JupyterLab still connecting
+    raise AssertionError(f"Run All Cells did not start a cell in {tries} tries\n{_where(page)}")
 
 
 def test_two_participants_build_and_check_demo_from_jupyterhub(room):
@@ -146,15 +188,17 @@ def test_two_participants_build_and_check_demo_from_jupyterhub(room):
             for user, page in pages.items():  # both kernels ready, then both run at once
                 page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
             for page in pages.values():
-                _menu(page, "Run", "runmenu:run-all")
-            end = time.monotonic() + 240
+                _run_all(page)
+            t0 = time.monotonic()
+            end = t0 + 240
             for user, page in pages.items():
                 done = page.locator(".jp-OutputArea-output", has_text="stays up")
                 failed = page.locator(".jp-OutputArea-output", has_text="Traceback")
                 while time.monotonic() < end and not done.count() and not failed.count():
                     time.sleep(0.5)
                 assert not failed.count(), f"{user}'s notebook failed:\n{failed.first.inner_text()[-2000:]}"
-                assert done.count(), f"{user}'s notebook did not finish in 240 s"
+                assert done.count(), f"{user}'s notebook did not finish in 240 s\n{_where(page)}"
+                print(f"{user}'s notebook done after {time.monotonic() - t0:.0f} s")
                 _menu(page, "File", "docmanager:save")
             time.sleep(1.5)  # the save's PUT
         finally:
