@@ -50,6 +50,11 @@ WRONG = [
     (["run", "pod-modes", "--backend", "vagrant", "--modes", "host-network,veth"],
      "modes: host-network runs on the netns backend only"),
     (["run", "pod-modes", "--release", "trixie"], "release: the netns backend runs on this machine's kernel"),
+    (["run", "pod-modes", "--backend", "hosts"], "inventory: give an inventory file with --backend hosts"),
+    (["run", "pod-modes", "--inventory", "inv.yaml"], "inventory: give an inventory file with --backend hosts, and "
+                                                      "only then"),
+    (["run", "pod-modes", "--backend", "hosts", "--inventory", "/nonexistent/inv.yaml"],
+     "inventory: inventory file /nonexistent/inv.yaml does not exist"),
     (["run", "policy-scale", "--rules", "0"], "rules: 0 is outside"),
     (["run", "policy-scale", "--engines", "bogus"], "engines: unknown 'bogus'"),
     (["up", "/nonexistent/lab.yaml"], "spec file /nonexistent/lab.yaml does not exist"),

@@ -152,6 +152,7 @@ RATE_OVERHEAD = 1.4  # a rate point's windows take this many times their measure
 SECONDS_PER_RULE = 0.2e-3  # a table entry loaded (the slowest datapaths)
 SECONDS_PER_LAB = 2.0
 VM_FACTOR, VM_UP = 10.0, 120.0  # QEMU TCG: samples cost ~10x, and the VMs take ~2 min to come up
+HOSTS_UP = 30.0  # backend hosts: ssh, the agent's payload and each host's build (machines of their own: no factor)
 
 
 def estimate(points: dict[str, int], samples: int, rate_seconds: float, backend: str, labs: list[dict],
@@ -162,8 +163,10 @@ def estimate(points: dict[str, int], samples: int, rate_seconds: float, backend:
     rates = sum(n for m, n in points.items() if m.endswith("-rate")) * rate_seconds * RATE_OVERHEAD
     seconds = latency * SECONDS_PER_SAMPLE + rates + table_loads * SECONDS_PER_RULE + extra_seconds
     seconds += len(labs) * SECONDS_PER_LAB
-    if backend != "netns":
+    if backend == "vagrant":
         seconds = seconds * VM_FACTOR + VM_UP
+    elif backend == "hosts":
+        seconds += HOSTS_UP
     return {"labs": labs, "points": points, "points_total": sum(points.values()),
             "estimated_seconds": round(seconds)}
 

@@ -24,6 +24,8 @@ Terway's IPVLAN with Cilium's programs on the slave.
 ``backend="vagrant"`` runs the same lab on two VMs (Debian's kernel: every mode, IPVLAN included);
 clients and iperf3 run inside the VMs. Under QEMU TCG the figures are functional only (a TCG
 round trip is ~1 ms); with KVM (or VirtualBox on a laptop) they are a real comparison.
+``backend="hosts"`` runs it on the first two hosts of an ``inventory`` file (node1, node2: real
+machines and their real network, each lending the NICs its ENIs need), the study's own setting.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from ..modes.base import RoutedVeth
 from ..node import SERVER_PORT, lab_cgroup
 from ..spec import parse_spec
 from . import core
+from .inventory import host_entries, inventory_problems, lab_inventory
 from .params import Params, estimate, param
 
 HOST_NETWORK = "host-network"  # the baseline variant: node to node, no pod
@@ -99,17 +102,24 @@ def _box_lacks(release: str | None, features) -> list[str]:
     return box.box_for(box.BoxRecipe(release=release or box.DEFAULT_RELEASE)).lacks(features)
 
 
+HOSTS_MODES = ("eni-exclusive", "eni-ipvlan", "eni-policy-route", "veth", "overlay")  # the study's chart
+
+
 def default_modes(backend: str = "netns", release: str | None = None) -> list[str]:
     """Every mode the backend's kernel has (this machine's on netns; on the VMs, what the release's
     box kernel has: netkit with trixie), plus the variants the backend runs: on netns the
     host-network baseline and ``veth+bpf-hr`` (when this kernel can host-route); on the VMs
-    ``eni-ipvlan+ebpf-tc`` (Terway's IPVLAN pods with Cilium's tc Service load balancing on the slave)."""
+    ``eni-ipvlan+ebpf-tc`` (Terway's IPVLAN pods with Cilium's tc Service load balancing on the slave).
+    On the hosts backend the study's five modes and ``eni-ipvlan+ebpf-tc`` (what a host's kernel lacks
+    is refused by its preflight, naming the host)."""
     if backend == "netns":
         modes = [m.name for m in podmodes.MODES if all(doctor.has(f) for f in m.features)]
         from ..hostrouting import BpfHostRouting
 
         hr = ["veth" + BPF_HR] if "veth" in modes and all(doctor.has(f) for f in BpfHostRouting.features) else []
         return [HOST_NETWORK, *modes, *hr]
+    if backend == "hosts":  # the hosts' kernels are not known before they are reached: the study's modes
+        return [*HOSTS_MODES, "eni-ipvlan" + EBPF_TC]
     modes = [m.name for m in podmodes.MODES if not _box_lacks(release, m.features)]
     return [*modes, *(["eni-ipvlan" + EBPF_TC] if "eni-ipvlan" in modes else [])]
 
@@ -174,7 +184,10 @@ class PodModesParams(Params):
     bandwidth_seconds: float = param(3.0, min=1, max=600, help="iperf3's test time per point")
     burst: int = param(20, min=1, help="latency samples per point per turn (every point is measured interleaved)")
     seed: int = param(1, help="random choices (orders) of the run")
-    backend: str = param("netns", choices=_backend_names, help="netns, or vagrant (node1 and node2 are VMs)")
+    backend: str = param("netns", choices=_backend_names,
+                         help="netns, vagrant (node1 and node2 are VMs) or hosts (the first two hosts of --inventory)")
+    inventory: str | None = param(None, help="backend hosts: an inventory file (README, 'Run it on your own "
+                                             "machines'); node1 runs on its first host, node2 on its second")
     concurrency: int = param(16, min=1, max=1024, help="connections (flows) at once for the rate metrics")
     rate_seconds: float = param(3.0, min=0.2, max=600, help="measured time per rate point, in windows "
                                                            "interleaved with the other points")
@@ -189,6 +202,9 @@ class PodModesParams(Params):
         (latency), cut to fit 5 min with every mode, keeping the study's cross-node order."""
         if backend == "netns":
             return cls(repeats=3, samples=1000, warmup=100, bandwidth_seconds=1.0)
+        if backend == "hosts":  # real machines: the netns run's sizes, the hosts' modes
+            return cls(repeats=3, samples=1000, warmup=100, bandwidth_seconds=1.0, backend=backend,
+                       modes=default_modes(backend))
         return cls(repeats=3, samples=400, warmup=30, metrics=["crr", "rr"], backend=backend,
                    modes=default_modes(backend))
 
@@ -218,18 +234,38 @@ class PodModesParams(Params):
             if why and self.backend != "netns":
                 problems.append(f"modes: {mode} runs on the netns backend only ({why}); leave it out of "
                                 f"--modes with --backend {self.backend}")
-        if self.release is not None and self.backend == "netns":
-            problems.append("release: the netns backend runs on this machine's kernel; give --release with "
+        if self.release is not None and self.backend != "vagrant":
+            whose = "this machine's" if self.backend == "netns" else "the hosts' own"
+            problems.append(f"release: the {self.backend} backend runs on {whose} kernel; give --release with "
                             "--backend vagrant only")
+        problems += inventory_problems(self.backend, self.inventory, 2, "node1 and node2")
+        if self.inventory is not None and not problems:
+            problems += self._nic_problems()
         return problems
 
+    def _nic_problems(self) -> list[str]:
+        """The ENIs the modes need per node against the NICs the inventory's first two hosts lend."""
+        out = []
+        nodes = lab_spec(self.modes)["nodes"]
+        for node, (host, entry) in zip(nodes, host_entries(self.inventory)):
+            lent = set((entry.get("nics") or {}) if isinstance(entry, dict) else ())
+            needed = ["eth0"] + [f"eni{i}" for i in range(1, node["enis"] + 1)]
+            missing = [n for n in needed if n not in lent]
+            if missing:
+                out.append(f"inventory: these modes need NICs {', '.join(needed)} on {node['name']}, and its host "
+                           f"{host} lends no {', '.join(missing)}: add {'it' if len(missing) == 1 else 'them'} to "
+                           "its nics, or compare fewer --modes")
+        return out
 
-def lab_spec(modes: list[str], name: str = "podmodes", backend: str = "netns", release: str | None = None) -> dict:
+
+def lab_spec(modes: list[str], name: str = "podmodes", backend: str = "netns", release: str | None = None,
+             inventory: str | None = None) -> dict:
     """Node 1: a client and a server per mode; node 2: a server per mode (a ``+bpf-hr`` or
     ``+ebpf-tc`` variant's pods are of its mode; the host-network baseline has none). The lab's
     datapath stays ``none``: a ``+ebpf-tc`` variant's is attached to its pods after ``up``. Each
     node has the ENIs its pods need, and pods whose slave devices may not share a parent (ipvlan,
-    macvlan) get shared ENIs of their own (:func:`labkit.modes.plan_enis`)."""
+    macvlan) get shared ENIs of their own (:func:`labkit.modes.plan_enis`). ``inventory``: an
+    inventory file (backend hosts), whose first two hosts become node1 and node2."""
     modes = [m for m in modes if m != HOST_NETWORK]
     n1 = [{"name": f"{r}-{short(m)}", "mode": pod_mode(m)} for m in modes for r in ("c", "s")]
     n2 = [{"name": f"r-{short(m)}", "mode": pod_mode(m)} for m in modes]
@@ -244,6 +280,8 @@ def lab_spec(modes: list[str], name: str = "podmodes", backend: str = "netns", r
     spec = {"name": name, "backend": backend, "datapath": "none", "nodes": nodes}
     if release is not None:
         spec["release"] = release
+    if inventory is not None:
+        spec["inventory"] = lab_inventory(inventory, {n["name"]: n["enis"] for n in nodes})
     return spec
 
 
@@ -265,7 +303,7 @@ class PodModes:
         p: PodModesParams = ctx.params
         p.validate()
         name = f"pm{ctx.run.run_id[-4:]}"  # unique per run; a resumed run finds its own
-        spec = parse_spec(lab_spec(p.modes, name, p.backend, p.release))
+        spec = parse_spec(lab_spec(p.modes, name, p.backend, p.release, p.inventory))
         get_backend(p.backend).preflight(spec)  # a missing kernel feature or tool: before anything exists
         hr = [m for m in p.modes if m.endswith(BPF_HR)]
         lb = [m for m in p.modes if m.endswith(EBPF_TC)]
@@ -273,7 +311,7 @@ class PodModes:
             from ..hostrouting import BpfHostRouting
 
             BpfHostRouting.preflight(spec.datapath)
-        if lb:
+        if lb and p.backend == "netns":  # on the VMs and hosts their own kernel and bcc serve it (their agent says)
             from ..datapath.ebpf import TcLB
 
             TcLB.preflight()
@@ -284,6 +322,8 @@ class PodModes:
         self.services = None
         self.host_servers = []
         try:
+            if "bandwidth" in p.metrics and p.backend == "hosts":
+                self._need_iperf3([m for m in p.modes if m != HOST_NETWORK])
             if lb:
                 self._service_lb(lb)
             if hr:
@@ -298,10 +338,26 @@ class PodModes:
         except BaseException:
             self.teardown(ctx)
             raise
+        if p.backend == "hosts":  # each host's facts and performance preflight (labkit.hostfacts)
+            from ..state import LabState
+
+            ctx.run.update_manifest(hosts=LabState(name).meta().get("hosts"))
         ctx.run.update_manifest(labs={"pod-modes": name}, backend=p.backend, node_kernels=self.lab.kernels(),
                                 host_routing={node: {"endpoints": s.endpoints, "skipped": s.skipped}
                                               for node, s in self.synced.items()} if hr else {},
                                 **self._ebpf_tc_manifest())
+
+    def _need_iperf3(self, modes: list[str]) -> None:
+        """The bandwidth metric on the hosts backend: iperf3 is the host's own (the VM box has it; a
+        user's host may not), asked of a pod on each node before anything is measured."""
+        if not modes:
+            return
+        for node, pod in (("node1", f"c-{short(modes[0])}"), ("node2", f"r-{short(modes[0])}")):
+            res = self.lab.exec(pod, ["iperf3", "--version"], check=False, timeout=60)
+            if res.returncode != 0:
+                ssh = self.lab.spec.inventory.hosts[node].ssh
+                raise UsageError(f"metrics: bandwidth runs iperf3 on the hosts, and the host of {node} ({ssh}) has "
+                                 "none: `apt install iperf3` there, or leave bandwidth out of --metrics")
 
     def _ebpf_tc_manifest(self) -> dict:
         """What the ``+ebpf-tc`` variants were given: per node the pods the programs are on and how

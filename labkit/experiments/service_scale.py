@@ -48,6 +48,7 @@ from ..services import Endpoint, ServicePort, ServiceTable, TableDiff
 from .. import modes as podmodes
 from ..spec import parse_spec
 from . import core
+from .inventory import inventory_problems, lab_inventory
 from .params import Params, estimate, param
 
 DEFAULT_DATAPATHS = ("iptables-legacy", "iptables-nft", "nftables", "ebpf", "ebpf-tc")
@@ -147,52 +148,13 @@ class ServiceScaleParams(Params):
         if self.together and self.backend in ("vagrant", "hosts"):
             problems.append(f"together: on the {self.backend} backend a node per N would be a machine per N; leave "
                             "it unset (the Ns then take turns in one machine per datapath)")
-        if (self.backend == "hosts") != (self.inventory is not None):
-            problems.append("inventory: give an inventory file with --backend hosts, and only then")
-        elif self.inventory is not None:
-            try:
-                hosts = host_entries(self.inventory)
-            except Exception as exc:  # noqa: BLE001 - any reason the file cannot serve, said with its field
-                problems.append(f"inventory: {exc}")
-            else:
-                if len(hosts) < len(self.datapaths):
-                    problems.append(f"inventory: {len(self.datapaths)} datapaths need as many hosts (one lab per "
-                                    f"host), {self.inventory} has {len(hosts)}")
+        problems += inventory_problems(self.backend, self.inventory, len(self.datapaths),
+                                       f"{len(self.datapaths)} datapaths (one lab per host)")
         if self.workload == "http" and self.backend != "netns":
             problems.append("workload: http runs on the netns backend only (the VM box has no nginx)")
         if self.window_ms / 1000 > self.rate_seconds:
             problems.append(f"window_ms: {self.window_ms} ms is longer than rate_seconds ({self.rate_seconds} s)")
         return problems
-
-
-def _inventory_file(path: str) -> dict:
-    import yaml
-
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ValueError(f"inventory file {file} does not exist")
-    data = yaml.safe_load(file.read_text())
-    if not isinstance(data, dict) or not isinstance(data.get("hosts"), dict) or not data["hosts"]:
-        raise ValueError(f"{file} holds no 'hosts:' mapping")
-    return data
-
-
-def host_entries(path: str) -> list[tuple[str, dict]]:
-    """The hosts of an inventory file, in its order (name, entry as written)."""
-    return list(_inventory_file(path)["hosts"].items())
-
-
-def host_inventory(path: str, k: int, enis: int) -> dict:
-    """The inventory of a one-node lab (node ``n0``) on the ``k``-th host of inventory file ``path``
-    (its NICs cut to the ones the lab has)."""
-    data = _inventory_file(path)
-    _, entry = list(data["hosts"].items())[k]
-    wanted = ["eth0"] + [f"eni{i}" for i in range(1, enis + 1)]
-    entry = {**entry, "nics": {n: v for n, v in (entry.get("nics") or {}).items() if n in wanted}}
-    out = {"hosts": {"n0": entry}}
-    if data.get("ssh_config"):
-        out["ssh_config"] = str((Path(path).expanduser().resolve().parent / data["ssh_config"]).resolve())
-    return out
 
 
 def lab_spec(datapath: str, mode: str, tag: str = "", backend: str = "netns", nodes: int = 1,
@@ -264,7 +226,7 @@ class ServiceScale:
         self.node_of = {n: (i if p.all_at_once else 0) for i, n in enumerate(p.services)}
         nodes = len(p.services) if p.all_at_once else 1
         enis = podmodes.enis_needed([p.mode] * (1 + BACKENDS))
-        inventories = {dp: host_inventory(p.inventory, k, enis) if p.inventory else None
+        inventories = {dp: lab_inventory(p.inventory, {"n0": enis}, first=k) if p.inventory else None
                        for k, dp in enumerate(p.datapaths)}
         for dp in p.datapaths:  # the backend checks what it can before any lab exists
             get_backend(p.backend).preflight(parse_spec({**lab_spec(dp, p.mode, "", p.backend, nodes, p.workload,
