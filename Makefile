@@ -8,7 +8,7 @@ setup:  ## system packages, kernel-header links, .venv (idempotent; a re-run tak
 	bash $(ROOT)setup.sh
 
 test: setup
-	cd $(ROOT) && $(VENV)/bin/python -m pytest -q tests
+	cd $(ROOT) && $(VENV)/bin/python -m pytest -q --durations=15 tests
 
 run: setup
 	cd $(ROOT) && $(VENV)/bin/labkit run service-scale --quick
