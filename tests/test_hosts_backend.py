@@ -611,15 +611,16 @@ def test_a_two_host_lab_with_ipvlan_an_exclusive_eni_and_ipvs_passes_check_and_d
 @VM
 def test_pod_modes_runs_on_two_hosts_and_leaves_them_as_they_were(vms, tmp_path):
     """`labkit run pod-modes --backend hosts --inventory FILE`: node1 and node2 on the file's two hosts,
-    veth, IPVLAN on the ENI and Terway + Cilium (IPVLAN pods through a ClusterIP, ebpf-tc on the slave),
-    latency same node and across, iperf3 bandwidth (the hosts' own iperf3): every point measured
-    without errors, the hosts' facts and kernels in the manifest, and both hosts as before."""
+    veth and IPVLAN on the ENI, latency same node and across, iperf3 bandwidth (the hosts' own iperf3):
+    every point measured without errors, the hosts' facts and kernels in the manifest, and both hosts
+    as before. (Terway + Cilium, eni-ipvlan+ebpf-tc, ran here too; left out to keep CI's time down:
+    the VM pod-modes test covers it through the same agent.)"""
     from labkit import results
     from labkit.experiments import pod_modes as pm
 
     before = vms.fingerprints()
     (tmp_path / "inv.yaml").write_text(yaml.safe_dump(vms.inventory()))
-    modes = ["veth", "eni-ipvlan", "eni-ipvlan+ebpf-tc"]
+    modes = ["veth", "eni-ipvlan"]
     env = {**os.environ, "LABKIT_RESULTS": str(tmp_path / "results")}
     t0 = time.monotonic()
     with vms.vpc_routing(load_spec(pm.lab_spec(modes, "pm", "hosts", inventory=str(tmp_path / "inv.yaml")))):
@@ -640,8 +641,6 @@ def test_pod_modes_runs_on_two_hosts_and_leaves_them_as_they_were(vms, tmp_path)
     lat = pts[pts.metric != "bandwidth"]
     assert (lat.samples == 200).all() and (lat.errors == 0).all(), lat[lat.errors > 0]
     assert (pts[pts.metric == "bandwidth"]["value"] > 0).all()
-    assert set(pts[pts["mode"] == "eni-ipvlan+ebpf-tc"]["datapath"]) == {"ebpf-tc"}
-    assert m["ebpf_tc_flows"]["node1"] > 0, m["ebpf_tc_flows"]
     cross = lat[(lat.position == "cross-node") & (lat.metric == "rr")].set_index("mode")["p50_us"]
     print(f"\npod-modes on 2 hosts (TCG VMs): {took:.0f} s; cross-node TCP_RR p50 (us) {cross.round().to_dict()}")
     assert m["labs"]["pod-modes"] not in labkit("ls").stdout

@@ -701,20 +701,27 @@ def test_tiny_service_scale_runs_on_vms(tmp_path):
 
 
 @VM
-def test_pod_modes_quick_runs_every_mode_on_vms(tmp_path):
-    """`labkit run pod-modes --backend vagrant --quick`, as a user runs it (default modes: every mode
-    of the box's kernel, IPVLAN included, which this host lacks): every mode got its TCP_CRR and
-    TCP_RR points same node and across nodes without errors, lkclient in the VMs, the VMs' kernel in
-    the manifest, the run's phases logged, within the issue's 5 min, and the lab gone after."""
+def test_pod_modes_quick_runs_on_vms(tmp_path):
+    """`labkit run pod-modes --backend vagrant --quick`: its default modes are every mode of the box's
+    kernel (IPVLAN included, which this host lacks) and Terway + Cilium, pods only (the dry run's plan);
+    then the quick run with four of them (all eight took 250 s here, the issue's 5-minute goal, and
+    357 s in a CI run: four keep CI's time down): every mode got its TCP_CRR and TCP_RR points same node and across
+    nodes without errors, lkclient in the VMs, the VMs' kernel in the manifest, the run's phases
+    logged, and the lab gone after."""
+    plan = subprocess.run([str(ROOT / ".venv/bin/labkit"), "run", "pod-modes", "--quick", "--backend", "vagrant",
+                           "--dry-run", "--json"], capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    defaults = json.loads(plan.stdout)["params"]["modes"]
+    assert {"eni-exclusive", "eni-ipvlan", "eni-policy-route", "veth", "overlay", "eni-ipvlan+ebpf-tc"} <= set(defaults)
+    assert "host-network" not in defaults and "netkit" not in defaults  # bookworm's 6.1 has no netkit
+    modes = ["eni-exclusive", "eni-ipvlan", "veth", "eni-ipvlan+ebpf-tc"]
     t0 = time.monotonic()
-    _, run = _labkit_run(tmp_path, ["pod-modes", "--quick", "--backend", "vagrant"])
+    _, run = _labkit_run(tmp_path, ["pod-modes", "--quick", "--backend", "vagrant", "--modes", ",".join(modes)])
     took = time.monotonic() - t0
     m, pts = run.manifest(), run.points()
-    assert m["status"] == "complete" and m["backend"] == "vagrant"
+    assert m["status"] == "complete" and m["backend"] == "vagrant" and m["params"]["modes"] == modes
     assert set(m["node_kernels"]) == {"node1", "node2"}
     assert set(m["node_kernels"].values()) == {box.status()["kernel"]} != {m["machine"]["kernel"]}
-    modes = m["params"]["modes"]
-    assert "eni-ipvlan" in modes and "host-network" not in modes  # the box's kernel's modes, pods only
     # Terway + Cilium: IPVLAN pods whose client goes through a ClusterIP, load-balanced by ebpf-tc on the
     # pod's own slave (the VM's agent attached it to those pods only); its flows are in ebpf-tc's conntrack
     assert "eni-ipvlan+ebpf-tc" in modes
@@ -725,5 +732,5 @@ def test_pod_modes_quick_runs_every_mode_on_vms(tmp_path):
         (mode, where, metric) for mode in modes for where in ("same-node", "cross-node") for metric in ("crr", "rr")}
     assert (pts.samples == 400).all() and (pts.errors == 0).all(), pts[pts.errors > 0]
     assert set(m["phases"]) >= {"setup", "latency", "teardown"} and (run.path / "run.log").exists()
-    assert took < 300 * 1.3, f"{took:.0f} s (the issue's goal: 5 min; this machine's load varies)"
+    assert took < 300, f"{took:.0f} s for four modes (eight should take 5 min)"
     assert not _host_leftovers(m["labs"]["pod-modes"])
