@@ -626,7 +626,8 @@ def test_pod_modes_runs_on_two_hosts_and_leaves_them_as_they_were(vms, tmp_path)
     with vms.vpc_routing(load_spec(pm.lab_spec(modes, "pm", "hosts", inventory=str(tmp_path / "inv.yaml")))):
         proc = subprocess.run([*LABKIT, "run", "pod-modes", "--backend", "hosts", "--inventory",
                                str(tmp_path / "inv.yaml"), "--modes", ",".join(modes), "--metrics", "crr,rr,bandwidth",
-                               "--repeats", "1", "--samples", "200", "--warmup", "20", "--bandwidth-seconds", "1", "-q"],
+                               "--repeats", "1", "--samples", "200", "--warmup", "20", "--bandwidth-seconds", "1",
+                               "-q"],
                               capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     took = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -178,8 +178,8 @@ static __always_inline int host_deliver_local(struct host_pkt *pkt, const struct
 /* Forward as the node's routing would, without it: look the destination up in the node's FIB as a
  * packet arriving on this interface (skb->ifindex: at tc ingress the interface it came in on, in a
  * netkit device's list the primary, which it is about to enter by; policy rules apply; tot_len 0
- * lets the kernel check the frame, GSO included, against the egress MTU), TTL down, and send the packet to the FIB's next
- * hop. When the FIB knows the next hop's MAC (BPF_FIB_LKUP_RET_SUCCESS) the program writes the
+ * lets the kernel check the frame, GSO included, against the egress MTU), TTL down, and send the
+ * packet to the FIB's next hop. When the FIB knows the next hop's MAC (BPF_FIB_LKUP_RET_SUCCESS) the program writes the
  * Ethernet addresses itself and redirects to the egress device (bpf_redirect), as Cilium's
  * fib_do_redirect does: the kernel's neighbour output path (neigh_output, the cached header copy
  * under its seqlock) is skipped. Only an unresolved neighbour (BPF_FIB_LKUP_RET_NO_NEIGH) goes by

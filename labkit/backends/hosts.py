@@ -420,8 +420,10 @@ class HostsBackend(RemoteNodesBackend):
         def one(node: str) -> dict:
             proc = self.machine(name, node).run(cmd, check=False, timeout=DOWN_TIMEOUT)
             if proc.returncode != 0:
-                raise (_Unreached if proc.returncode == 255 else BackendError)(f"host of node {node}: `host-down` exited {proc.returncode}: "
-                                   f"{(proc.stderr or proc.stdout).strip()[-600:]}")
+                unreached = proc.returncode == 255  # ssh's own status: the host was not reached
+                raise (_Unreached if unreached else BackendError)(
+                    f"host of node {node}: `host-down` exited {proc.returncode}: "
+                    f"{(proc.stderr or proc.stdout).strip()[-600:]}")
             lines = proc.stdout.strip().splitlines()
             return json.loads(lines[-1]) if lines else {}
 

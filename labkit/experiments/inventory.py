@@ -31,6 +31,11 @@ def host_entries(path: str) -> list[tuple[str, dict]]:
     return list(inventory_file(path)["hosts"].items())
 
 
+def lab_nics(enis: int) -> list[str]:
+    """The NICs a node with ``enis`` ENIs has: ``eth0``, ``eni1`` … (what its host must lend)."""
+    return ["eth0"] + [f"eni{i}" for i in range(1, enis + 1)]
+
+
 def lab_inventory(path: str, nodes: dict[str, int], first: int = 0) -> dict:
     """The inventory of a lab whose nodes (name -> its ENI count) run on the file's hosts from the
     ``first``-th on, in order; each host's NICs cut to ``eth0`` and the node's ENIs. The file's
@@ -41,7 +46,7 @@ def lab_inventory(path: str, nodes: dict[str, int], first: int = 0) -> dict:
         raise ValueError(f"{path} has {len(data['hosts'])} hosts; {first + len(nodes)} are needed")
     hosts = {}
     for (node, enis), entry in zip(nodes.items(), entries):
-        wanted = ["eth0"] + [f"eni{i}" for i in range(1, enis + 1)]
+        wanted = lab_nics(enis)
         if isinstance(entry, dict):
             entry = {**entry, "nics": {n: v for n, v in (entry.get("nics") or {}).items() if n in wanted}}
         hosts[node] = entry  # anything else: the spec's validation names it

@@ -52,7 +52,7 @@ from ..modes.base import RoutedVeth
 from ..node import SERVER_PORT, lab_cgroup
 from ..spec import parse_spec
 from . import core
-from .inventory import host_entries, inventory_problems, lab_inventory
+from .inventory import host_entries, inventory_problems, lab_inventory, lab_nics
 from .params import Params, estimate, param
 
 HOST_NETWORK = "host-network"  # the baseline variant: node to node, no pod
@@ -238,10 +238,10 @@ class PodModesParams(Params):
             whose = "this machine's" if self.backend == "netns" else "the hosts' own"
             problems.append(f"release: the {self.backend} backend runs on {whose} kernel; give --release with "
                             "--backend vagrant only")
-        problems += inventory_problems(self.backend, self.inventory, 2, "node1 and node2")
-        if self.inventory is not None and not problems:
-            problems += self._nic_problems()
-        return problems
+        inventory = inventory_problems(self.backend, self.inventory, 2, "node1 and node2")
+        if self.inventory is not None and not inventory:
+            inventory = self._nic_problems()
+        return problems + inventory
 
     def _nic_problems(self) -> list[str]:
         """The ENIs the modes need per node against the NICs the inventory's first two hosts lend."""
@@ -249,7 +249,7 @@ class PodModesParams(Params):
         nodes = lab_spec(self.modes)["nodes"]
         for node, (host, entry) in zip(nodes, host_entries(self.inventory)):
             lent = set((entry.get("nics") or {}) if isinstance(entry, dict) else ())
-            needed = ["eth0"] + [f"eni{i}" for i in range(1, node["enis"] + 1)]
+            needed = lab_nics(node["enis"])
             missing = [n for n in needed if n not in lent]
             if missing:
                 out.append(f"inventory: these modes need NICs {', '.join(needed)} on {node['name']}, and its host "
@@ -378,8 +378,9 @@ class PodModes:
         (``lab.datapath(node, "ebpf-tc", pods=…)``: on the netns backend an object here, on the VMs
         one in the node's agent; the lab's own datapath stays ``none``): its tc programs go on their
         interfaces only (the node-side ``lx-<pod>``, or the pod's own for a pod without one:
-        macvlan, eni-ipvlan), so that the other modes' pods keep no datapath in the same lab, as Terway runs Cilium on its IPVLAN pods only. Both nodes hold the
-        whole table (Cilium's maps are cluster-wide); node 1's client pods translate.
+        macvlan, eni-ipvlan), so that the other modes' pods keep no datapath in the same lab, as
+        Terway runs Cilium on its IPVLAN pods only. Both nodes hold the whole table (Cilium's maps
+        are cluster-wide); node 1's client pods translate.
 
         Everything it makes is the lab's to remove: the pins in the node's state folder
         (``<lab state>/nodes/<node>/bpffs/ebpf-tc``, ``ebpf-tc.json``: the folder `labkit down`
